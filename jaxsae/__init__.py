@@ -1,0 +1,1 @@
+"""jaxsae: sparse autoencoders as pure JAX functions, trained as vmapped seed ensembles."""

@@ -1,0 +1,26 @@
+"""`jaxsae SUBCOMMAND [key=value ...]`: each subcommand lives in its own module's `main(argv)`."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("jaxsae.train", "train a seed ensemble of SAEs on an activation source"),
+    "harvest": ("jaxsae.harvest", "run SmolLM2 over a corpus and write an activation cache"),
+    "eval": ("jaxsae.evaluate", "EV, L0, dead fraction, CE delta and loss recovered of saved SAEs"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: jaxsae {" + ",".join(COMMANDS) + "} [key=value ...]")
+        for name, (_, doc) in COMMANDS.items():
+            print(f"  {name:8s} {doc}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

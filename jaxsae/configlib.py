@@ -1,0 +1,79 @@
+"""Dataclass configs with `key=value` command-line overrides, shared by every CLI here."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import re
+import typing
+from typing import Any, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field in the class source, used as help text."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    docs = {}
+    for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, flags=re.M):
+        docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
+def _coerce(name: str, raw: str, typ: Any) -> Any:
+    """Parse a command-line string into the field's declared type."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+        non_none = [a for a in args if a is not type(None)]
+        if raw.lower() in ("none", "null"):
+            return None
+        return _coerce(name, raw, non_none[0])
+    if typ is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config field {name!r}: expected a boolean, got {raw!r}")
+    if typ in (int, float, str):
+        try:
+            return typ(float(raw)) if typ is int and re.fullmatch(r"\d+e\d+", raw) else typ(raw)
+        except ValueError:
+            raise ValueError(f"config field {name!r}: expected {typ.__name__}, got {raw!r}") from None
+    if origin in (tuple, list):
+        items = json.loads(raw) if raw.strip().startswith("[") else [s for s in raw.split(",") if s]
+        inner = args[0] if args else str
+        return origin(_coerce(name, str(i), inner) for i in items)
+    return json.loads(raw)
+
+
+def override(cfg: T, overrides: Sequence[str]) -> T:
+    """Return a copy of the dataclass `cfg` with `key=value` strings applied; unknown keys are errors."""
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"expected key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        if key not in names:
+            raise ValueError(f"unknown config field {key!r} for {type(cfg).__name__}; known: {sorted(names)}")
+        changes[key] = _coerce(key, raw, hints[key])
+    return dataclasses.replace(cfg, **changes)
+
+
+def help_text(cfg: Any) -> str:
+    """One line per field: name, current value, and its comment."""
+    docs = field_docs(type(cfg))
+    lines = [f"{type(cfg).__name__} fields (override with key=value):"]
+    for f in dataclasses.fields(cfg):
+        lines.append(f"  {f.name}={getattr(cfg, f.name)!r}  # {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
