@@ -1,0 +1,274 @@
+"""jaxsae.sae against a separately written float64 numpy reference (values, finite-difference gradients)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsae import sae
+
+D, M, B, K = 6, 16, 10, 3
+
+
+# ---------------------------------------------------------------- numpy reference
+def np_pre(p, x, bias=True):
+    b_dec = p["b_dec"] if bias else 0.0
+    return (x - b_dec) @ p["W_enc"] + p["b_enc"]
+
+
+def np_acts(p, x, act, k, bias=True):
+    """Dense [B, M] activations, by explicit loops where the selection logic matters."""
+    pre = np_pre(p, x, bias)
+    acts = np.zeros_like(pre)
+    if act == "topk":
+        for b in range(pre.shape[0]):
+            order = np.argsort(-pre[b], kind="stable")[:k]
+            acts[b, order] = np.maximum(pre[b, order], 0)
+    elif act == "batchtopk":
+        flat = np.maximum(pre, 0).ravel()
+        keep = np.argsort(-flat, kind="stable")[: pre.shape[0] * k]
+        acts.ravel()[keep] = flat[keep]
+    elif act == "jumprelu":
+        acts = np.where(pre > p["threshold"], pre, 0.0)
+    else:
+        acts = np.maximum(pre, 0)
+    return acts
+
+
+def np_aux(p, x, cfg, dead, e):
+    """AuxK: FVU of the residual e fitted by each token's top aux_k dead pre-activations (no b_dec)."""
+    pre = np_pre(p, x, cfg.decoder_bias)
+    e_hat = np.zeros_like(e)
+    dead_ids = np.flatnonzero(dead)
+    for b in range(x.shape[0]):
+        top = dead_ids[np.argsort(-pre[b, dead_ids], kind="stable")[: cfg.aux_k]]
+        e_hat[b] = np.maximum(pre[b, top], 0) @ p["W_dec"][top]
+    scale = min(dead.sum() / cfg.aux_k, 1.0)
+    return scale * np.sum((e - e_hat) ** 2) / np.sum((e - e.mean(0)) ** 2)
+
+
+def np_loss(p, x, cfg, dead=None):
+    """(total without aux, mse, aux, l0, residual) with the conventions of the sae docstring."""
+    bias = cfg.decoder_bias
+    acts = np_acts(p, x, cfg.activation, cfg.k, bias)
+    e = x - acts @ p["W_dec"] - (p["b_dec"] if bias else 0.0)
+    mse = np.mean(e**2)
+    total = mse
+    if cfg.activation == "relu":
+        total += cfg.l1_coeff * np.mean(acts @ np.linalg.norm(p["W_dec"], axis=1)) / cfg.d_in
+    if cfg.activation == "jumprelu":
+        total += cfg.l0_coeff * np.mean(np.sum(acts != 0, 1)) / cfg.d_in
+    aux = np_aux(p, x, cfg, dead, e) if dead is not None and dead.any() else 0.0
+    return total, mse, aux, np.mean(np.sum(acts != 0, 1)), e
+
+
+def np_grads_fd(p, x, cfg, dead=None, eps=1e-6):
+    """Central finite differences of the reference loss, the AuxK residual held fixed (stop-gradient)."""
+    e_fixed = np_loss(p, x, cfg)[-1]
+
+    def f(q):
+        aux = np_aux(q, x, cfg, dead, e_fixed) if dead is not None else 0.0
+        return np_loss(q, x, cfg)[0] + cfg.aux_coeff * aux
+
+    grads = {}
+    for name, v in p.items():
+        g = np.zeros_like(v)
+        for i in np.ndindex(v.shape):
+            hi, lo = {**p, name: v.copy()}, {**p, name: v.copy()}
+            hi[name][i] += eps
+            lo[name][i] -= eps
+            g[i] = (f(hi) - f(lo)) / (2 * eps)
+        grads[name] = g
+    return grads
+
+
+def make_params(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    W_dec = rng.normal(size=(cfg.d_sae, cfg.d_in))
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    p = {"W_enc": W_dec.T + 0.3 * rng.normal(size=(cfg.d_in, cfg.d_sae)),
+         "b_enc": 0.1 * rng.normal(size=cfg.d_sae), "W_dec": W_dec, "b_dec": 0.2 * rng.normal(size=cfg.d_in)}
+    if cfg.activation == "jumprelu":
+        p["threshold"] = np.abs(0.3 * rng.normal(size=cfg.d_sae))
+    return p
+
+
+def to_jax(p):
+    return {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
+
+
+def data(seed=1, n=B):
+    return np.random.default_rng(seed).normal(size=(n, D))
+
+
+# ---------------------------------------------------------------- values
+@pytest.mark.parametrize("act", sae.ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_encode_decode_loss_match_numpy(act, bias):
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, activation=act, k=K, aux_k=4, decoder_bias=bias)
+    p, x = make_params(cfg), data()
+    if not bias:
+        p["b_dec"] = np.zeros(D)
+    jp, jx = to_jax(p), jnp.asarray(x, jnp.float32)
+    ref_acts = np_acts(p, x, act, K, bias)
+    code = sae.encode(jp, jx, cfg)
+    if act == "topk":
+        dense = np.zeros((B, M))
+        np.put_along_axis(dense, np.asarray(code.idx_BxK), np.asarray(code.vals_BxK), axis=1)
+        assert np.all(np.diff(np.asarray(code.vals_BxK), axis=1) <= 0), "TopK code must be sorted descending"
+    else:
+        dense = np.asarray(code)
+    np.testing.assert_allclose(dense, ref_acts, atol=1e-5)
+    x_hat_ref = ref_acts @ p["W_dec"] + (p["b_dec"] if bias else 0)
+    np.testing.assert_allclose(sae.apply(jp, jx, cfg), x_hat_ref, atol=1e-5)
+    dead = np.arange(M) % 3 == 0
+    total, metrics = sae.loss(jp, jx, cfg, dead_M=jnp.asarray(dead))
+    r_total, r_mse, r_aux, r_l0, _ = np_loss(p, x, cfg, dead)
+    np.testing.assert_allclose(metrics["mse"], r_mse, rtol=1e-5)
+    np.testing.assert_allclose(metrics["aux"], r_aux, rtol=1e-5)
+    np.testing.assert_allclose(metrics["l0"], r_l0, rtol=1e-6)
+    np.testing.assert_allclose(total, r_total + cfg.aux_coeff * r_aux, rtol=1e-5)
+
+
+def test_decoder_bias_false_gives_zero_output_without_firing():
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, activation="relu", decoder_bias=False)
+    p = to_jax(make_params(cfg))
+    p["b_enc"] = jnp.full((M,), -100.0)
+    assert np.all(np.asarray(sae.apply(p, jnp.asarray(data(), jnp.float32), cfg)) == 0)
+
+
+# ---------------------------------------------------------------- gradients
+@pytest.mark.parametrize("act", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_gradients_match_finite_differences(act, with_dead):
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, activation=act, k=K, aux_k=4, aux_coeff=0.5)
+    p, x = make_params(cfg, seed=2), data(seed=3)
+    dead = (np.arange(M) % 4 == 1) if with_dead else None
+    jd = None if dead is None else jnp.asarray(dead)
+    g = jax.grad(lambda q: sae.loss(q, jnp.asarray(x, jnp.float32), cfg, jd)[0])(to_jax(p))
+    ref = np_grads_fd(p, x, cfg, dead)
+    if act == "jumprelu":
+        # The threshold gradient is the straight-through estimate, not a derivative: check it by formula.
+        ref["threshold"] = np_jumprelu_threshold_grad(p, x, cfg)
+        if with_dead:
+            return  # aux adds nothing to the threshold, and the rest is covered without dead latents
+    for name in ref:
+        scale = max(1.0, np.abs(ref[name]).max())
+        np.testing.assert_allclose(np.asarray(g[name]), ref[name], atol=2e-4 * scale, err_msg=name)
+
+
+def np_jumprelu_threshold_grad(p, x, cfg):
+    """dL/dθ_m = Σ_b rect((z−θ)/ε)/ε · (−θ_m · ∂L/∂a_bm − l0_coeff/(B·D))."""
+    z = np_pre(p, x)
+    theta, eps = p["threshold"], cfg.jumprelu_bandwidth
+    acts = np.where(z > theta, z, 0.0)
+    x_hat = acts @ p["W_dec"] + p["b_dec"]
+    n = x.shape[0]
+    dL_dacts = (2 * (x_hat - x) / (n * cfg.d_in)) @ p["W_dec"].T
+    rect = (np.abs(z - theta) < eps / 2) / eps
+    return np.sum(rect * (-theta * dL_dacts - cfg.l0_coeff / (n * cfg.d_in)), axis=0)
+
+
+def test_jumprelu_threshold_gradient_nonzero_inside_window():
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, activation="jumprelu", jumprelu_bandwidth=0.5)
+    p, x = make_params(cfg, seed=4), data(seed=5)
+    g = jax.grad(lambda q: sae.loss(q, jnp.asarray(x, jnp.float32), cfg)[0])(to_jax(p))
+    ref = np_jumprelu_threshold_grad(p, x, cfg)
+    assert np.abs(ref).max() > 0
+    np.testing.assert_allclose(g["threshold"], ref, atol=1e-5 * max(1, np.abs(ref).max()))
+
+
+# ---------------------------------------------------------------- AuxK
+def test_aux_zero_and_finite_when_nothing_dead():
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K, aux_k=4)
+    p, x = to_jax(make_params(cfg)), jnp.asarray(data(), jnp.float32)
+    no_dead = jnp.zeros((M,), bool)
+    total, metrics = sae.loss(p, x, cfg, no_dead)
+    assert float(metrics["aux"]) == 0.0
+    g = jax.grad(lambda q: sae.loss(q, x, cfg, no_dead)[0])(p)
+    assert all(np.isfinite(np.asarray(v)).all() for v in g.values())
+    total_none, _ = sae.loss(p, x, cfg, None)
+    np.testing.assert_allclose(total, total_none, rtol=1e-6)
+
+
+def test_aux_does_not_push_gradient_into_residual():
+    """Stop-gradient on e: the aux term changes only the decoder rows of dead latents."""
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K, aux_k=4, aux_coeff=1.0)
+    p, x = to_jax(make_params(cfg)), jnp.asarray(data(), jnp.float32)
+    dead = jnp.arange(M) >= M - 4
+    g_all = jax.grad(lambda q: sae.loss(q, x, cfg, dead)[0])(p)
+    g_mse = jax.grad(lambda q: sae.loss(q, x, cfg, None)[0])(p)
+    d_dec = np.asarray(g_all["W_dec"] - g_mse["W_dec"])
+    assert np.abs(d_dec[: M - 4]).max() < 1e-6 and np.abs(d_dec[M - 4 :]).max() > 0
+
+
+# ---------------------------------------------------------------- decoder constraints
+def test_project_and_normalize_decoder():
+    rng = np.random.default_rng(0)
+    p = to_jax({"W_dec": rng.normal(size=(M, D)) * 3, "W_enc": np.zeros((D, M))})
+    g = to_jax({"W_dec": rng.normal(size=(M, D)), "W_enc": rng.normal(size=(D, M))})
+    proj = sae.project_decoder_grads(p, g)
+    np.testing.assert_allclose(np.sum(np.asarray(p["W_dec"]) * np.asarray(proj["W_dec"]), 1), 0, atol=1e-5)
+    W, G = np.asarray(p["W_dec"], np.float64), np.asarray(g["W_dec"], np.float64)
+    ref = np.stack([G[m] - (G[m] @ W[m]) / (W[m] @ W[m]) * W[m] for m in range(M)])
+    np.testing.assert_allclose(proj["W_dec"], ref, atol=1e-5)
+    np.testing.assert_array_equal(proj["W_enc"], g["W_enc"])
+    np.testing.assert_allclose(np.linalg.norm(sae.normalize_decoder(p)["W_dec"], axis=1), 1, rtol=1e-6)
+
+
+def test_init_layout():
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, activation="jumprelu")
+    b_dec = jnp.arange(D, dtype=jnp.float32)
+    p = sae.init(jax.random.key(0), cfg, b_dec)
+    assert {k: v.shape for k, v in p.items()} == {"W_enc": (D, M), "b_enc": (M,), "W_dec": (M, D),
+                                                  "b_dec": (D,), "threshold": (M,)}
+    np.testing.assert_allclose(np.linalg.norm(p["W_dec"], axis=1), 1, rtol=1e-6)
+    np.testing.assert_array_equal(p["W_enc"], p["W_dec"].T)
+    np.testing.assert_array_equal(p["b_dec"], b_dec)
+
+
+# ---------------------------------------------------------------- TopK decode never forms [B, M]
+def test_topk_decode_has_no_BxM_intermediate():
+    cfg = sae.SAEConfig(d_in=D, d_sae=101, k=K)
+    p = sae.init(jax.random.key(0), cfg)
+    code = sae.Code(jnp.ones((7, K)), jnp.zeros((7, K), jnp.int32))
+    jaxpr = jax.make_jaxpr(lambda p, c: sae.decode(p, c, cfg))(p, code)
+    shapes = [tuple(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars]
+    assert (7, 101) not in shapes, shapes
+
+
+# ---------------------------------------------------------------- BatchTopK -> JumpReLU
+def test_batchtopk_to_jumprelu_keeps_l0_near_k():
+    d, m, k = 16, 64, 4
+    cfg = sae.SAEConfig(d_in=d, d_sae=m, activation="batchtopk", k=k)
+    p = sae.init(jax.random.key(0), cfg)
+    x = jax.random.normal(jax.random.key(1), (4096 + 1024, d))
+    jp, jcfg = sae.batchtopk_to_jumprelu(p, cfg, x[:4096], batch_size=512)
+    assert jcfg.activation == "jumprelu" and jp["threshold"].shape == (m,)
+    l0 = float(jnp.mean(jnp.sum(sae.encode(jp, x[4096:], jcfg) != 0, -1)))
+    assert abs(l0 - k) <= 0.2 * k, l0  # held-out L0 within ±20% of k
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kw, word", [({"k": 0}, "k=0"), ({"k": 17}, "k=17"),
+                                      ({"activation": "gelu"}, "gelu"), ({"aux_k": -1}, "aux_k=-1")])
+def test_bad_config_raises(kw, word):
+    with pytest.raises(ValueError, match=word):
+        sae.SAEConfig(**{"d_in": D, "d_sae": M, "k": K, **kw})
+
+
+def test_wrong_input_width_raises():
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K)
+    p = sae.init(jax.random.key(0), cfg)
+    with pytest.raises(ValueError, match=r"d_in=6.*\(10, 5\)"):
+        sae.loss(p, jnp.zeros((10, 5)), cfg)
+
+
+def test_config_is_hashable_and_overridable():
+    from jaxsae import configlib
+
+    cfg = configlib.override(sae.SAEConfig(), ["k=64", "activation=batchtopk"])
+    assert hash(cfg) == hash(dataclasses.replace(sae.SAEConfig(), k=64, activation="batchtopk"))
+    with pytest.raises(ValueError, match="k=5000"):
+        configlib.override(cfg, ["k=5000"])
