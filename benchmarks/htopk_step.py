@@ -1,0 +1,118 @@
+"""Training-step time and peak memory: TopK vs HierarchicalTopK (B×K×D reference and memory-lean custom_vjp).
+
+Run: `python -m benchmarks.htopk_step [key=value ...]` from the repository root. Prints one JSON line per
+(impl, K). Each line comes from a fresh subprocess so that one measurement's allocations cannot hide
+another's. Peak memory is measured two ways:
+- `peak_bytes`: the rise of the process's resident-set high-water mark (VmHWM) over its resident set after
+  compiling the step and building its inputs (the mark is reset via /proc/self/clear_refs just before the
+  first run), i.e. what running the step adds;
+- `xla_temp_bytes`: XLA's own buffer assignment for the step (`compiled.memory_analysis()`), a cross-check.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+
+from jaxsae import configlib
+
+IMPLS = ("topk", "htopk_reference", "htopk")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    batch: int = 4096  # tokens per step (B)
+    d_in: int = 576  # input width (D), SmolLM2-135M's d_model
+    d_sae: int = 4608  # latents (M)
+    ks: tuple[int, ...] = (32, 64, 128)  # active latents per token (K)
+    impls: tuple[str, ...] = IMPLS  # which losses to time: topk, htopk_reference, htopk
+    chunk: int = 8  # prefixes per scan step of the lean loss
+    reps: int = 5  # timed steps after one warm-up; step_s is their median
+    impl: str = ""  # internal: set in the child process that measures one (impl, K)
+    k: int = 0  # internal: the K of that child
+
+
+def _vm_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(cfg: BenchConfig) -> dict:
+    """Compile one Adam training step of the chosen loss, then time it and measure its peak memory."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from jaxsae import htopk, sae
+
+    sae_cfg = sae.SAEConfig(d_in=cfg.d_in, d_sae=cfg.d_sae, k=cfg.k)
+    if cfg.impl == "topk":
+        loss_fn = lambda p, x: sae.loss(p, x, sae_cfg)  # noqa: E731
+    else:
+        h_cfg = htopk.HTopKConfig(lean=cfg.impl == "htopk", chunk=cfg.chunk)
+        loss_fn = lambda p, x, f=htopk.make_loss_fn(sae_cfg, h_cfg): f(p, x, None)  # noqa: E731
+    opt = optax.adam(1e-4)
+
+    def step(params, opt_state, x_BxD):
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x_BxD)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params = sae.init(jax.random.key(0), sae_cfg)
+    opt_state = opt.init(params)
+    x_BxD = jnp.asarray(np.random.default_rng(0).standard_normal((cfg.batch, cfg.d_in), np.float32))
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, x_BxD).compile()
+    mem = compiled.memory_analysis()
+    jax.block_until_ready((params, opt_state, x_BxD))
+
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+        f.write("5")
+    base_kib = _vm_kib("VmRSS")
+    params, opt_state, loss = compiled(params, opt_state, x_BxD)
+    jax.block_until_ready(loss)
+    peak_kib = _vm_kib("VmHWM")
+
+    times = []
+    for _ in range(cfg.reps):
+        t0 = time.perf_counter()
+        params, opt_state, loss = compiled(params, opt_state, x_BxD)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+    if not np.isfinite(float(loss)):
+        raise FloatingPointError(f"{cfg.impl} K={cfg.k}: non-finite loss {float(loss)}")
+    return {"impl": cfg.impl, "K": cfg.k, "B": cfg.batch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+            "step_s": float(np.median(times)), "step_s_min": float(np.min(times)),
+            "peak_bytes": (peak_kib - base_kib) * 1024, "xla_temp_bytes": int(mem.temp_size_in_bytes),
+            "device": str(jax.devices()[0].platform)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(configlib.help_text(BenchConfig()))
+        return 0
+    cfg = configlib.override(BenchConfig(), argv)
+    unknown = [i for i in cfg.impls if i not in IMPLS]
+    if unknown:
+        raise ValueError(f"unknown impls {unknown}; expected a subset of {IMPLS}")
+    if cfg.impl:
+        print(json.dumps(measure(cfg)), flush=True)
+        return 0
+    for k in cfg.ks:
+        for impl in cfg.impls:
+            child = [sys.executable, "-m", "benchmarks.htopk_step", *argv, f"impl={impl}", f"k={k}"]
+            out = subprocess.run(child, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"{impl} K={k} failed:\n{out.stderr[-3000:]}")
+            print(out.stdout.strip().splitlines()[-1], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
