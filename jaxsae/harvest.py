@@ -1,0 +1,205 @@
+"""`jaxsae harvest`: run SmolLM2 over a corpus and write one resumable activation cache per layer.
+
+Contexts are harvested in order, so a cache of n contexts holds exactly contexts [0, n) of
+`token_contexts(corpus, split, ctx_len)` (the manifest records n and a hash of the token array); the
+first `skip_first` positions of every context are left out (position 0's norm is ~100x the rest).
+Shards hold whole contexts, so after a kill the committed row count says which context comes next.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxsae import configlib
+from jaxsae.data import MANIFEST, CacheWriter
+from lime_jax import model as lm
+from lime_jax.config import LlamaConfig
+
+MODEL_NAMES = ("smollm2-135m", "tiny")
+HOOK = "resid_post"
+
+
+@dataclasses.dataclass(frozen=True)
+class HarvestConfig:
+    corpus: str = "general"  # corpus name: general, code, russian or german
+    split: str = "train"  # corpus split: train or heldout
+    num_tokens: int = 300_000  # activation rows to write per layer (rounded up to whole contexts)
+    layers: tuple[int, ...] = (14,)  # residual stream after block l (0-based); one forward feeds every layer
+    ctx_len: int = 256  # tokens per context
+    skip_first: int = 4  # leading positions of every context left out of the cache
+    batch_size: int = 16  # contexts per model forward
+    shard_contexts: int = 128  # contexts per .npy shard (a killed harvest loses at most one shard's work)
+    dtype: str = "float16"  # storage dtype: float16 or bfloat16
+    model: str = "smollm2-135m"  # smollm2-135m (the GGUF) or tiny (random weights, seed 0: for tests)
+    root: str = "cache/acts"  # caches go to {root}/{model}/L{layer}/{corpus}_{split}/
+
+
+def cache_dir(corpus: str, split: str, layer: int = 14, root: str = "cache/acts", model: str = "smollm2-135m") -> Path:
+    """Where the cache of one (model, layer, corpus, split) lives."""
+    return Path(root) / model / f"L{layer}" / f"{corpus}_{split}"
+
+
+def tokens_sha256(tokens_NxT: np.ndarray) -> str:
+    """Hash of a token array, recorded in the manifest so evaluation can check it reads the same contexts."""
+    return hashlib.sha256(np.ascontiguousarray(tokens_NxT, np.int32).tobytes()).hexdigest()
+
+
+def load_model(name: str) -> tuple[LlamaConfig, dict]:
+    """(cfg, params) of a model named in MODEL_NAMES."""
+    if name == "smollm2-135m":
+        from lime_jax.gguf import load_smollm2
+
+        return load_smollm2()
+    if name == "tiny":
+        from lime_jax.config import tiny
+
+        cfg = tiny()
+        return cfg, lm.init(jax.random.key(0), cfg)
+    raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+
+
+def _check(cfg: HarvestConfig, model_cfg: LlamaConfig, tokens_NxT: np.ndarray) -> int:
+    """Validate everything before a file is touched; returns the number of contexts to harvest."""
+    bad = [l for l in cfg.layers if not 0 <= l < model_cfg.n_layers]
+    if not cfg.layers or bad:
+        raise ValueError(f"layers {list(cfg.layers)} must be non-empty and in [0, {model_cfg.n_layers})")
+    if not 0 <= cfg.skip_first < cfg.ctx_len:
+        raise ValueError(f"skip_first={cfg.skip_first} must be in [0, ctx_len={cfg.ctx_len})")
+    if cfg.num_tokens < 1 or cfg.batch_size < 1 or cfg.shard_contexts < 1:
+        raise ValueError(f"num_tokens, batch_size and shard_contexts must be >= 1, got {cfg}")
+    if tokens_NxT.ndim != 2 or tokens_NxT.shape[0] == 0 or tokens_NxT.shape[1] != cfg.ctx_len:
+        raise ValueError(f"corpus {cfg.corpus}/{cfg.split}: need int tokens [N >= 1, {cfg.ctx_len}], "
+                         f"got shape {tokens_NxT.shape}")
+    n_ctx = math.ceil(cfg.num_tokens / (cfg.ctx_len - cfg.skip_first))
+    if n_ctx > len(tokens_NxT):
+        raise ValueError(f"corpus {cfg.corpus}/{cfg.split} has {len(tokens_NxT)} contexts of {cfg.ctx_len} tokens; "
+                         f"num_tokens={cfg.num_tokens} needs {n_ctx}")
+    return n_ctx
+
+
+def _lock(path: Path):
+    """An exclusive lock on a cache directory, so two processes never append to the same cache."""
+    path.mkdir(parents=True, exist_ok=True)
+    f = open(path / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"[harvest] {path} is being written by another process; waiting for it", file=sys.stderr, flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
+def harvest(model_params: dict, model_cfg: LlamaConfig, tokens_NxT: np.ndarray, cfg: HarvestConfig,
+            out_dirs: Mapping[int, str | os.PathLike] | None = None) -> dict[int, dict]:
+    """Write (or resume) the first ceil(num_tokens / (ctx_len - skip_first)) contexts' activations.
+
+    Returns {layer: manifest}. Every layer's cache resumes from its own committed row count.
+    """
+    n_ctx = _check(cfg, model_cfg, tokens_NxT)
+    layers = tuple(sorted(set(cfg.layers)))
+    if out_dirs is None:
+        out_dirs = {l: cache_dir(cfg.corpus, cfg.split, l, cfg.root, cfg.model) for l in layers}
+    if set(out_dirs) != set(layers):
+        raise ValueError(f"out_dirs names layers {sorted(out_dirs)}, config asks for {list(layers)}")
+    rows_per_ctx = cfg.ctx_len - cfg.skip_first
+    fields = {"model": cfg.model, "hook": HOOK, "corpus": cfg.corpus, "split": cfg.split, "ctx_len": cfg.ctx_len,
+              "skip_first": cfg.skip_first, "contexts": "the first num_tokens // (ctx_len - skip_first), in order",
+              "tokens_sha256": tokens_sha256(tokens_NxT)}
+    locks = [_lock(Path(out_dirs[l])) for l in layers]
+    writers = {l: CacheWriter(out_dirs[l], dict(fields, layer=l), model_cfg.d_model, cfg.dtype,
+                              shard_tokens=cfg.shard_contexts * rows_per_ctx) for l in layers}
+    done = {}
+    for l, w in writers.items():
+        if w.num_tokens % rows_per_ctx:
+            raise ValueError(f"{out_dirs[l]}: {w.num_tokens} rows is not a whole number of "
+                             f"{rows_per_ctx}-row contexts; the cache is not a harvest of this config")
+        done[l] = w.num_tokens // rows_per_ctx
+    start = min(done.values())
+    t0 = time.time()
+    bar = tqdm(total=n_ctx * rows_per_ctx, initial=min(start, n_ctx) * rows_per_ctx, unit="tok", unit_scale=True,
+               desc=f"harvest {cfg.corpus}/{cfg.split} L{','.join(map(str, layers))}", mininterval=5)
+    for c0 in range(start, n_ctx, cfg.batch_size):
+        c1 = min(c0 + cfg.batch_size, n_ctx)
+        batch_BxT = np.asarray(tokens_NxT[c0:c1], np.int32)
+        if len(batch_BxT) < cfg.batch_size:  # pad the last batch: one compiled shape for the whole run
+            batch_BxT = np.concatenate([batch_BxT, np.repeat(batch_BxT[:1], cfg.batch_size - len(batch_BxT), 0)])
+        h = lm.residuals(model_params, batch_BxT, model_cfg, layers)
+        for l, w in writers.items():
+            first = max(c0, done[l])  # a layer whose cache got further before a kill skips what it has
+            if first < c1:
+                h_BxTxD = np.asarray(h[l][first - c0 : c1 - c0, cfg.skip_first :])
+                w.add(h_BxTxD.reshape(-1, model_cfg.d_model))
+        bar.update((c1 - c0) * rows_per_ctx)
+    bar.close()
+    seconds = time.time() - t0
+    manifests = {}
+    for l, w in writers.items():
+        w.close()
+        manifests[l] = w.manifest
+    for f in locks:
+        f.close()
+    new_tokens = max(0, n_ctx - start) * cfg.ctx_len
+    print(json.dumps({"harvest": f"{cfg.corpus}_{cfg.split}", "layers": list(layers), "contexts": n_ctx,
+                      "rows": n_ctx * rows_per_ctx, "resumed_from_context": start, "seconds": round(seconds, 1),
+                      "model_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)}), flush=True)
+    return manifests
+
+
+def cache_tokens(path: str | os.PathLike) -> int:
+    """Rows committed to the cache at `path` (0 when there is none)."""
+    manifest = Path(path) / MANIFEST
+    return int(json.loads(manifest.read_text())["num_tokens"]) if manifest.is_file() else 0
+
+
+def cache_contexts(path: str | os.PathLike) -> np.ndarray:
+    """The token contexts [n, ctx_len] whose activations the cache at `path` holds, checked by hash."""
+    from lime_jax.corpora import token_contexts
+
+    m = json.loads((Path(path) / MANIFEST).read_text())
+    tokens_NxT = token_contexts(m["corpus"], m["split"], m["ctx_len"])
+    if tokens_sha256(tokens_NxT) != m["tokens_sha256"]:
+        raise ValueError(f"{path}: the token contexts of {m['corpus']}/{m['split']} changed since the harvest "
+                         "(hash mismatch); re-harvest the cache")
+    return np.asarray(tokens_NxT[: m["num_tokens"] // (m["ctx_len"] - m["skip_first"])])
+
+
+def ensure_cache(corpus: str, split: str, num_tokens: int, layer: int = 14, **overrides) -> Path:
+    """The cache directory of (corpus, split, layer), harvested (or extended) first if it holds < num_tokens."""
+    cfg = HarvestConfig(corpus=corpus, split=split, num_tokens=num_tokens, layers=(layer,), **overrides)
+    path = cache_dir(corpus, split, layer, cfg.root, cfg.model)
+    if cache_tokens(path) < num_tokens:
+        from lime_jax.corpora import token_contexts
+
+        model_cfg, model_params = load_model(cfg.model)
+        harvest(model_params, model_cfg, token_contexts(corpus, split, cfg.ctx_len), cfg)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: jaxsae harvest [key=value ...]\n" + configlib.help_text(HarvestConfig()))
+        return 0
+    cfg = configlib.override(HarvestConfig(), argv)
+    from lime_jax.corpora import token_contexts
+
+    tokens_NxT = token_contexts(cfg.corpus, cfg.split, cfg.ctx_len)
+    model_cfg, model_params = load_model(cfg.model)
+    harvest(model_params, model_cfg, tokens_NxT, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
