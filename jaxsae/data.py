@@ -302,11 +302,14 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
         os.close(dir_fd)
 
 
-def synthetic_source(d_in: int, num_tokens: int, n_features: int, k: int, seed: int = 0) -> ArraySource:
-    """Tokens that are sparse non-negative sums of `k` draws from `n_features` random unit directions."""
-    rng = np.random.default_rng(seed)
-    dirs_FxD = rng.standard_normal((n_features, d_in))
+def synthetic_source(d_in: int, num_tokens: int, n_features: int, k: int, seed: int = 0, sample: int = 0) -> ArraySource:
+    """Tokens that are sparse non-negative sums of `k` draws from `n_features` random unit directions.
+
+    The directions depend on `seed` only, the tokens on (`seed`, `sample`): another `sample` is held-out data.
+    """
+    dirs_FxD = np.random.default_rng([seed, 0]).standard_normal((n_features, d_in))
     dirs_FxD /= np.linalg.norm(dirs_FxD, axis=1, keepdims=True)
+    rng = np.random.default_rng([seed, 1, sample])
     idx_NxK = rng.integers(0, n_features, (num_tokens, k))  # with replacement: repeats add up
     coef_NxK = rng.exponential(1.0, (num_tokens, k))
     x_NxD = np.einsum("nk,nkd->nd", coef_NxK, dirs_FxD[idx_NxK])

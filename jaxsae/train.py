@@ -1,0 +1,352 @@
+"""Seed-ensemble SAE training: one jitted step vmapped over S seeds, sharded over (seed, data, model).
+
+`train_step(state, batch)` per seed: grad of `loss_fn` → remove the decoder-norm component of dW_dec →
+global-norm clip → Adam with warm-up + decay → renormalise decoder rows → update firing stats (a latent is
+dead once it has not fired for `dead_after_tokens` tokens; the dead mask feeds the next step's AuxK).
+`fit` runs it over an activation source with a progress bar, a JSON-lines log, orbax checkpoints that also
+record the data position (resuming gives the same final state bit for bit), and saves every seed in the
+SAELens layout. `jaxsae train key=value ...` is the command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jaxsae import configlib, data, io, metrics, sae, sharding
+
+# tokens_since_fired saturates here instead of overflowing int32 on long runs.
+_SINCE_MAX = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 4e-4  # peak Adam learning rate
+    warmup_steps: int = 100  # linear warm-up from 0 to lr over this many steps
+    decay: str = "cosine"  # after warm-up, lr goes to final_lr_frac * lr at the last step: cosine | linear | constant
+    final_lr_frac: float = 0.1  # learning rate at the last step, as a fraction of lr
+    b1: float = 0.9  # Adam beta1
+    b2: float = 0.999  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    grad_clip: float = 1.0  # clip each seed's gradient to this global norm (0 disables)
+    batch_size: int = 4096  # tokens per step, per seed
+    num_steps: int = 0  # optimiser steps; 0 means num_tokens // batch_size
+    num_tokens: int = 10_000_000  # tokens per seed, used when num_steps is 0
+    n_seeds: int = 4  # ensemble size S
+    seed: int = 0  # base seed: the S init keys are split from it and the data orders derive from it
+    data_order: str = "same"  # same: every seed sees the same batches; per_seed: each seed its own order
+    dead_after_tokens: int = 10_000_000  # a latent that has not fired for this many tokens is dead (AuxK target)
+    mesh_seed: int = 1  # devices along the mesh's seed axis
+    mesh_data: int = 1  # devices along the mesh's data (batch) axis
+    mesh_model: int = 1  # devices along the mesh's model (latent) axis
+    checkpoint_every: int = 1000  # steps between checkpoints (0: only the last step)
+    keep_checkpoints: int = 2  # how many of the latest checkpoints stay on disk
+    log_every: int = 100  # steps between lines of metrics.jsonl
+    out_dir: str = "runs/train"  # run folder: config.json, metrics.jsonl, checkpoints/, seed_{s}/
+
+    def __post_init__(self):
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise ValueError(f"decay must be cosine, linear or constant, got {self.decay!r}")
+        if self.data_order not in ("same", "per_seed"):
+            raise ValueError(f"data_order must be same or per_seed, got {self.data_order!r}")
+        if not 0.0 <= self.final_lr_frac <= 1.0:
+            raise ValueError(f"final_lr_frac must be in [0, 1], got {self.final_lr_frac}")
+        for name in ("batch_size", "n_seeds", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.total_steps < 1:
+            raise ValueError(
+                f"no steps to train: num_steps={self.num_steps}, num_tokens={self.num_tokens}, "
+                f"batch_size={self.batch_size}"
+            )
+
+    @property
+    def total_steps(self) -> int:
+        return self.num_steps or self.num_tokens // self.batch_size
+
+    @property
+    def data_seeds(self) -> list[int]:
+        """The seed of each ensemble member's data order (one shared seed for data_order=same)."""
+        if self.data_order == "same":
+            return [self.seed]
+        return [self.seed * 100_003 + s for s in range(self.n_seeds)]
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes; every leaf has a leading seed axis S."""
+
+    params: dict  # SAE params, e.g. W_enc [S, D, M]
+    opt_state: Any  # optax state (Adam moments mirror params)
+    step: jax.Array  # [S] int32, steps taken
+    tokens_since_fired: jax.Array  # [S, M] int32, saturating at 2^30
+    fire_count: jax.Array  # [S, M] float32, tokens on which each latent fired
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    warm = min(cfg.warmup_steps, cfg.total_steps)
+    rest = max(cfg.total_steps - warm, 1)
+    after = {
+        "cosine": lambda: optax.cosine_decay_schedule(cfg.lr, rest, alpha=cfg.final_lr_frac),
+        "linear": lambda: optax.linear_schedule(cfg.lr, cfg.lr * cfg.final_lr_frac, rest),
+        "constant": lambda: optax.constant_schedule(cfg.lr),
+    }[cfg.decay]()
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), after], [warm])
+
+
+def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, optax.adam(lr_schedule(cfg), cfg.b1, cfg.b2, cfg.eps))
+
+
+def init_state(key: jax.Array, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, b_dec_init=None) -> TrainState:
+    """S independently initialised SAEs (keys split from `key`) and their optimiser state."""
+    keys = jax.random.split(key, train_cfg.n_seeds)
+    params = jax.vmap(lambda k: sae.init(k, sae_cfg, b_dec_init))(keys)
+    S, M = train_cfg.n_seeds, sae_cfg.d_sae
+    return TrainState(
+        params=params,
+        opt_state=jax.vmap(optimizer(train_cfg).init)(params),
+        step=jnp.zeros((S,), jnp.int32),
+        tokens_since_fired=jnp.zeros((S, M), jnp.int32),
+        fire_count=jnp.zeros((S, M), jnp.float32),
+    )
+
+
+def fire_counts(params: dict, x_BxD: jax.Array, sae_cfg: sae.SAEConfig) -> jax.Array:
+    """[M] number of tokens of the batch on which each latent fired."""
+    code = sae.encode(params, x_BxD, sae_cfg)
+    if isinstance(code, sae.Code):
+        return jnp.zeros((sae_cfg.d_sae,), jnp.float32).at[code.idx_BxK].add((code.vals_BxK > 0).astype(jnp.float32))
+    return jnp.sum(code != 0, axis=0).astype(jnp.float32)
+
+
+def make_train_step(sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callable | None = None, mesh=None):
+    """Jitted `train_step(state, batch) -> (state, metrics [S])`; batch [B, D] (data_order=same) or [S, B, D].
+
+    `loss_fn(params, x_BxD, dead_M) -> (scalar, metrics)` is for one seed (default: `sae.loss`). Firing
+    stats come from `sae.encode` on the pre-update params, which XLA merges with the loss's own encoder.
+    """
+    if loss_fn is None:
+        loss_fn = lambda params, x_BxD, dead_M: sae.loss(params, x_BxD, sae_cfg, dead_M)  # noqa: E731
+    tx = optimizer(train_cfg)
+    lr = lr_schedule(train_cfg)
+    S, B, D = train_cfg.n_seeds, train_cfg.batch_size, sae_cfg.d_in
+    per_seed = train_cfg.data_order == "per_seed"
+
+    def seed_step(state: TrainState, x_BxD: jax.Array):
+        dead_M = state.tokens_since_fired >= train_cfg.dead_after_tokens
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x_BxD, dead_M)
+        grads = sae.project_decoder_grads(state.params, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = sae.normalize_decoder(optax.apply_updates(state.params, updates))
+        fired_M = fire_counts(state.params, x_BxD, sae_cfg)
+        since_M = jnp.where(fired_M > 0, 0, jnp.minimum(state.tokens_since_fired + B, _SINCE_MAX))
+        out = {**aux, "loss": loss, "dead_frac": jnp.mean(dead_M), "grad_norm": optax.global_norm(grads),
+               "lr": lr(state.step)}
+        return TrainState(params, opt_state, state.step + 1, since_M, state.fire_count + fired_M), out
+
+    def train_step(state: TrainState, batch: jax.Array):
+        want = (S, B, D) if per_seed else (B, D)
+        if batch.shape != want:
+            raise ValueError(f"batch must have shape {want} (data_order={train_cfg.data_order}), got {batch.shape}")
+        return jax.vmap(seed_step, in_axes=(0, 0 if per_seed else None))(state, batch)
+
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    sharding.check_divides(mesh, S, sae_cfg.d_sae, B)
+    state_sh = sharding.state_shardings(mesh, _abstract_state(sae_cfg, train_cfg))
+    batch_sh = sharding.batch_sharding(mesh, per_seed)
+    return jax.jit(train_step, in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, NamedSharding(mesh, P("seed"))), donate_argnums=0)
+
+
+def _abstract_state(sae_cfg, train_cfg) -> TrainState:
+    return jax.eval_shape(lambda: init_state(jax.random.key(0), sae_cfg, train_cfg))
+
+
+def evaluate(params: dict, sae_cfg: sae.SAEConfig, x_NxD: np.ndarray, chunk: int = 4096) -> dict:
+    """Per-seed EV and L0 of an ensemble (params with a leading seed axis) on normalised tokens x_NxD."""
+
+    @jax.jit
+    def update(stats_S, l0_sum_S, x_BxD):
+        def one(p, st):
+            code = sae.encode(p, x_BxD, sae_cfg)
+            x_hat_BxD = sae.decode(p, code, sae_cfg)
+            return metrics.ev_stats_update(st, x_BxD, x_hat_BxD), metrics.l0(code) * x_BxD.shape[0]
+        stats_S, l0_S = jax.vmap(one)(params, stats_S)
+        return stats_S, l0_sum_S + l0_S
+
+    S = jax.tree.leaves(params)[0].shape[0]
+    stats_S = jax.vmap(lambda _: metrics.ev_stats_init(sae_cfg.d_in))(jnp.arange(S))
+    l0_sum_S = jnp.zeros((S,))
+    for i in range(0, len(x_NxD), chunk):
+        stats_S, l0_sum_S = update(stats_S, l0_sum_S, jnp.asarray(x_NxD[i : i + chunk]))
+    return {"ev": (1.0 - jax.vmap(metrics.ev_stats_fvu)(stats_S)).tolist(), "l0": (l0_sum_S / len(x_NxD)).tolist()}
+
+
+# Fields that do not change what is computed (the mesh only reorders float reductions).
+_RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "keep_checkpoints", "mesh_seed", "mesh_data", "mesh_model"}
+
+
+def _check_config(out: Path, sae_cfg, train_cfg) -> None:
+    """Write config.json, or check that a run being resumed used the same configuration."""
+    cfg = {"sae": dataclasses.asdict(sae_cfg), "train": dataclasses.asdict(train_cfg)}
+    path = out / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g in cfg for k, v in cfg[g].items()
+                if old.get(g, {}).get(k) != v and k not in _RESUME_MAY_CHANGE]
+        if diff:
+            raise ValueError(f"{out} holds a run with another configuration; use a new out_dir. Differences: {diff}")
+    else:
+        path.write_text(json.dumps(cfg, indent=1))
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past `step`, written by a run that died after its last checkpoint."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callable | None = None,
+        b_dec_init=None) -> TrainState:
+    """Train the ensemble on `source`, resuming from `out_dir`'s latest checkpoint if there is one."""
+    if source.d_in != sae_cfg.d_in:
+        raise ValueError(f"source d_in={source.d_in} but sae d_in={sae_cfg.d_in}")
+    out = Path(train_cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(out, sae_cfg, train_cfg)
+    mesh = sharding.make_mesh(train_cfg.mesh_seed, train_cfg.mesh_data, train_cfg.mesh_model)
+    step_fn = make_train_step(sae_cfg, train_cfg, loss_fn, mesh)
+    state_sh = sharding.state_shardings(mesh, _abstract_state(sae_cfg, train_cfg))
+    manager = ocp.CheckpointManager(
+        (out / "checkpoints").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=train_cfg.keep_checkpoints)
+    )
+    position = {"data_order": train_cfg.data_order, "data_seeds": train_cfg.data_seeds,
+                "batch_size": train_cfg.batch_size, "num_tokens_in_source": source.num_tokens}
+    start = manager.latest_step()
+    if start is None:
+        start = 0
+        init = jax.jit(init_state, static_argnums=(1, 2), out_shardings=state_sh)
+        state = init(jax.random.key(train_cfg.seed), sae_cfg, train_cfg, b_dec_init)
+    else:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              _abstract_state(sae_cfg, train_cfg), state_sh)
+        restored = manager.restore(start, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        state = restored.state
+        saved = {k: v for k, v in restored.data.items() if k in position}
+        if saved != position:
+            raise ValueError(f"checkpoint {start} in {out} was made on another data stream: {saved} != {position}")
+    _trim_log(out / "metrics.jsonl", start)
+
+    if train_cfg.data_order == "same":
+        batches = source.batches(train_cfg.batch_size, train_cfg.data_seeds[0], start)
+    else:
+        batches = data.stacked_batches(source, train_cfg.batch_size, train_cfg.data_seeds, start)
+    normalize = source.normalizer or (lambda x: x)
+    total = train_cfg.total_steps
+    try:
+        with open(out / "metrics.jsonl", "a") as log, tqdm(total=total, initial=start, desc="train") as bar:
+            for step in range(start, total):
+                state, m = step_fn(state, normalize(next(batches)))
+                done = step + 1
+                if done % train_cfg.log_every == 0 or done == total:
+                    m = jax.device_get(m)
+                    line = {"step": done, "tokens": done * train_cfg.batch_size,
+                            **{k: np.round(np.asarray(v, np.float64), 6).tolist() for k, v in m.items()}}
+                    log.write(json.dumps(line) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=float(np.mean(m["loss"])), l0=float(np.mean(m["l0"])))
+                if (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0) or done == total:
+                    manager.save(done, args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(position, step=done))))
+                bar.update(1)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+
+    params = jax.device_get(state.params)
+    for s in range(train_cfg.n_seeds):
+        io.save_saelens(out / f"seed_{s}", jax.tree.map(lambda a: a[s], params), sae_cfg, source.normalizer,
+                        extra={"seed": s, "steps": total, "train_cfg": dataclasses.asdict(train_cfg)}, overwrite=True)
+    return state
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    source: str = "synthetic"  # activation cache folder, or "synthetic" (sparse sums of random directions)
+    heldout: str = ""  # cache folder for the final summary; empty: a fresh synthetic sample / the training source
+    eval_tokens: int = 16384  # tokens in the final summary's evaluation slice
+    synthetic_tokens: int = 65536  # synthetic source: number of training tokens
+    synthetic_features: int = 256  # synthetic source: number of ground-truth directions
+    synthetic_k: int = 8  # synthetic source: directions summed per token
+
+
+def _split_argv(argv: list[str], cfgs: list) -> list[list[str]]:
+    """Send each key=value to the one config dataclass that has that field."""
+    owned = [[] for _ in cfgs]
+    for item in argv:
+        key = item.split("=", 1)[0].strip().lstrip("-").replace("-", "_")
+        owners = [i for i, c in enumerate(cfgs) if key in {f.name for f in dataclasses.fields(c)}]
+        if not owners:
+            known = sorted(f.name for c in cfgs for f in dataclasses.fields(c))
+            raise ValueError(f"unknown option {key!r}; known: {known}")
+        owned[owners[0]].append(item)
+    return owned
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`jaxsae train [key=value ...]`: fields of SAEConfig, TrainConfig and RunConfig."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    defaults = [sae.SAEConfig(), TrainConfig(), RunConfig()]
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print("\n\n".join(configlib.help_text(c) for c in defaults))
+        return 0
+    sae_argv, train_argv, run_argv = _split_argv(argv, defaults)
+    run = configlib.override(RunConfig(), run_argv)
+    train_cfg = configlib.override(TrainConfig(), train_argv)
+    if run.source == "synthetic":
+        d_in = configlib.override(sae.SAEConfig(), sae_argv).d_in
+        make = functools.partial(data.synthetic_source, d_in, n_features=run.synthetic_features, k=run.synthetic_k)
+        source = make(run.synthetic_tokens, seed=train_cfg.seed)
+    else:
+        source = data.CacheSource(run.source)
+        d_in = source.d_in
+    sae_cfg = configlib.override(sae.SAEConfig(), [f"d_in={d_in}"] + sae_argv)
+    if sae_cfg.d_in != source.d_in:
+        raise ValueError(f"d_in={sae_cfg.d_in} was given, but the source {run.source} has d_in={source.d_in}")
+    state = fit(source, sae_cfg, train_cfg)
+
+    if run.heldout:
+        eval_source, eval_on = data.CacheSource(run.heldout), run.heldout
+    elif run.source == "synthetic":
+        eval_source, eval_on = make(run.eval_tokens, seed=train_cfg.seed, sample=1), "synthetic held-out sample"
+    else:
+        eval_source, eval_on = source, f"{run.source} (training source, not held out)"
+    x = next(eval_source.batches(run.eval_tokens, seed=12345))
+    x = (source.normalizer or (lambda a: a))(x)
+    summary = evaluate(jax.device_get(state.params), sae_cfg, x)
+    summary.update(
+        dead_frac=np.mean(np.asarray(state.tokens_since_fired) >= train_cfg.dead_after_tokens, axis=1).tolist(),
+        eval_on=eval_on, eval_tokens=len(x), steps=train_cfg.total_steps, out_dir=train_cfg.out_dir,
+    )
+    print(json.dumps(summary))
+    (Path(train_cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
