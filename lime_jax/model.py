@@ -1,0 +1,262 @@
+"""Llama decoder (RMSNorm, rotate-half RoPE, GQA, SwiGLU) with LIMe K/V routing, as pure functions.
+
+Params are a dict; per-layer weights are stacked on a leading L axis so the blocks run under `lax.scan`:
+  embed [V, D], final_norm [D], unembed [D, V] (untied only), and layers:
+  attn_norm [L, D], wq [L, D, N, H], wk/wv [L, D, K, H], wo [L, N, H, D],
+  mlp_norm [L, D], w_gate/w_up [L, D, F], w_down [L, F, D], router (LIMe only, shapes in `init`).
+
+Layer index convention: layer l is the residual stream after block l (0-based).
+
+LIMe routing changes only what attention's keys and values read; queries are never mixed. A scan over layers
+carries a fixed-width buffer [L, ...] of earlier layers' states; each router is masked to layers <= l, so a
+one-hot router on the current layer reproduces plain Llama. The backward pass stores the buffer once per layer
+(O(L^2 B T D) memory, as the official PyTorch code's re-concatenation does).
+  static  (v1): K/V head r reads sum_j softmax_j(router[l, r, j]) * rms(h_j), h_j the state entering layer j.
+  dynamic (v1): the same, with per-token logits from a bias-free linear on the current normalised state.
+  v2:           K/V heads read an unconstrained mix (router [l, K, L, K]) of every earlier layer's pre-RoPE K||V.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lime_jax.config import LlamaConfig
+
+Params = dict
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def init(key: jax.Array, cfg: LlamaConfig) -> Params:
+    """Random float32 parameters: N(0, 1/fan_in) matmul weights, N(0, 0.02) embeddings, unit norm gains."""
+    L, D, N, K, H, F, V = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab
+    ks = iter(jax.random.split(key, 10))
+
+    def normal(shape, std):
+        return std * jax.random.normal(next(ks), shape, jnp.float32)
+
+    layers = {
+        "attn_norm": jnp.ones((L, D)),
+        "wq": normal((L, D, N, H), D ** -0.5),
+        "wk": normal((L, D, K, H), D ** -0.5),
+        "wv": normal((L, D, K, H), D ** -0.5),
+        "wo": normal((L, N, H, D), (N * H) ** -0.5),
+        "mlp_norm": jnp.ones((L, D)),
+        "w_gate": normal((L, D, F), D ** -0.5),
+        "w_up": normal((L, D, F), D ** -0.5),
+        "w_down": normal((L, F, D), F ** -0.5),
+    }
+    if cfg.routing == "static":  # router [L, K, L]: logits over source layers j per KV head
+        layers["router"] = normal((L, K, L), cfg.router_init)
+    elif cfg.routing == "dynamic":  # router [L, D, K, L]: per-token logits = rms(h) @ router
+        layers["router"] = normal((L, D, K, L), cfg.router_init)
+    elif cfg.routing == "v2":  # router [L, K, L, K]: (target head, source layer, source head), U(+-sqrt(3/fan_in))
+        fan_in = (jnp.arange(L) + 1.0) * K
+        bound = jnp.sqrt(3.0 / fan_in)[:, None, None, None]
+        w = jax.random.uniform(next(ks), (L, K, L, K), minval=-1.0, maxval=1.0) * bound
+        current = jnp.arange(L)[:, None, None, None] == jnp.arange(L)[None, None, :, None]
+        layers["router"] = jnp.where(current, jnp.eye(K)[None, :, None, :], w) * _source_mask(L)[:, None, :, None]
+    params = {"embed": normal((V, D), 0.02), "final_norm": jnp.ones((D,)), "layers": layers}
+    if not cfg.tie_embeddings:
+        params["unembed"] = normal((D, V), D ** -0.5)
+    return params
+
+
+def _source_mask(L: int) -> jax.Array:
+    """[L, L] mask: layer l (row) may read source layers j <= l (columns)."""
+    return jnp.tril(jnp.ones((L, L), jnp.float32))
+
+
+def _rms(x: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) over the last axis, computed in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _rope(x_BxTxNxH: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half RoPE at positions 0..T-1 (pairs i and i + H/2, the HF Llama layout)."""
+    T, H = x_BxTxNxH.shape[1], x_BxTxNxH.shape[-1]
+    inv_freq = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
+    angle_TxH2 = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq
+    cos, sin = jnp.cos(angle_TxH2)[:, None, :], jnp.sin(angle_TxH2)[:, None, :]
+    x = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = x[..., : H // 2], x[..., H // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
+
+
+def _attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, cfg: LlamaConfig) -> jax.Array:
+    """Causal GQA: query head n = k * G + g attends with KV head k = n // G."""
+    B, T, N, H = q_BxTxNxH.shape
+    K = cfg.n_kv_heads
+    q_BxTxKxGxH = _rope(q_BxTxNxH, cfg.rope_theta).reshape(B, T, K, N // K, H)
+    k_BxSxKxH = _rope(k_BxTxKxH, cfg.rope_theta)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH).astype(jnp.float32) * H ** -0.5
+    causal_TxS = jnp.tril(jnp.ones((T, T), bool))
+    probs = jax.nn.softmax(jnp.where(causal_TxS, scores, -jnp.inf), axis=-1).astype(v_BxTxKxH.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BxTxKxH).reshape(B, T, N, H)
+
+
+def _keys_values(lp: Params, h_BxTxD, x_BxTxD, buf, layer, cfg: LlamaConfig):
+    """Attention's K and V for this layer (routed under LIMe) and the updated buffer of earlier layers."""
+    dt = x_BxTxD.dtype
+    if cfg.routing == "none":
+        return jnp.einsum("BTD,DKH->BTKH", x_BxTxD, lp["wk"]), jnp.einsum("BTD,DKH->BTKH", x_BxTxD, lp["wv"]), buf
+    mask_J = _source_mask(cfg.n_layers)[layer]
+    if cfg.routing == "v2":
+        kv_BxTxKx2H = jnp.concatenate([jnp.einsum("BTD,DKH->BTKH", x_BxTxD, lp["wk"]),
+                                       jnp.einsum("BTD,DKH->BTKH", x_BxTxD, lp["wv"])], axis=-1)
+        buf_JxBxTxKx2H = jax.lax.dynamic_update_index_in_dim(buf, kv_BxTxKx2H, layer, axis=0)
+        route_KxJxR = (lp["router"] * mask_J[None, :, None]).astype(dt)
+        kv_BxTxKx2H = jnp.einsum("KJR,JBTRE->BTKE", route_KxJxR, buf_JxBxTxKx2H)
+        H = cfg.head_dim
+        return kv_BxTxKx2H[..., :H], kv_BxTxKx2H[..., H:], buf_JxBxTxKx2H
+    # v1: mix gain-free normalised states over depth, then apply this layer's norm gain (mixing is linear).
+    buf_JxBxTxD = jax.lax.dynamic_update_index_in_dim(buf, _rms(h_BxTxD, cfg.norm_eps).astype(dt), layer, axis=0)
+    if cfg.routing == "static":
+        logits = jnp.where(mask_J > 0, lp["router"], -jnp.inf)  # [K, J]
+        mixed_BxTxKxD = jnp.einsum("KJ,JBTD->BTKD", jax.nn.softmax(logits, axis=-1).astype(dt), buf_JxBxTxD)
+    else:
+        logits_BxTxKxJ = jnp.einsum("BTD,DKJ->BTKJ", x_BxTxD, lp["router"].astype(dt)).astype(jnp.float32)
+        weights = jax.nn.softmax(jnp.where(mask_J > 0, logits_BxTxKxJ, -jnp.inf), axis=-1).astype(dt)
+        mixed_BxTxKxD = jnp.einsum("BTKJ,JBTD->BTKD", weights, buf_JxBxTxD)
+    mixed_BxTxKxD = mixed_BxTxKxD * lp["attn_norm"].astype(dt)
+    k = jnp.einsum("BTKD,DKH->BTKH", mixed_BxTxKxD, lp["wk"])
+    v = jnp.einsum("BTKD,DKH->BTKH", mixed_BxTxKxD, lp["wv"])
+    return k, v, buf_JxBxTxD
+
+
+def _block(carry, lp: Params, layer, cfg: LlamaConfig):
+    """One pre-norm decoder block: h += attn(norm(h)); h += swiglu(norm(h))."""
+    h_BxTxD, buf = carry
+    dt = jnp.dtype(cfg.dtype)
+    lp = jax.tree.map(lambda p: p.astype(dt), lp)
+    x_BxTxD = (_rms(h_BxTxD, cfg.norm_eps) * lp["attn_norm"]).astype(dt)
+    q_BxTxNxH = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, lp["wq"])
+    k_BxTxKxH, v_BxTxKxH, buf = _keys_values(lp, h_BxTxD, x_BxTxD, buf, layer, cfg)
+    o_BxTxNxH = _attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, cfg)
+    h_BxTxD = h_BxTxD + jnp.einsum("BTNH,NHD->BTD", o_BxTxNxH, lp["wo"])
+    x_BxTxD = (_rms(h_BxTxD, cfg.norm_eps) * lp["mlp_norm"]).astype(dt)
+    gate_BxTxF = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x_BxTxD, lp["w_gate"]))
+    up_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, lp["w_up"])
+    h_BxTxD = h_BxTxD + jnp.einsum("BTF,FD->BTD", gate_BxTxF * up_BxTxF, lp["w_down"])
+    return h_BxTxD, buf
+
+
+def _embed(params: Params, tokens_BxT, cfg: LlamaConfig):
+    """The scan carry entering block 0: embeddings and an empty routing buffer."""
+    # The gather's output keeps the tokens' batch sharding (needed under explicitly sharded meshes).
+    sharding = jax.typeof(tokens_BxT).sharding
+    out_sharding = sharding.update(spec=jax.sharding.PartitionSpec(*sharding.spec, None))
+    h_BxTxD = params["embed"].at[tokens_BxT].get(out_sharding=out_sharding).astype(cfg.dtype)
+    if cfg.routing == "none":
+        return h_BxTxD, None
+    B, T, D = h_BxTxD.shape
+    L, K, H = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+    shape = (L, B, T, K, 2 * H) if cfg.routing == "v2" else (L, B, T, D)
+    # Broadcast from h rather than jnp.zeros so the buffer inherits h's sharding.
+    zeros = jnp.zeros_like(h_BxTxD[None, :, :, :1])
+    return h_BxTxD, jnp.broadcast_to(zeros.reshape(zeros.shape + (1,) * (len(shape) - 4)), shape)
+
+
+def _blocks(params: Params, carry, cfg: LlamaConfig, start: int, stop: int):
+    """Run blocks start..stop-1 under one `lax.scan`."""
+    if start == stop:
+        return carry
+    layers = jax.tree.map(lambda p: p[start:stop], params["layers"])
+    step = functools.partial(_block, cfg=cfg)
+    if cfg.remat:
+        step = jax.checkpoint(step)
+    carry, _ = jax.lax.scan(lambda c, xs: (step(c, *xs), None), carry, (layers, jnp.arange(start, stop)))
+    return carry
+
+
+def _logits(params: Params, h_BxTxD, cfg: LlamaConfig) -> jax.Array:
+    """Final RMSNorm and the (tied) unembedding, in float32."""
+    x_BxTxD = _rms(h_BxTxD, cfg.norm_eps) * params["final_norm"]
+    if cfg.tie_embeddings:
+        return jnp.einsum("BTD,VD->BTV", x_BxTxD, params["embed"].astype(jnp.float32))
+    return jnp.einsum("BTD,DV->BTV", x_BxTxD, params["unembed"].astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _apply(params, tokens_BxT, cfg):
+    h_BxTxD, _ = _blocks(params, _embed(params, tokens_BxT, cfg), cfg, 0, cfg.n_layers)
+    return _logits(params, h_BxTxD, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layers"))
+def _residuals(params, tokens_BxT, cfg, layers):
+    carry, out, start = _embed(params, tokens_BxT, cfg), {}, 0
+    for layer in layers:
+        carry = _blocks(params, carry, cfg, start, layer + 1)
+        out[layer], start = carry[0], layer + 1
+    return out, carry
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "start"))
+def _finish(params, carry, cfg, start):
+    h_BxTxD, _ = _blocks(params, carry, cfg, start, cfg.n_layers)
+    return _logits(params, h_BxTxD, cfg)
+
+
+def _check_tokens(tokens_BxT, cfg: LlamaConfig) -> None:
+    """Shape, dtype and (when concrete) range checks, so bad input fails loudly instead of gathering garbage."""
+    shape, dtype = jnp.shape(tokens_BxT), jnp.result_type(tokens_BxT)
+    if len(shape) != 2 or shape[1] == 0:
+        raise ValueError(f"tokens must have shape [batch, positions] with positions >= 1, got {shape}")
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"tokens must be integer ids, got dtype {dtype}")
+    if shape[1] > cfg.max_len:
+        raise ValueError(f"{shape[1]} positions exceed the model's max_len={cfg.max_len}")
+    if not isinstance(tokens_BxT, jax.core.Tracer) and shape[0] > 0:
+        lo, hi = int(np.min(tokens_BxT)), int(np.max(tokens_BxT))
+        if lo < 0 or hi >= cfg.vocab:
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab}), got min {lo}, max {hi}")
+
+
+def _check_layer(layer: int, cfg: LlamaConfig) -> int:
+    if not isinstance(layer, (int, np.integer)) or not 0 <= layer < cfg.n_layers:
+        raise ValueError(f"layer must be an int in [0, {cfg.n_layers}), got {layer!r}")
+    return int(layer)
+
+
+def apply(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    """Next-token logits [B, T, V] (float32)."""
+    _check_tokens(tokens_BxT, cfg)
+    return _apply(params, tokens_BxT, cfg)
+
+
+def residuals(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, layers: int | Sequence[int]) -> dict:
+    """{layer: h_BxTxD}, the residual stream after each requested block; stops after the last one."""
+    _check_tokens(tokens_BxT, cfg)
+    layers = (layers,) if isinstance(layers, (int, np.integer)) else tuple(layers)
+    if not layers:
+        raise ValueError("residuals needs at least one layer")
+    layers = tuple(sorted({_check_layer(layer, cfg) for layer in layers}))
+    return _residuals(params, tokens_BxT, cfg, layers)[0]
+
+
+def splice(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, layer: int,
+           fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Logits [B, T, V] with the residual after block `layer` replaced by fn(h_BxTxD).
+
+    The two halves of the model are jitted separately, so a new `fn` (e.g. a fresh SAE closure) costs no
+    recompilation of the model; jit `fn` yourself if it is expensive.
+    """
+    _check_tokens(tokens_BxT, cfg)
+    layer = _check_layer(layer, cfg)
+    _, (h_BxTxD, buf) = _residuals(params, tokens_BxT, cfg, (layer,))
+    new_BxTxD = fn(h_BxTxD)
+    if jnp.shape(new_BxTxD) != h_BxTxD.shape:
+        raise ValueError(f"splice fn must keep the shape {h_BxTxD.shape}, returned {jnp.shape(new_BxTxD)}")
+    return _finish(params, (jnp.asarray(new_BxTxD, h_BxTxD.dtype), buf), cfg, layer + 1)
+
+
+def token_nll(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
+    """Negative log-likelihood [B, T-1] of each next token (position t predicts token t+1)."""
+    logits = logits_BxTxV[:, :-1].astype(jnp.float32)
+    target = jnp.take_along_axis(logits, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target

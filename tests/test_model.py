@@ -1,0 +1,249 @@
+"""lime_jax.model and lime_jax.config on small random models: references, LIMe routing, causality, bad input."""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lime_jax import config, model
+
+SMALL = config.tiny(vocab=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48, max_len=16)
+
+
+def _tokens(cfg, B=2, T=11, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab, (B, T)), jnp.int32)
+
+
+def _np_forward(params, tokens, cfg):
+    """Independent numpy Llama: per-head loops, explicit causal softmax, rotate-half RoPE."""
+    p = jax.tree.map(np.asarray, params)
+    G = cfg.n_heads // cfg.n_kv_heads
+    H = cfg.head_dim
+
+    def rmsnorm(x, g):
+        return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.norm_eps) * g
+
+    def rope(x):  # x [T, H]
+        T = x.shape[0]
+        freqs = 1.0 / cfg.rope_theta ** (np.arange(H // 2) * 2.0 / H)
+        ang = np.arange(T)[:, None] * freqs[None]
+        rotated = np.concatenate([-x[:, H // 2:], x[:, : H // 2]], -1)
+        return x * np.tile(np.cos(ang), 2) + rotated * np.tile(np.sin(ang), 2)
+
+    out = []
+    for seq in np.asarray(tokens):
+        h = p["embed"][seq].astype(np.float64)
+        T = len(seq)
+        for i in range(cfg.n_layers):
+            lp = {k: v[i].astype(np.float64) for k, v in p["layers"].items()}
+            x = rmsnorm(h, lp["attn_norm"])
+            attn = np.zeros((T, cfg.n_heads * H))
+            for n in range(cfg.n_heads):
+                q = rope(x @ lp["wq"][:, n])
+                k = rope(x @ lp["wk"][:, n // G])
+                v = x @ lp["wv"][:, n // G]
+                s = q @ k.T / math.sqrt(H)
+                s[np.triu_indices(T, 1)] = -np.inf
+                a = np.exp(s - s.max(-1, keepdims=True))
+                attn[:, n * H:(n + 1) * H] = (a / a.sum(-1, keepdims=True)) @ v
+            h = h + attn @ lp["wo"].reshape(-1, cfg.d_model)
+            x = rmsnorm(h, lp["mlp_norm"])
+            g = x @ lp["w_gate"]
+            h = h + (g / (1 + np.exp(-g)) * (x @ lp["w_up"])) @ lp["w_down"]
+        x = rmsnorm(h, p["final_norm"])
+        out.append(x @ (p["embed"].T if cfg.tie_embeddings else p["unembed"]))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_apply_matches_numpy_reference(tie):
+    cfg = dataclasses.replace(SMALL, tie_embeddings=tie)
+    params = model.init(jax.random.key(0), cfg)
+    tokens = _tokens(cfg)
+    np.testing.assert_allclose(model.apply(params, tokens, cfg), _np_forward(params, tokens, cfg), rtol=1e-4, atol=1e-4)
+
+
+def test_token_nll_matches_log_softmax_formula():
+    rng = np.random.default_rng(1)
+    logits, tokens = rng.normal(size=(2, 5, 7)), rng.integers(0, 7, (2, 5))
+    ref = np.array([[np.log(np.exp(logits[b, t]).sum()) - logits[b, t, tokens[b, t + 1]] for t in range(4)]
+                    for b in range(2)])
+    np.testing.assert_allclose(model.token_nll(jnp.asarray(logits), jnp.asarray(tokens)), ref, rtol=1e-5)
+
+
+def test_residuals_and_splice_are_consistent_with_apply():
+    cfg = SMALL
+    params, tokens = model.init(jax.random.key(1), cfg), _tokens(cfg)
+    logits = model.apply(params, tokens, cfg)
+    hs = model.residuals(params, tokens, cfg, [2, 0])
+    assert sorted(hs) == [0, 2] and hs[0].shape == (2, 11, cfg.d_model)
+    # The last residual through the final norm and tied unembedding gives the logits.
+    np.testing.assert_allclose(model._logits(params, hs[2], cfg), logits, rtol=1e-5, atol=1e-5)
+    for layer in range(cfg.n_layers):
+        np.testing.assert_allclose(model.splice(params, tokens, cfg, layer, lambda h: h), logits, rtol=1e-5, atol=1e-5)
+    # Zeroing the residual after the last block gives logits of the final norm's zero vector: all zero.
+    assert np.abs(model.splice(params, tokens, cfg, cfg.n_layers - 1, jnp.zeros_like)).max() == 0.0
+    # Splicing changes only what comes after: a perturbed layer-0 residual differs from the clean logits.
+    moved = model.splice(params, tokens, cfg, 0, lambda h: h * 2.0)
+    assert not np.allclose(moved, logits, atol=1e-3)
+
+
+def _identity_router(cfg):
+    L, K = cfg.n_layers, cfg.n_kv_heads
+    if cfg.routing == "static":  # logits: 0 on the current layer, -inf elsewhere -> one-hot softmax
+        return jnp.where(jnp.eye(L)[:, None, :] > 0, 0.0, -jnp.inf) * jnp.ones((L, K, L))
+    return jnp.einsum("lj,kr->lkjr", jnp.eye(L), jnp.eye(K))  # v2: identity on the current layer's heads
+
+
+@pytest.mark.parametrize("routing", ["static", "v2"])
+def test_identity_routing_equals_plain_llama(routing):
+    cfg = dataclasses.replace(SMALL, routing=routing)
+    plain = dataclasses.replace(SMALL, routing="none")
+    params = model.init(jax.random.key(2), cfg)
+    params["layers"]["router"] = _identity_router(cfg)
+    tokens = _tokens(cfg)
+    routed = model.apply(params, tokens, cfg)
+    base_params = {**params, "layers": {k: v for k, v in params["layers"].items() if k != "router"}}
+    # Same math, only the K/V einsums are batched differently: equal to float32 rounding.
+    np.testing.assert_allclose(routed, model.apply(base_params, tokens, plain), rtol=1e-6, atol=1e-6)
+
+
+def test_dynamic_with_zero_router_equals_uniform_static():
+    """Both give uniform weights over the layers <= l: checks the dynamic path's masking independently."""
+    dyn, stat = dataclasses.replace(SMALL, routing="dynamic"), dataclasses.replace(SMALL, routing="static")
+    params = model.init(jax.random.key(3), dyn)
+    tokens = _tokens(dyn)
+    p_dyn = {**params, "layers": {**params["layers"], "router": jnp.zeros_like(params["layers"]["router"])}}
+    p_stat = {**params, "layers": {**params["layers"], "router": jnp.zeros((3, 2, 3))}}
+    np.testing.assert_allclose(model.apply(p_dyn, tokens, dyn), model.apply(p_stat, tokens, stat), rtol=1e-5, atol=1e-5)
+
+
+def test_static_routing_matches_numpy_reference():
+    """Layer-1 K/V read softmax(router) over rms-normalised states entering layers 0 and 1 (numpy, by hand)."""
+    cfg = dataclasses.replace(SMALL, routing="static", n_layers=2)
+    params = model.init(jax.random.key(4), cfg)
+    tokens = _tokens(cfg, B=1, T=6)
+    p = jax.tree.map(np.asarray, params)
+    plain = dataclasses.replace(cfg, routing="none", n_layers=1)
+    layer0 = {k: v[:1] for k, v in params["layers"].items() if k != "router"}
+    h0 = np.asarray(model.residuals({**params, "layers": layer0}, tokens, plain, 0)[0])[0]  # after block 0
+    e = p["embed"][np.asarray(tokens)[0]]  # entering block 0
+    rms = lambda x: x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.norm_eps)  # noqa: E731
+    w = np.exp(p["layers"]["router"][1]) / np.exp(p["layers"]["router"][1]).sum(-1, keepdims=True)  # [K, 2]
+    lp = {k: v[1] for k, v in p["layers"].items()}
+    x = rms(h0) * lp["attn_norm"]
+    G, H, T = 2, cfg.head_dim, 6
+    attn = np.zeros((T, cfg.n_heads * H))
+    for n in range(cfg.n_heads):
+        kv_in = (w[n // G, 0] * rms(e) + w[n // G, 1] * rms(h0)) * lp["attn_norm"]
+        freqs = 1.0 / cfg.rope_theta ** (np.arange(H // 2) * 2.0 / H)
+        ang = np.arange(T)[:, None] * freqs
+        rope = lambda y: y * np.tile(np.cos(ang), 2) + np.concatenate([-y[:, H // 2:], y[:, :H // 2]], -1) * np.tile(np.sin(ang), 2)  # noqa: E731,E501
+        s = rope(x @ lp["wq"][:, n]) @ rope(kv_in @ lp["wk"][:, n // G]).T / math.sqrt(H)
+        s[np.triu_indices(T, 1)] = -np.inf
+        a = np.exp(s - s.max(-1, keepdims=True))
+        attn[:, n * H:(n + 1) * H] = (a / a.sum(-1, keepdims=True)) @ (kv_in @ lp["wv"][:, n // G])
+    h = h0 + attn @ lp["wo"].reshape(-1, cfg.d_model)
+    g = (rms(h) * lp["mlp_norm"]) @ lp["w_gate"]
+    h = h + (g / (1 + np.exp(-g)) * ((rms(h) * lp["mlp_norm"]) @ lp["w_up"])) @ lp["w_down"]
+    np.testing.assert_allclose(model.residuals(params, tokens, cfg, 1)[1][0], h, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("routing", ["none", "static", "dynamic", "v2"])
+def test_causality_by_gradient(routing):
+    """d logits[t] / d (embedding of the token at s > t) is exactly zero; nonzero for s <= t."""
+    cfg = dataclasses.replace(SMALL, routing=routing, tie_embeddings=False)
+    params = model.init(jax.random.key(5), cfg)
+    T, t = 9, 4
+    tokens = jnp.arange(T, dtype=jnp.int32)[None] + 10  # distinct tokens: embedding row = position
+    grad = jax.grad(lambda e: model.apply({**params, "embed": e}, tokens, cfg)[0, t].sum())(params["embed"])
+    per_position = np.abs(np.asarray(grad)[10:10 + T]).sum(-1)
+    assert np.all(per_position[t + 1:] == 0.0), per_position
+    assert np.all(per_position[: t + 1] > 0.0), per_position
+
+
+@pytest.mark.parametrize("routing", ["none", "static", "dynamic", "v2"])
+def test_num_params_counts_every_trainable_entry(routing):
+    cfg = dataclasses.replace(SMALL, routing=routing, tie_embeddings=routing != "v2")
+    params = model.init(jax.random.key(6), cfg)
+    total = sum(x.size for x in jax.tree.leaves(params))
+    L = cfg.n_layers
+    masked_sources = L * L - L * (L + 1) // 2  # router columns of future layers, never read
+    per_source = {"none": 0, "static": cfg.n_kv_heads, "dynamic": cfg.d_model * cfg.n_kv_heads,
+                  "v2": cfg.n_kv_heads ** 2}[routing]
+    assert cfg.num_params == total - masked_sources * per_source
+
+
+def test_paper_1b_matches_the_papers_parameter_count():
+    assert round(config.paper_1b().num_params / 1e9, 4) == 1.1767  # LIMe v1 Table 6, LLaMA row
+
+
+def test_smollm2_param_count_is_the_published_one():
+    assert config.smollm2_135m().num_params == 134_515_008  # HF model card's safetensors total
+
+
+def test_flops_per_token_matches_xla_cost_analysis():
+    """One block (XLA counts a scan body once): formula forward FLOPs vs XLA's count, within elementwise ops."""
+    cfg = dataclasses.replace(SMALL, n_layers=1, d_model=128, d_ff=512, head_dim=32, max_len=64, vocab=512)
+    params = model.init(jax.random.key(7), cfg)
+    tokens = jnp.zeros((1, cfg.max_len), jnp.int32)
+    cost = jax.jit(lambda p, x: model._apply(p, x, cfg)).lower(params, tokens).compile().cost_analysis()
+    xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    assert cfg.flops_per_token * cfg.max_len / 3 == pytest.approx(xla_flops, rel=0.05)
+
+
+def test_router_init_follows_the_papers():
+    cfg = dataclasses.replace(SMALL, routing="v2", n_layers=4)
+    r = np.asarray(model.init(jax.random.key(8), cfg)["layers"]["router"])  # [L, K, L, K]
+    for layer in range(4):
+        np.testing.assert_array_equal(r[layer, :, layer], np.eye(cfg.n_kv_heads))  # current layer: identity
+        assert np.all(r[layer, :, layer + 1:] == 0)  # future layers: masked
+        bound = math.sqrt(3 / ((layer + 1) * cfg.n_kv_heads))
+        assert np.all(np.abs(r[layer, :, :layer]) <= bound)
+
+
+def test_remat_and_bfloat16_run_and_agree():
+    params, tokens = model.init(jax.random.key(9), SMALL), _tokens(SMALL)
+    ref = model.apply(params, tokens, SMALL)
+    g = jax.grad(lambda p, c: model.token_nll(model.apply(p, tokens, c), tokens).mean())
+    remat = dataclasses.replace(SMALL, remat=True, routing="none")
+    np.testing.assert_allclose(g(params, remat)["layers"]["wq"], g(params, SMALL)["layers"]["wq"], rtol=1e-5, atol=1e-7)
+    bf16 = model.apply(params, tokens, dataclasses.replace(SMALL, dtype="bfloat16"))
+    assert bf16.dtype == jnp.float32 and np.abs(bf16 - ref).max() < 0.1 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("routing", ["none", "v2"])
+def test_runs_under_jit_with_named_sharding(routing):
+    cfg = dataclasses.replace(SMALL, routing=routing)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    params = model.init(jax.random.key(10), cfg)
+    tokens = _tokens(cfg, B=jax.device_count())
+    sharded = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    np.testing.assert_allclose(jax.jit(model.apply, static_argnums=2)(params, sharded, cfg),
+                               model.apply(params, tokens, cfg), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_raises_clear_errors():
+    params = model.init(jax.random.key(11), SMALL)
+    with pytest.raises(TypeError, match="integer"):
+        model.apply(params, jnp.zeros((1, 4), jnp.float32), SMALL)
+    with pytest.raises(ValueError, match="shape"):
+        model.apply(params, jnp.zeros((4,), jnp.int32), SMALL)
+    with pytest.raises(ValueError, match="positions"):
+        model.apply(params, jnp.zeros((1, 0), jnp.int32), SMALL)
+    with pytest.raises(ValueError, match="max_len"):
+        model.apply(params, jnp.zeros((1, SMALL.max_len + 1), jnp.int32), SMALL)
+    with pytest.raises(ValueError, match="97"):
+        model.apply(params, jnp.full((1, 3), 97, jnp.int32), SMALL)
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 3\), got 3"):
+        model.residuals(params, _tokens(SMALL), SMALL, [1, 3])
+    with pytest.raises(ValueError, match="got -1"):
+        model.splice(params, _tokens(SMALL), SMALL, -1, lambda h: h)
+    with pytest.raises(ValueError, match="keep the shape"):
+        model.splice(params, _tokens(SMALL), SMALL, 0, lambda h: h[:, :1])
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        config.LlamaConfig(n_heads=9, n_kv_heads=2)
+    with pytest.raises(ValueError, match="routing"):
+        config.LlamaConfig(routing="dense")
