@@ -1,0 +1,204 @@
+"""`jaxsae eval`: EV, L0, dead fraction, and the LM-loss cost of splicing an SAE into SmolLM2.
+
+Reconstruction metrics run over an activation cache; the CE metrics replace the residual after block
+`layer` by the SAE's reconstruction at positions >= skip_first only, and average the next-token loss
+over those same positions for the clean, spliced and zero-ablated runs:
+  ce_delta = spliced − clean;   loss_recovered = (zero − spliced) / (zero − clean).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxsae import configlib, harvest, io, metrics, sae
+from jaxsae.data import CacheSource, Normalizer
+from lime_jax import model as lm
+from lime_jax.config import LlamaConfig
+
+RECON_FN = Callable[[jax.Array], jax.Array]
+
+
+def load_model() -> tuple[LlamaConfig, dict]:
+    """SmolLM2-135M as (cfg, params), loaded once per process."""
+    return harvest.load_model("smollm2-135m")
+
+
+def _keep_first(fn: RECON_FN, skip_first: int) -> RECON_FN:
+    """fn applied at positions >= skip_first; the first positions keep the model's own residual."""
+
+    def spliced(h_BxTxD):
+        keep_1xTx1 = (jnp.arange(h_BxTxD.shape[1]) < skip_first)[None, :, None]
+        return jnp.where(keep_1xTx1, h_BxTxD, fn(h_BxTxD))
+
+    return spliced
+
+
+def _identity(h_BxTxD):
+    return h_BxTxD
+
+
+def _zeros(h_BxTxD):
+    return jnp.zeros_like(h_BxTxD)
+
+
+def ce_metrics(model_params: dict, model_cfg: LlamaConfig, tokens_NxT, layer: int, recon_fn: RECON_FN,
+               skip_first: int = 4, batch_size: int = 8, baseline: dict | None = None) -> dict:
+    """Clean, spliced and zero-ablated LM loss (nats/token, positions >= skip_first), ce_delta, loss_recovered.
+
+    `baseline`, the result of an earlier call on the same tokens and layer, supplies clean and zero losses
+    so that evaluating several SAEs runs the model once per SAE instead of three times.
+    """
+    tokens_NxT = np.asarray(tokens_NxT)
+    N, T = tokens_NxT.shape if tokens_NxT.ndim == 2 else (0, 0)
+    if N == 0 or not 0 <= skip_first < T - 1:
+        raise ValueError(f"ce_metrics needs tokens [N >= 1, T > skip_first + 1 = {skip_first + 1}], "
+                         f"got shape {tokens_NxT.shape}")
+    runs = {"spliced": _keep_first(recon_fn, skip_first)}
+    if baseline is None:  # clean runs through the same splice path, so identity gives ce_delta == 0 exactly
+        runs = {"clean": _keep_first(_identity, skip_first), "zero": _keep_first(_zeros, skip_first), **runs}
+    sums = dict.fromkeys(runs, 0.0)
+    for b0 in tqdm(range(0, N, batch_size), desc=f"CE splice L{layer}", unit="batch", mininterval=5):
+        batch_BxT = tokens_NxT[b0 : b0 + batch_size]
+        real = len(batch_BxT)
+        if real < batch_size:  # pad with copies (then drop them): one compiled shape for every batch
+            batch_BxT = np.concatenate([batch_BxT, np.repeat(batch_BxT[:1], batch_size - real, 0)])
+        for name, fn in runs.items():
+            nll_BxT1 = lm.token_nll(lm.splice(model_params, batch_BxT, model_cfg, layer, fn), batch_BxT)
+            sums[name] += float(np.sum(np.asarray(nll_BxT1[:real, skip_first:], np.float64)))
+    count = N * (T - 1 - skip_first)
+    losses = {f"{name}_loss": total / count for name, total in sums.items()}
+    if baseline is not None:
+        losses.update(clean_loss=baseline["clean_loss"], zero_loss=baseline["zero_loss"])
+    clean, spliced, zero = losses["clean_loss"], losses["spliced_loss"], losses["zero_loss"]
+    return {"clean_loss": clean, "spliced_loss": spliced, "zero_loss": zero, "ce_delta": spliced - clean,
+            "loss_recovered": (zero - spliced) / (zero - clean)}
+
+
+@functools.partial(jax.jit, static_argnames=("sae_cfg",))
+def _recon(params, normalizer, h_BxTxD, sae_cfg):
+    B, T, D = h_BxTxD.shape
+    x_NxD = h_BxTxD.reshape(B * T, D)
+    x_hat_NxD = normalizer.invert(sae.apply(params, normalizer(x_NxD), sae_cfg))
+    return x_hat_NxD.reshape(B, T, D).astype(h_BxTxD.dtype)
+
+
+def sae_recon_fn(params: dict, sae_cfg: sae.SAEConfig, normalizer: Normalizer | None) -> RECON_FN:
+    """h_BxTxD -> normalizer.invert(SAE(normalizer(h))), in the model's scale (jitted)."""
+    if normalizer is None:
+        normalizer = Normalizer(np.zeros(sae_cfg.d_in, np.float32), 1.0)
+    params = jax.tree.map(jnp.asarray, params)
+    return lambda h_BxTxD: _recon(params, normalizer, h_BxTxD, sae_cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("sae_cfg",))
+def _recon_step(params, normalizer, x_BxD, stats, fires_M, sae_cfg):
+    """One batch of EV / L0 / firing statistics, in the normalised space (EV is the same in either)."""
+    x_BxD = normalizer(x_BxD)
+    code = sae.encode(params, x_BxD, sae_cfg)
+    x_hat_BxD = sae.decode(params, code, sae_cfg)
+    if isinstance(code, sae.Code):
+        fires_M = fires_M.at[code.idx_BxK.reshape(-1)].add((code.vals_BxK > 0).reshape(-1))
+    else:
+        fires_M = fires_M + jnp.sum(code != 0, axis=0)
+    return metrics.ev_stats_update(stats, x_BxD, x_hat_BxD), fires_M, metrics.l0(code)
+
+
+def evaluate_sae(params: dict, sae_cfg: sae.SAEConfig, normalizer: Normalizer | None, acts: CacheSource,
+                 tokens_NxT=None, *, layer: int = 14, skip_first: int = 4, num_tokens: int | None = None,
+                 batch_size: int = 4096, ce_batch_size: int = 8, model: tuple | None = None,
+                 baseline: dict | None = None) -> dict:
+    """{"ev", "l0", "dead_frac"} over the first epoch of `acts` (num_tokens rows at most, whole batches),
+    and with `tokens_NxT` also the CE metrics of `ce_metrics` (model = (cfg, params), default SmolLM2)."""
+    if acts.d_in != sae_cfg.d_in:
+        raise ValueError(f"activations have d_in={acts.d_in}, the SAE expects {sae_cfg.d_in}")
+    if normalizer is None:
+        normalizer = Normalizer(np.zeros(sae_cfg.d_in, np.float32), 1.0)
+    n = acts.num_tokens if num_tokens is None else min(num_tokens, acts.num_tokens)
+    batch_size = min(batch_size, n)
+    stats, fires_M = metrics.ev_stats_init(sae_cfg.d_in), jnp.zeros((sae_cfg.d_sae,), jnp.int32)
+    l0s = []
+    stream = acts.batches(batch_size, seed=0)  # the first epoch is one permutation: no row counted twice
+    for _ in tqdm(range(n // batch_size), desc="EV/L0", unit="batch", mininterval=5):
+        stats, fires_M, l0 = _recon_step(params, normalizer, jnp.asarray(next(stream)), stats, fires_M, sae_cfg)
+        l0s.append(float(l0))
+    out = {"ev": float(1.0 - metrics.ev_stats_fvu(stats)), "l0": float(np.mean(l0s)),
+           "dead_frac": float(metrics.dead_fraction(fires_M)), "eval_tokens": int(stats.n)}
+    if tokens_NxT is not None:
+        model_cfg, model_params = model if model is not None else load_model()
+        out.update(ce_metrics(model_params, model_cfg, tokens_NxT, layer, sae_recon_fn(params, sae_cfg, normalizer),
+                              skip_first, ce_batch_size, baseline))
+    return out
+
+
+def find_saes(path: str | Path) -> list[Path]:
+    """An SAE folder itself, or every SAE folder (holding cfg.json + weights) below a run folder, sorted."""
+    path = Path(path)
+    if (path / io.CFG).is_file():
+        return [path]
+    found = sorted(p.parent for p in path.rglob(io.CFG) if (p.parent / io.WEIGHTS).is_file())
+    if not found:
+        raise FileNotFoundError(f"no SAE folder ({io.CFG} + {io.WEIGHTS}) at or below {path}")
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    sae: str = ""  # an SAE folder (SAELens layout) or a run folder holding one per seed
+    layer: int = 14  # residual stream the SAEs read (after block l)
+    corpora: tuple[str, ...] = ("general", "code")  # held-out caches {corpus}_heldout to evaluate on
+    num_tokens: int = 20_000  # held-out activation rows for EV / L0 / dead, per corpus
+    ce_contexts: int = 16  # held-out contexts (the cache's own first ones) for the CE splice; 0 skips CE
+    batch_size: int = 4096  # activation rows per EV batch
+    ce_batch_size: int = 8  # contexts per spliced forward
+    root: str = "cache/acts"  # activation caches live under {root}/smollm2-135m/L{layer}/
+    out: str = ""  # also write the results to this JSON file
+
+
+def evaluate_run(cfg: EvalConfig) -> list[dict]:
+    """One result row per (SAE folder, corpus)."""
+    saes = find_saes(cfg.sae)
+    model = load_model() if cfg.ce_contexts else None
+    rows = []
+    for corpus in cfg.corpora:
+        path = harvest.cache_dir(corpus, "heldout", cfg.layer, cfg.root)
+        acts = CacheSource(path)
+        tokens = harvest.cache_contexts(path)[: cfg.ce_contexts] if cfg.ce_contexts else None
+        baseline = None
+        for folder in saes:
+            params, sae_cfg, normalizer = io.load_saelens(folder)
+            r = evaluate_sae(params, sae_cfg, normalizer, acts, tokens, layer=cfg.layer,
+                             skip_first=acts.manifest["skip_first"], num_tokens=cfg.num_tokens,
+                             batch_size=cfg.batch_size, ce_batch_size=cfg.ce_batch_size, model=model,
+                             baseline=baseline)
+            baseline = r if tokens is not None else None
+            rows.append({"sae": str(folder), "corpus": corpus, **r})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: jaxsae eval sae=PATH [key=value ...]\n" + configlib.help_text(EvalConfig()))
+        return 0
+    cfg = configlib.override(EvalConfig(), argv)
+    if not cfg.sae:
+        raise ValueError("jaxsae eval needs sae=PATH (an SAE folder or a run folder)")
+    rows = evaluate_run(cfg)
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
