@@ -131,6 +131,7 @@ def fire_counts(params: dict, x_BxD: jax.Array, sae_cfg: sae.SAEConfig) -> jax.A
     return jnp.sum(code != 0, axis=0).astype(jnp.float32)
 
 
+@functools.lru_cache(maxsize=16)  # configs are hashable: equal arguments reuse one compiled step
 def make_train_step(sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callable | None = None, mesh=None):
     """Jitted `train_step(state, batch) -> (state, metrics [S])`; batch [B, D] (data_order=same) or [S, B, D].
 
@@ -220,6 +221,19 @@ def _trim_log(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
+def _compute_part(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the fields that do not change the step reset, so equal computations share one compile."""
+    return dataclasses.replace(cfg, **{k: getattr(TrainConfig, k) for k in _RESUME_MAY_CHANGE | {"out_dir"}})
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(sae_cfg, train_cfg, loss_fn, mesh):
+    """(train_step, init(key, b_dec_init), state shardings), reused across `fit` calls on one mesh."""
+    state_sh = sharding.state_shardings(mesh, _abstract_state(sae_cfg, train_cfg))
+    init = jax.jit(lambda key, b_dec_init: init_state(key, sae_cfg, train_cfg, b_dec_init), out_shardings=state_sh)
+    return make_train_step(sae_cfg, train_cfg, loss_fn, mesh), init, state_sh
+
+
 def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callable | None = None,
         b_dec_init=None) -> TrainState:
     """Train the ensemble on `source`, resuming from `out_dir`'s latest checkpoint if there is one."""
@@ -229,8 +243,7 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, sae_cfg, train_cfg)
     mesh = sharding.make_mesh(train_cfg.mesh_seed, train_cfg.mesh_data, train_cfg.mesh_model)
-    step_fn = make_train_step(sae_cfg, train_cfg, loss_fn, mesh)
-    state_sh = sharding.state_shardings(mesh, _abstract_state(sae_cfg, train_cfg))
+    step_fn, init, state_sh = _compiled(sae_cfg, _compute_part(train_cfg), loss_fn, mesh)
     manager = ocp.CheckpointManager(
         (out / "checkpoints").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=train_cfg.keep_checkpoints)
     )
@@ -239,8 +252,7 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
     start = manager.latest_step()
     if start is None:
         start = 0
-        init = jax.jit(init_state, static_argnums=(1, 2), out_shardings=state_sh)
-        state = init(jax.random.key(train_cfg.seed), sae_cfg, train_cfg, b_dec_init)
+        state = init(jax.random.key(train_cfg.seed), b_dec_init)
     else:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               _abstract_state(sae_cfg, train_cfg), state_sh)

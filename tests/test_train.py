@@ -48,7 +48,7 @@ def test_shared_batch_equals_per_seed_copies():
 
 
 def test_firing_stats_match_numpy_topk():
-    cfg = dataclasses.replace(TRAIN, data_order="same", n_seeds=2)
+    cfg = dataclasses.replace(TRAIN, data_order="same")
     xs = np.random.default_rng(2).normal(size=(2, 16, 8)).astype(np.float32)
     state = train.init_state(jax.random.key(2), SAE, cfg)
     step = train.make_train_step(SAE, cfg)
@@ -57,8 +57,8 @@ def test_firing_stats_match_numpy_topk():
         p = _copy(state.params)
         pre = np.einsum("sbd,sdm->sbm", x[None] - p["b_dec"][:, None], p["W_enc"]) + p["b_enc"][:, None]
         top = np.argsort(-pre, axis=-1)[..., :3]
-        f = np.zeros((2, 32))
-        for s in range(2):
+        f = np.zeros((3, 32))
+        for s in range(3):
             for b in range(16):
                 for m in top[s, b]:
                     f[s, m] += pre[s, b, m] > 0
@@ -67,7 +67,7 @@ def test_firing_stats_match_numpy_topk():
     np.testing.assert_array_equal(state.fire_count, fired[0] + fired[1])
     want_since = np.where(fired[1] > 0, 0, np.where(fired[0] > 0, 16, 32))
     np.testing.assert_array_equal(state.tokens_since_fired, want_since)
-    np.testing.assert_array_equal(state.step, [2, 2])
+    np.testing.assert_array_equal(state.step, [2, 2, 2])
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
