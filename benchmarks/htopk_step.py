@@ -1,8 +1,9 @@
 """Training-step time and peak memory: TopK vs HierarchicalTopK (B×K×D reference and memory-lean custom_vjp).
 
 Run: `python -m benchmarks.htopk_step [key=value ...]` from the repository root. Prints one JSON line per
-(impl, K). Each line comes from a fresh subprocess so that one measurement's allocations cannot hide
-another's. Peak memory is measured two ways:
+(impl, K). Every measurement runs in a fresh subprocess so that one measurement's allocations cannot hide
+another's; the impls take turns for `rounds` rounds so that load from other processes hits them alike, and
+`step_s` is the best step over all rounds (the median is printed too). Peak memory is measured two ways:
 - `peak_bytes`: the rise of the process's resident-set high-water mark (VmHWM) over its resident set after
   compiling the step and building its inputs (the mark is reset via /proc/self/clear_refs just before the
   first run), i.e. what running the step adds;
@@ -16,9 +17,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import tqdm
+
 from jaxsae import configlib
 
-IMPLS = ("topk", "htopk_reference", "htopk")
+# htopk_scan_autodiff: the lean forward as a plain lax.scan differentiated by JAX, to show why the lean
+# loss needs its own backward (autodiff stores the B×D carry of every step, i.e. B×K×D again).
+IMPLS = ("topk", "htopk_reference", "htopk", "htopk_scan_autodiff")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +33,10 @@ class BenchConfig:
     d_in: int = 576  # input width (D), SmolLM2-135M's d_model
     d_sae: int = 4608  # latents (M)
     ks: tuple[int, ...] = (32, 64, 128)  # active latents per token (K)
-    impls: tuple[str, ...] = IMPLS  # which losses to time: topk, htopk_reference, htopk
+    impls: tuple[str, ...] = IMPLS  # which losses to time: topk, htopk_reference, htopk, htopk_scan_autodiff
     chunk: int = 8  # prefixes per scan step of the lean loss
-    reps: int = 5  # timed steps after one warm-up; step_s is their median
+    reps: int = 3  # timed steps per round, after the first (memory-measuring) one
+    rounds: int = 2  # rounds of fresh subprocesses, impls interleaved
     impl: str = ""  # internal: set in the child process that measures one (impl, K)
     k: int = 0  # internal: the K of that child
 
@@ -42,11 +49,24 @@ def _vm_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _scan_autodiff_prefix_mse(vals_BxK, idx_BxK, W_dec_MxD, b_dec_D, x_BxD):
+    """(mse_K, r_BxD) by a running-residual scan over K, left to JAX's autodiff."""
+    import jax
+    import jax.numpy as jnp
+
+    def step(r_BxD, inputs):
+        v_B, i_B = inputs
+        r_BxD = r_BxD + v_B[:, None] * W_dec_MxD[i_B]
+        return r_BxD, jnp.mean(r_BxD * r_BxD)
+
+    r_BxD, mse_K = jax.lax.scan(step, b_dec_D - x_BxD, (vals_BxK.T, idx_BxK.T))
+    return mse_K, r_BxD
+
+
 def measure(cfg: BenchConfig) -> dict:
     """Compile one Adam training step of the chosen loss, then time it and measure its peak memory."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
 
     from jaxsae import htopk, sae
@@ -54,6 +74,10 @@ def measure(cfg: BenchConfig) -> dict:
     sae_cfg = sae.SAEConfig(d_in=cfg.d_in, d_sae=cfg.d_sae, k=cfg.k)
     if cfg.impl == "topk":
         loss_fn = lambda p, x: sae.loss(p, x, sae_cfg)  # noqa: E731
+    elif cfg.impl == "htopk_scan_autodiff":
+        def loss_fn(p, x):
+            mse_K, _ = _scan_autodiff_prefix_mse(*sae.encode(p, x, sae_cfg), p["W_dec"], p["b_dec"], x)
+            return jnp.mean(mse_K), {}
     else:
         h_cfg = htopk.HTopKConfig(lean=cfg.impl == "htopk", chunk=cfg.chunk)
         loss_fn = lambda p, x, f=htopk.make_loss_fn(sae_cfg, h_cfg): f(p, x, None)  # noqa: E731
@@ -87,8 +111,7 @@ def measure(cfg: BenchConfig) -> dict:
     if not np.isfinite(float(loss)):
         raise FloatingPointError(f"{cfg.impl} K={cfg.k}: non-finite loss {float(loss)}")
     return {"impl": cfg.impl, "K": cfg.k, "B": cfg.batch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
-            "step_s": float(np.median(times)), "step_s_min": float(np.min(times)),
-            "peak_bytes": (peak_kib - base_kib) * 1024, "xla_temp_bytes": int(mem.temp_size_in_bytes),
+            "times": times, "peak_bytes": (peak_kib - base_kib) * 1024, "xla_temp_bytes": int(mem.temp_size_in_bytes),
             "device": str(jax.devices()[0].platform)}
 
 
@@ -104,13 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.impl:
         print(json.dumps(measure(cfg)), flush=True)
         return 0
+    date = time.strftime("%Y-%m-%d", time.gmtime())
     for k in cfg.ks:
-        for impl in cfg.impls:
-            child = [sys.executable, "-m", "benchmarks.htopk_step", *argv, f"impl={impl}", f"k={k}"]
-            out = subprocess.run(child, capture_output=True, text=True)
-            if out.returncode != 0:
-                raise RuntimeError(f"{impl} K={k} failed:\n{out.stderr[-3000:]}")
-            print(out.stdout.strip().splitlines()[-1], flush=True)
+        runs = {impl: [] for impl in cfg.impls}
+        for _ in tqdm.trange(cfg.rounds, desc=f"K={k}"):
+            for impl in cfg.impls:
+                child = [sys.executable, "-m", "benchmarks.htopk_step", *argv, f"impl={impl}", f"k={k}"]
+                out = subprocess.run(child, capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{impl} K={k} failed:\n{out.stderr[-3000:]}")
+                runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for impl, rs in runs.items():
+            times = [t for r in rs for t in r.pop("times")]
+            line = {**rs[0], "step_s": min(times), "step_s_median": float(np.median(times)),
+                    "peak_bytes": max(r["peak_bytes"] for r in rs), "rounds": cfg.rounds, "date": date}
+            print(json.dumps(line), flush=True)
     return 0
 
 
