@@ -85,55 +85,46 @@ def _train(name: str, sae_cfg: sae.SAEConfig, loss_fn, source, cfg: HTopKExperim
     return jax.tree.map(lambda a: np.asarray(a[0]), jax.device_get(state.params)), cost
 
 
-def _evaluate(params: dict, sae_cfg: sae.SAEConfig, x_NxD: np.ndarray, ce) -> dict:
-    """EV, L0 and dead fraction on normalised held-out tokens, plus CE delta when `ce` is given."""
-    stats = train.evaluate(jax.tree.map(lambda a: a[None], params), sae_cfg, x_NxD)
-    fired_M = sum(np.asarray(jax.jit(train.fire_counts, static_argnums=2)(params, x_NxD[i : i + 4096], sae_cfg))
-                  for i in range(0, len(x_NxD), 4096))
-    out = {"ev": stats["ev"][0], "l0": stats["l0"][0], "dead_frac": float(np.mean(fired_M == 0))}
-    if ce is not None:
-        out.update(ce(params, sae_cfg))
-    return out
-
-
-def _ce_fn(cfg: HTopKExperimentConfig, tokens_NxT, normalizer):
-    """`ce(params, sae_cfg) -> {"ce_delta", "loss_recovered"}` by splicing the SAE into SmolLM2."""
+def _evaluator(cfg: HTopKExperimentConfig, heldout, tokens_NxT, normalizer):
+    """`evaluate(params, sae_cfg) -> {"ev", "l0", "dead_frac", [CE metrics]}` on held-out data."""
     from jaxsae import evaluate
 
-    model_cfg, model_params = evaluate.load_model()
+    model = evaluate.load_model() if tokens_NxT is not None else None
+    skip_first = heldout.manifest["skip_first"] if tokens_NxT is not None else 0
+    baseline = {}  # clean and zero-ablated LM losses: computed by the first call, reused by the rest
 
-    def ce(params, sae_cfg):
-        recon = evaluate.sae_recon_fn(params, sae_cfg, normalizer)
-        m = evaluate.ce_metrics(model_params, model_cfg, tokens_NxT, cfg.layer, recon)
-        return {"ce_delta": float(m["ce_delta"]), "loss_recovered": float(m["loss_recovered"]),
-                "clean_loss": float(m["clean_loss"])}
+    def run_eval(params, sae_cfg):
+        r = evaluate.evaluate_sae(params, sae_cfg, normalizer, heldout, tokens_NxT, layer=cfg.layer,
+                                  skip_first=skip_first, num_tokens=cfg.eval_tokens, model=model,
+                                  baseline=baseline or None)
+        if tokens_NxT is not None and not baseline:
+            baseline.update(clean_loss=r["clean_loss"], zero_loss=r["zero_loss"])
+        return r
 
-    return ce
+    return run_eval
 
 
 def run(cfg: HTopKExperimentConfig) -> dict:
     """Train every SAE, evaluate at every sparsity, and return the summary."""
     source, heldout, tokens_NxT = _sources(cfg)
-    normalize = source.normalizer or (lambda x: x)
-    x_NxD = np.asarray(normalize(next(heldout.batches(cfg.eval_tokens, seed=12345))), np.float32)
-    ce = _ce_fn(cfg, tokens_NxT, source.normalizer) if tokens_NxT is not None else None
+    evaluate = _evaluator(cfg, heldout, tokens_NxT, source.normalizer)
     base = sae.SAEConfig(d_in=source.d_in, d_sae=cfg.d_sae, k=cfg.k_max)
     h_cfg = htopk.HTopKConfig(chunk=cfg.chunk)
 
     results, costs = {}, {}
     params, costs["htopk"] = _train(f"htopk_k{cfg.k_max}", base, htopk.make_loss_fn(base, h_cfg), source, cfg)
-    results["htopk"] = {j: _evaluate(params, dataclasses.replace(base, k=j), x_NxD, ce) for j in cfg.ks}
+    results["htopk"] = {j: evaluate(params, dataclasses.replace(base, k=j)) for j in cfg.ks}
     results["topk"], results["topk_truncated"] = {}, {}
     for k in sorted(cfg.ks, reverse=True):
         sae_cfg = dataclasses.replace(base, k=k)
         params, costs[f"topk_k{k}"] = _train(f"topk_k{k}", sae_cfg, None, source, cfg)
-        results["topk"][k] = _evaluate(params, sae_cfg, x_NxD, ce)
+        results["topk"][k] = evaluate(params, sae_cfg)
         if k == cfg.k_max:  # top_k is sorted, so truncating its code to j = re-encoding with k=j
             results["topk_truncated"] = {j: (results["topk"][k] if j == k else
-                                             _evaluate(params, dataclasses.replace(base, k=j), x_NxD, ce))
+                                             evaluate(params, dataclasses.replace(base, k=j)))
                                          for j in cfg.ks}
     return {"config": dataclasses.asdict(cfg), "d_in": source.d_in, "train_tokens_available": source.num_tokens,
-            "eval_tokens": len(x_NxD), "ce_tokens": None if tokens_NxT is None else int(tokens_NxT.size),
+            "eval_tokens": results["htopk"][cfg.k_max]["eval_tokens"], "ce_tokens": None if tokens_NxT is None else int(tokens_NxT.size),
             "results": {m: {str(j): r for j, r in rs.items()} for m, rs in results.items()}, "train_cost": costs}
 
 
