@@ -3,7 +3,9 @@
 Run: `python -m benchmarks.htopk_step [key=value ...]` from the repository root. Prints one JSON line per
 (impl, K). Every measurement runs in a fresh subprocess so that one measurement's allocations cannot hide
 another's; the impls take turns for `rounds` rounds so that load from other processes hits them alike, and
-`step_s` is the best step over all rounds (the median is printed too). Peak memory is measured two ways:
+`step_s` is the best step over all rounds (the median is printed too). On a machine shared with other
+jobs, wall time mostly measures the load, so `step_cpu_s` (median CPU seconds of the process, all threads,
+per step) is printed as well: it counts the step's work. Peak memory is measured two ways:
 - `peak_bytes`: the rise of the process's resident-set high-water mark (VmHWM) over its resident set after
   compiling the step and building its inputs (the mark is reset via /proc/self/clear_refs just before the
   first run), i.e. what running the step adds;
@@ -102,16 +104,17 @@ def measure(cfg: BenchConfig) -> dict:
     jax.block_until_ready(loss)
     peak_kib = _vm_kib("VmHWM")
 
-    times = []
+    times, cpu_times = [], []
     for _ in range(cfg.reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         params, opt_state, loss = compiled(params, opt_state, x_BxD)
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     if not np.isfinite(float(loss)):
         raise FloatingPointError(f"{cfg.impl} K={cfg.k}: non-finite loss {float(loss)}")
     return {"impl": cfg.impl, "K": cfg.k, "B": cfg.batch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
-            "times": times, "peak_bytes": (peak_kib - base_kib) * 1024, "xla_temp_bytes": int(mem.temp_size_in_bytes),
+            "times": times, "cpu_times": cpu_times, "peak_bytes": (peak_kib - base_kib) * 1024, "xla_temp_bytes": int(mem.temp_size_in_bytes),
             "device": str(jax.devices()[0].platform)}
 
 
@@ -139,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
         for impl, rs in runs.items():
             times = [t for r in rs for t in r.pop("times")]
+            cpu_times = [t for r in rs for t in r.pop("cpu_times")]
             line = {**rs[0], "step_s": min(times), "step_s_median": float(np.median(times)),
+                    "step_cpu_s": float(np.median(cpu_times)),
                     "peak_bytes": max(r["peak_bytes"] for r in rs), "rounds": cfg.rounds, "date": date}
             print(json.dumps(line), flush=True)
     return 0
