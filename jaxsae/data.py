@@ -106,10 +106,11 @@ class CacheSource:
 
     Each epoch cuts every shard into contiguous chunks of `chunk_tokens` rows, permutes all chunks, and
     groups consecutive chunks into buffers of about `buffer_tokens` rows (so each buffer mixes many random
-    places of many shards); the rows of each buffer are then permuted. Memory is one buffer.
+    places of many shards); the rows of each buffer are then permuted. Memory is one buffer, kept in the
+    stored dtype (2^17 float16 tokens of width 576 = 144 MiB); each batch is converted to float32.
     """
 
-    def __init__(self, path: str | os.PathLike, chunk_tokens: int = 1024, buffer_tokens: int = 2**18):
+    def __init__(self, path: str | os.PathLike, chunk_tokens: int = 1024, buffer_tokens: int = 2**17):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
@@ -157,8 +158,8 @@ class CacheSource:
         return sum(len(s) for s in self.shards)
 
     def _read(self, shard: int, begin: int, end: int) -> np.ndarray:
-        x = np.asarray(self.shards[shard][begin:end]).view(_DTYPES[self.manifest["dtype"]]).astype(np.float32)
-        bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+        x = np.asarray(self.shards[shard][begin:end]).view(_DTYPES[self.manifest["dtype"]])
+        bad = x.size - int(np.count_nonzero(np.isfinite(x.astype(np.float32))))
         if bad:
             raise ValueError(
                 f"activation cache {self.path}: shard {self.manifest['shards'][shard]['file']} rows "
@@ -179,7 +180,7 @@ class CacheSource:
     def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[np.ndarray]:
         """Endless [B, D] float32 batches; `start` is the index of the first batch to yield."""
         epoch, skip = divmod(start * batch_size, self.num_tokens)
-        carry = np.zeros((0, self.d_in), np.float32)  # the tail of the last buffer, fewer than B rows
+        carry = np.zeros((0, self.d_in), _DTYPES[self.manifest["dtype"]])  # the last buffer's tail, < B rows
         while True:
             for index, chunks in enumerate(self._epoch_buffers(seed, epoch)):
                 n = int(np.sum(chunks[:, 2] - chunks[:, 1]))
@@ -190,7 +191,7 @@ class CacheSource:
                 skip = 0
                 full = len(buf) - len(buf) % batch_size
                 for i in range(0, full, batch_size):
-                    yield buf[i : i + batch_size]
+                    yield buf[i : i + batch_size].astype(np.float32)
                 carry = buf[full:]
             epoch += 1
 

@@ -6,8 +6,10 @@ these in/out shardings and XLA inserts the collectives (a psum of gradients over
 over "model").
 
 Multi-host: call `jax.distributed.initialize()` before anything else on every host; `jax.devices()` then
-lists the devices of all hosts and `make_mesh` spans them. Each host must feed the same global batch
-(the sources are deterministic given the seed, so every host can read the same stream).
+lists the devices of all hosts and `make_mesh` spans them. The step then needs global arrays: build each
+batch with `jax.make_array_from_process_local_data(batch_sharding(...), local_rows)` (the sources are
+deterministic given the seed, so each host can read its own rows of the same stream). `train.fit` feeds
+host numpy arrays and is single-host only; it has not been run on several hosts.
 """
 from __future__ import annotations
 

@@ -275,14 +275,18 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
             for step in range(start, total):
                 state, m = step_fn(state, normalize(next(batches)))
                 done = step + 1
-                if done % train_cfg.log_every == 0 or done == total:
+                save = (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0) or done == total
+                if save or done % train_cfg.log_every == 0:
                     m = jax.device_get(m)
+                    if not np.all(np.isfinite(m["loss"])):  # never checkpoint a diverged state
+                        raise FloatingPointError(f"non-finite loss at step {done}, per seed: {m['loss'].tolist()}")
+                if done % train_cfg.log_every == 0 or done == total:
                     line = {"step": done, "tokens": done * train_cfg.batch_size,
                             **{k: np.round(np.asarray(v, np.float64), 6).tolist() for k, v in m.items()}}
                     log.write(json.dumps(line) + "\n")
                     log.flush()
                     bar.set_postfix(loss=float(np.mean(m["loss"])), l0=float(np.mean(m["l0"])))
-                if (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0) or done == total:
+                if save:
                     manager.save(done, args=ocp.args.Composite(
                         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(position, step=done))))
                 bar.update(1)

@@ -4,6 +4,7 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -153,3 +154,15 @@ def test_main_prints_summary(tmp_path, capsys):
     assert min(summary["ev"]) > 0.5, summary  # one direction per token: 2 latents should capture most of it
     assert summary["l0"] == [2.0, 2.0]
     assert (out / "seed_1" / "cfg.json").exists() and (out / "summary.json").exists()
+
+
+def test_diverged_run_stops_before_checkpointing(tmp_path):
+    def nan_loss(params, x_BxD, dead_M):
+        loss = jnp.sum(params["W_enc"]) * jnp.nan
+        return loss, {"l0": jnp.zeros(())}
+
+    cfg = dataclasses.replace(TRAIN, n_seeds=1, num_steps=4, checkpoint_every=2, data_order="same",
+                              out_dir=str(tmp_path))
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1, per seed: \[nan\]"):
+        train.fit(data.synthetic_source(8, 64, n_features=10, k=2), SAE, cfg, loss_fn=nan_loss)
+    assert not list((tmp_path / "checkpoints").iterdir())
