@@ -163,7 +163,8 @@ def render_man(source: bytes, groff_root: pathlib.Path) -> str:
     if out.returncode != 0:
         raise RuntimeError(f"groff failed ({out.returncode}): {out.stderr.decode(errors='replace')[-500:]}")
     lines = [re.sub(r"\s+", " ", line).strip() for line in out.stdout.decode("utf-8", "replace").splitlines()]
-    lines = [line for line in lines if "\b" not in line]
+    # Table rules (box-drawing lines) span the whole 5000-en line: drop them.
+    lines = [line for line in lines if "\b" not in line and not re.fullmatch(r"[\u2500-\u257f ]+", line)]
     nonempty = [i for i, line in enumerate(lines) if line]
     if len(nonempty) < 3:
         return ""
@@ -438,6 +439,9 @@ def token_contexts(name: str, split: str, ctx_len: int = 256, max_tokens: int | 
         with open(tmp, "wb") as f:
             np.save(f, tokens)
         os.replace(tmp, cache)
+        for stale in cache.parent.glob(f"{name}_{split}_T{ctx_len}_*.npy"):  # caches of an older corpus file
+            if stale != cache:
+                stale.unlink()
     tokens = np.load(cache, mmap_mode="r")
     return tokens if max_tokens is None else tokens[: max_tokens // ctx_len]
 

@@ -1,6 +1,8 @@
 """Corpora on small local files: splits, extractors, loading, packing against a plain loop, token cache."""
 import gzip
 import json
+import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -135,7 +137,7 @@ def test_token_contexts_caches_and_keys_on_content(tmp_path, word_tok):
     _write_corpus(tmp_path / "c", "mini", "train", docs[:100])
     fresh = corpora.token_contexts("mini", "train", ctx_len=8, tokenizer=word_tok, **kw)
     assert np.asarray(fresh).tolist() == _reference_pack([d["text"] for d in docs[:100]], 8, 0)
-    assert len(list((tmp_path / "tok").glob("*.npy"))) == 2
+    assert len(list((tmp_path / "tok").glob("*.npy"))) == 1  # the stale cache was removed
     with pytest.raises(ValueError, match="max_tokens=3 is less than one context"):
         corpora.token_contexts("mini", "train", ctx_len=8, max_tokens=3, **kw)
 
@@ -185,3 +187,39 @@ def test_fetch_rejects_bad_config():
         corpora.fetch(corpora.FetchConfig(corpora=("general", "klingon")))
     with pytest.raises(ValueError, match="heldout_frac must be in"):
         corpora.fetch(corpora.FetchConfig(heldout_frac=0.7))
+
+
+MAN_PAGE = r""".TH DEMO 1 "2024" "demo 1.0" "User Commands"
+.SH NAME
+demo \- show a \fBdemo\fP page
+.SH DESCRIPTION
+This paragraph is long enough that a terminal of eighty columns would wrap it, but the corpus wants one
+line per paragraph, so it must come out whole.
+.PP
+Gr\(:u\(sse.
+.TS
+box;
+l l.
+key	value
+.TE
+"""
+
+
+@pytest.mark.skipif(shutil.which("groff") is None or not pathlib.Path("/usr/share/groff").is_dir(),
+                    reason="needs the host's groff to stand in for the groff-base package")
+def test_render_man_with_host_groff(tmp_path):
+    bin_dir = tmp_path / "usr/bin"
+    bin_dir.mkdir(parents=True)
+    for tool in ("preconv", "tbl", "groff", "troff", "grotty"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    (tmp_path / "usr/share").mkdir()
+    (tmp_path / "usr/share/groff").symlink_to("/usr/share/groff")
+    text = corpora.render_man(MAN_PAGE.encode(), tmp_path)
+    lines = [line for line in text.split("\n") if line]
+    assert lines[:4] == [
+        "NAME", "demo - show a demo page", "DESCRIPTION",
+        "This paragraph is long enough that a terminal of eighty columns would wrap it, but the corpus wants "
+        "one line per paragraph, so it must come out whole."]
+    assert lines[4] == "Grüße."
+    assert lines[5].split() == ["│key", "value", "│"]
+    assert len(lines) == 6  # no header/footer, no box rules
