@@ -177,23 +177,25 @@ def _abstract_state(sae_cfg, train_cfg) -> TrainState:
 
 
 def evaluate(params: dict, sae_cfg: sae.SAEConfig, x_NxD: np.ndarray, chunk: int = 4096) -> dict:
-    """Per-seed EV and L0 of an ensemble (params with a leading seed axis) on normalised tokens x_NxD."""
+    """Per-seed EV, L0 and dead fraction (latents that never fire) of an ensemble on normalised tokens x_NxD."""
 
     @jax.jit
-    def update(stats_S, l0_sum_S, x_BxD):
+    def update(stats_S, l0_sum_S, fires_SxM, x_BxD):
         def one(p, st):
             code = sae.encode(p, x_BxD, sae_cfg)
             x_hat_BxD = sae.decode(p, code, sae_cfg)
-            return metrics.ev_stats_update(st, x_BxD, x_hat_BxD), metrics.l0(code) * x_BxD.shape[0]
-        stats_S, l0_S = jax.vmap(one)(params, stats_S)
-        return stats_S, l0_sum_S + l0_S
+            return (metrics.ev_stats_update(st, x_BxD, x_hat_BxD), metrics.l0(code) * x_BxD.shape[0],
+                    fire_counts(p, x_BxD, sae_cfg))
+        stats_S, l0_S, fires_SxM_batch = jax.vmap(one)(params, stats_S)
+        return stats_S, l0_sum_S + l0_S, fires_SxM + fires_SxM_batch
 
     S = jax.tree.leaves(params)[0].shape[0]
     stats_S = jax.vmap(lambda _: metrics.ev_stats_init(sae_cfg.d_in))(jnp.arange(S))
-    l0_sum_S = jnp.zeros((S,))
+    l0_sum_S, fires_SxM = jnp.zeros((S,)), jnp.zeros((S, sae_cfg.d_sae))
     for i in range(0, len(x_NxD), chunk):
-        stats_S, l0_sum_S = update(stats_S, l0_sum_S, jnp.asarray(x_NxD[i : i + chunk]))
-    return {"ev": (1.0 - jax.vmap(metrics.ev_stats_fvu)(stats_S)).tolist(), "l0": (l0_sum_S / len(x_NxD)).tolist()}
+        stats_S, l0_sum_S, fires_SxM = update(stats_S, l0_sum_S, fires_SxM, jnp.asarray(x_NxD[i : i + chunk]))
+    return {"ev": (1.0 - jax.vmap(metrics.ev_stats_fvu)(stats_S)).tolist(), "l0": (l0_sum_S / len(x_NxD)).tolist(),
+            "dead_frac": jax.vmap(metrics.dead_fraction)(fires_SxM).tolist()}
 
 
 # Fields that do not change what is computed (the mesh only reorders float reductions).
@@ -356,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     x = (source.normalizer or (lambda a: a))(x)
     summary = evaluate(jax.device_get(state.params), sae_cfg, x)
     summary.update(
-        dead_frac=np.mean(np.asarray(state.tokens_since_fired) >= train_cfg.dead_after_tokens, axis=1).tolist(),
+        dead_frac_train=np.mean(np.asarray(state.tokens_since_fired) >= train_cfg.dead_after_tokens, axis=1).tolist(),
         eval_on=eval_on, eval_tokens=len(x), steps=train_cfg.total_steps, out_dir=train_cfg.out_dir,
     )
     print(json.dumps(summary))

@@ -152,7 +152,7 @@ def test_main_prints_summary(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(summary["ev"]) == 2 and summary["eval_on"] == "synthetic held-out sample"
     assert min(summary["ev"]) > 0.5, summary  # one direction per token: 2 latents should capture most of it
-    assert summary["l0"] == [2.0, 2.0]
+    assert summary["l0"] == [2.0, 2.0] and len(summary["dead_frac"]) == 2 and len(summary["dead_frac_train"]) == 2
     assert (out / "seed_1" / "cfg.json").exists() and (out / "summary.json").exists()
 
 
@@ -166,3 +166,20 @@ def test_diverged_run_stops_before_checkpointing(tmp_path):
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1, per seed: \[nan\]"):
         train.fit(data.synthetic_source(8, 64, n_features=10, k=2), SAE, cfg, loss_fn=nan_loss)
     assert not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_evaluate_matches_numpy_formulas():
+    p = _copy(train.init_state(jax.random.key(3), SAE, dataclasses.replace(TRAIN, n_seeds=2)).params)
+    p["b_dec"] = np.random.default_rng(4).normal(size=(2, 8)).astype(np.float32)
+    x = np.random.default_rng(5).normal(size=(50, 8)).astype(np.float32) + 3.0
+    got = train.evaluate(p, SAE, x, chunk=16)  # 16 does not divide 50: the streamed sums must still be exact
+    for s in range(2):
+        pre = (x - p["b_dec"][s]) @ p["W_enc"][s] + p["b_enc"][s]
+        keep = np.argsort(-pre, axis=1)[:, :3]
+        acts = np.zeros_like(pre)
+        np.put_along_axis(acts, keep, np.maximum(np.take_along_axis(pre, keep, 1), 0), 1)
+        x_hat = acts @ p["W_dec"][s] + p["b_dec"][s]
+        ev = 1 - np.sum((x - x_hat) ** 2) / np.sum((x - x.mean(0)) ** 2)
+        np.testing.assert_allclose(got["ev"][s], ev, rtol=1e-4)
+        np.testing.assert_allclose(got["l0"][s], np.mean(np.sum(acts > 0, 1)), rtol=1e-6)
+        np.testing.assert_allclose(got["dead_frac"][s], np.mean(~np.any(acts > 0, 0)), rtol=1e-6)
