@@ -126,7 +126,9 @@ def _train_cfg(cfg: BoostExperimentConfig, steps: int, out: Path) -> train.Train
 
 
 def _fit(source, sae_cfg, cfg: BoostExperimentConfig, steps: int, out: Path, loss_fn=None) -> dict:
-    """train.fit with one seed (resumes/reuses a finished run in `out`); params without the seed axis."""
+    """train.fit with one seed (resumes an unfinished run, reuses a finished one); params without the seed axis."""
+    if (out / "seed_0" / io.CFG).is_file():
+        return io.load_saelens(out / "seed_0")[0]
     state = train.fit(source, sae_cfg, _train_cfg(cfg, steps, out), loss_fn=loss_fn)
     return jax.tree.map(lambda a: np.asarray(a[0]), jax.device_get(state.params))
 

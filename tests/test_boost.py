@@ -163,3 +163,33 @@ def test_extend_keeps_the_base_latents_first():
     np.testing.assert_array_equal(np.asarray(params["W_dec"][:M_BASE]), base_p["W_dec"])
     np.testing.assert_allclose(np.linalg.norm(np.asarray(params["W_dec"][M_BASE:]), axis=1), 1.0, rtol=1e-5)
     assert "threshold" not in params
+
+
+@pytest.mark.slow
+def test_experiment_end_to_end_on_synthetic_data(tmp_path):
+    from experiments import boost as exp
+
+    cfg = exp.BoostExperimentConfig(
+        synthetic=True, synthetic_d_in=16, synthetic_tokens=1024, base_d_sae=32, base_k=2, base_steps=8,
+        res_d_sae=8, res_k=1, res_steps=4, extend_latents=8, budgets=(128,), batch_size=64, eval_tokens=256,
+        convert_tokens=128, out_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"))
+    summary = exp.run(cfg)
+    assert set(summary["domains"]) == {"code", "russian"} == set(summary["all_residuals"])
+    for rows in summary["domains"].values():
+        assert set(rows) == {"base", "boosted", "finetuned", "extended"}
+        for m in rows.values():
+            assert {"domain_ev", "general_ev", "domain_ce_delta", "general_ce_delta"} <= set(m)
+    assert summary["stitched_vs_boosted_max_abs_diff"] < 1e-4
+    # The base is the same model in every domain's row and in the sweep.
+    assert summary["domains"]["code"]["base"]["general_ev"] == summary["domains"]["russian"]["base"]["general_ev"]
+    assert [r["unique_tokens"] for r in summary["budget_sweep"]["rows"]] == [128, 1024]
+    assert "| base alone |" in exp.report(summary)
+    loaded, _ = boost.load_residual(tmp_path / "runs" / "residual_code" / "residual")
+    assert loaded.cfg.activation == "jumprelu" and loaded.info.layer == cfg.layer
+
+
+def test_experiment_rejects_a_sweep_domain_it_does_not_train():
+    from experiments import boost as exp
+
+    with pytest.raises(ValueError, match="sweep_domain='german'"):
+        exp.BoostExperimentConfig(sweep_domain="german")
