@@ -99,7 +99,7 @@ def _read_jsonl(path: pathlib.Path) -> Iterator[dict]:
 META_PACKAGES = {"linux-doc": "linux-doc-", "python3-doc": "python3."}
 
 
-def _apt(args: Sequence[str], cwd: pathlib.Path | None = None) -> str:
+def _run(args: Sequence[str], cwd: pathlib.Path | None = None) -> str:
     if shutil.which(args[0]) is None:
         raise RuntimeError(f"{args[0]!r} not found: fetching the corpora needs a Debian-like system with apt")
     out = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True)
@@ -112,7 +112,7 @@ def _resolve(pkg: str) -> str:
     """The concrete package behind a meta-package, e.g. linux-doc -> linux-doc-6.1."""
     if pkg not in META_PACKAGES:
         return pkg
-    deps = re.findall(r"Depends: (\S+)", _apt(["apt-cache", "depends", pkg]))
+    deps = re.findall(r"Depends: (\S+)", _run(["apt-cache", "depends", pkg]))
     real = [d for d in deps if d.startswith(META_PACKAGES[pkg])]
     if not real:
         raise RuntimeError(f"meta-package {pkg!r} depends on no {META_PACKAGES[pkg]}* package: {deps}")
@@ -126,17 +126,17 @@ def fetch_package(pkg: str, debs_dir: pathlib.Path) -> dict:
     debs = sorted(debs_dir.glob(f"{pkg}_*.deb"))
     if not debs:
         try:
-            _apt(["apt-get", "download", pkg], cwd=debs_dir)
+            _run(["apt-get", "download", pkg], cwd=debs_dir)
         except RuntimeError:  # a fresh machine may have empty package lists
-            _apt(["apt-get", "update"])
-            _apt(["apt-get", "download", pkg], cwd=debs_dir)
+            _run(["apt-get", "update"])
+            _run(["apt-get", "download", pkg], cwd=debs_dir)
         debs = sorted(debs_dir.glob(f"{pkg}_*.deb"))
     deb = debs[-1]
     if not (root / ".done").exists():
         shutil.rmtree(root, ignore_errors=True)
-        _apt(["dpkg-deb", "-x", str(deb), str(root)])
+        _run(["dpkg-deb", "-x", str(deb), str(root)])
         (root / ".done").touch()
-    version = _apt(["dpkg-deb", "-f", str(deb), "Version"]).strip()
+    version = _run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
     licence = sorted(str(p.relative_to(root)) for p in root.glob("usr/share/doc/*/copyright"))
     return {"package": pkg, "version": version, "deb_bytes": deb.stat().st_size, "copyright": licence}
 
@@ -316,14 +316,13 @@ def split_documents(docs: Sequence[dict], heldout_frac: float, min_heldout_docs:
 
 
 def _source_docs(name: str, cfg: FetchConfig, debs_dir: pathlib.Path) -> tuple[pathlib.Path, list[dict]]:
-    """Documents of one source, cached under {data_dir}/_sources/{name}.jsonl; and its packages."""
+    """Whole documents of one source, cached under {data_dir}/_sources/{name}.jsonl; and its packages."""
     src = SOURCES[name]
     packages = [fetch_package(p, debs_dir) for p in src.packages]
     path = pathlib.Path(cfg.data_dir) / "_sources" / f"{name}.jsonl"
     if not path.exists():
         roots = {info["package"]: debs_dir / info["package"] for info in packages}
-        docs = ({"id": f"{doc_id}#{k}" if k else doc_id, "text": piece, "source": name}
-                for doc_id, text in src.extract(roots, cfg) for k, piece in enumerate(chunk(text, cfg.max_doc_chars)))
+        docs = ({"id": doc_id, "text": text, "source": name} for doc_id, text in src.extract(roots, cfg))
         _write_jsonl(path, tqdm(docs, desc=f"extract {name}", unit="doc", mininterval=5))
     return path, packages
 
@@ -342,7 +341,8 @@ def build_corpus(name: str, cfg: FetchConfig) -> dict:
     for source in CORPUS_SOURCES[name]:
         path, packages = _source_docs(source, cfg, debs_dir)
         n0 = len(docs)
-        docs.extend(_read_jsonl(path))
+        docs.extend({"id": f"{d['id']}#{k}" if k else d["id"], "text": piece, "source": source}
+                    for d in _read_jsonl(path) for k, piece in enumerate(chunk(d["text"], cfg.max_doc_chars)))
         sources[source] = {"packages": [p for p in packages if p["package"] != GROFF_PKG],
                            "documents": len(docs) - n0, "chars": sum(len(d["text"]) for d in docs[n0:])}
     meta = {"name": name, "sources": sources, "heldout_frac": cfg.heldout_frac,

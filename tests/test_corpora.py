@@ -223,3 +223,28 @@ def test_render_man_with_host_groff(tmp_path):
     assert lines[4] == "Grüße."
     assert lines[5].split() == ["│key", "value", "│"]
     assert len(lines) == 6  # no header/footer, no box rules
+
+
+def test_build_corpus_end_to_end_and_idempotent(tmp_path, monkeypatch):
+    long_text = "\n".join(f"line {i} " + "y" * 50 for i in range(40))  # ~2,500 characters
+    extracted = [("a/short", "one short document"), ("a/long", long_text), ("a/blank", "\n\n")]
+    extracted += [(f"b/{i}", f"document number {i}") for i in range(300)]
+    monkeypatch.setitem(corpora.SOURCES, "toy", corpora.Source((), lambda roots, cfg: iter(extracted)))
+    monkeypatch.setitem(corpora.CORPUS_SOURCES, "toy", ("toy",))
+    cfg = corpora.FetchConfig(data_dir=str(tmp_path), corpora=("toy",), max_doc_chars=1000,
+                              min_heldout_docs=20, min_heldout_chars=0, tokenize=False)
+    meta = corpora.fetch(cfg)["toy"]
+    train = list(corpora._read_jsonl(tmp_path / "toy/train.jsonl"))
+    held = list(corpora._read_jsonl(tmp_path / "toy/heldout.jsonl"))
+    assert len(held) == 20 and meta["splits"]["heldout"]["documents"] == 20
+    docs = {d["id"]: d["text"] for d in train + held}
+    long_ids = sorted(i for i in docs if i.startswith("a/long"))
+    assert long_ids == ["a/long", "a/long#1", "a/long#2"]  # 2,500 characters in pieces of <= 1,000
+    assert "\n".join(docs[i] for i in long_ids) == long_text
+    assert "a/blank" not in docs and docs["a/short"] == "one short document"
+    assert meta["sources"]["toy"]["documents"] == len(docs) == 1 + 3 + 300
+    # A second fetch finds meta.json and rebuilds nothing, even with a broken extractor.
+    monkeypatch.setitem(corpora.SOURCES, "toy", corpora.Source((), lambda roots, cfg: 1 / 0))
+    before = (tmp_path / "toy/train.jsonl").stat().st_mtime_ns
+    assert corpora.fetch(cfg)["toy"] == meta
+    assert (tmp_path / "toy/train.jsonl").stat().st_mtime_ns == before
