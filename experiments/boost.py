@@ -41,10 +41,10 @@ class BoostExperimentConfig:
     base_steps: int = 300  # training steps of the base SAE on the general corpus
     res_d_sae: int = 1024  # latents of each residual SAE (the paper's 1,024)
     res_k: int = 5  # BatchTopK k of each residual SAE (the paper's 5)
-    res_steps: int = 150  # training steps on a domain: residuals and both baselines
+    res_steps: int = 100  # training steps on a domain: residuals and both baselines
     extend_latents: int = 1024  # new latents of the extended-SAE baseline
     sweep_domain: str = "code"  # domain of the budget sweep
-    budgets: tuple[int, ...] = (1024, 4096, 16384)  # unique domain tokens of the sweep's residuals (plus the full cache)
+    budgets: tuple[int, ...] = (2048, 16384)  # unique domain tokens of the sweep's residuals (plus the full cache)
     batch_size: int = 1024  # tokens per training step
     lr: float = 3e-3  # peak Adam learning rate of every SAE (high: these runs are a few hundred steps)
     warmup_steps: int = 20  # linear learning-rate warm-up steps
