@@ -94,6 +94,7 @@ class TrainState(NamedTuple):
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0, then cosine / linear / constant down to `final_lr_frac * lr` at the last step."""
     warm = min(cfg.warmup_steps, cfg.total_steps)
     rest = max(cfg.total_steps - warm, 1)
     after = {
@@ -105,6 +106,7 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (of one seed's gradients, under the seed vmap) then Adam on `lr_schedule`."""
     clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
     return optax.chain(clip, optax.adam(lr_schedule(cfg), cfg.b1, cfg.b2, cfg.eps))
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxsae import sae, sharding, train
+from jaxsae import data, sae, sharding, train
 
 SAE = sae.SAEConfig(d_in=8, d_sae=16, k=3, aux_k=4)
 TRAIN = train.TrainConfig(lr=3e-3, warmup_steps=1, batch_size=32, num_steps=5, n_seeds=8, data_order="per_seed",
@@ -53,3 +53,35 @@ def test_sizes_that_do_not_divide_are_named():
         train.make_train_step(dataclasses.replace(SAE, d_sae=15), TRAIN, mesh=mesh)
     with pytest.raises(ValueError, match="batch_size=31 does not divide over mesh axis 'data' of size 2"):
         train.make_train_step(SAE, dataclasses.replace(TRAIN, batch_size=31), mesh=mesh)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _dies_after(source, n):
+    """`source` whose batch stream raises after `n` batches, like a job killed mid-run."""
+    killed = data.ArraySource(source.x_NxD, source.normalizer)
+
+    def batches(batch_size, seed, start=0):
+        for i, b in enumerate(source.batches(batch_size, seed, start)):
+            if i == n:
+                raise _Killed
+            yield b
+
+    killed.batches = batches
+    return killed
+
+
+def test_resume_on_another_mesh(tmp_path):
+    """A run killed on one device and resumed on a (2, 2, 2) mesh ends where an uninterrupted run does."""
+    source = data.synthetic_source(8, 200, n_features=20, k=2, seed=0)
+    cfg = dataclasses.replace(TRAIN, n_seeds=2, batch_size=16, num_steps=8, checkpoint_every=4)
+    whole = train.fit(source, SAE, dataclasses.replace(cfg, out_dir=str(tmp_path / "whole")))
+    with pytest.raises(_Killed):
+        train.fit(_dies_after(source, 6), SAE, dataclasses.replace(cfg, out_dir=str(tmp_path / "moved")))
+    moved = train.fit(source, SAE, dataclasses.replace(cfg, out_dir=str(tmp_path / "moved"), mesh_seed=2,
+                                                       mesh_data=2, mesh_model=2))
+    assert moved.params["W_dec"].sharding.spec == P("seed", "model", None)
+    for a, b in zip(jax.tree.leaves(jax.device_get(whole)), jax.tree.leaves(jax.device_get(moved))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
