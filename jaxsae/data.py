@@ -10,6 +10,7 @@ resumed run asks for `start=b` and sees exactly the batches an uninterrupted run
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -88,17 +89,16 @@ class ArraySource:
     def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[np.ndarray]:
         """Endless [B, D] float32 batches; `start` is the index of the first batch to yield."""
         n = self.num_tokens
+        perm = functools.lru_cache(maxsize=2)(lambda epoch: np.random.default_rng([seed, epoch]).permutation(n))
         pos = start * batch_size
         while True:
-            epoch, offset = divmod(pos, n)
-            perm = np.random.default_rng([seed, epoch]).permutation(n)
-            rows = [perm[offset : offset + batch_size]]
-            while sum(len(r) for r in rows) < batch_size:  # the batch runs into the next epoch(s)
-                epoch += 1
-                need = batch_size - sum(len(r) for r in rows)
-                rows.append(np.random.default_rng([seed, epoch]).permutation(n)[:need])
+            rows, end = [], pos + batch_size
+            while pos < end:  # a batch may run into the next epoch(s)
+                epoch, offset = divmod(pos, n)
+                take = min(n - offset, end - pos)
+                rows.append(perm(epoch)[offset : offset + take])
+                pos += take
             yield np.asarray(self.x_NxD[np.concatenate(rows)], np.float32)
-            pos += batch_size
 
 
 class CacheSource:
