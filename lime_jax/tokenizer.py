@@ -19,9 +19,10 @@ def load_tokenizer(gguf_path: str | os.PathLike | None = None) -> Tokenizer:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path!r}")
     fields = gguf.GGUFReader(path).fields
-    model = fields["tokenizer.ggml.model"].contents()
-    if model != "gpt2":
-        raise ValueError(f"{path}: expected a byte-level BPE ('gpt2') tokenizer, got {model!r}")
+    model, pre = fields["tokenizer.ggml.model"].contents(), fields["tokenizer.ggml.pre"].contents()
+    if (model, pre) != ("gpt2", "smollm"):  # the pre-tokenizer below is SmolLM's, not a generic one
+        raise ValueError(f"{path}: expected SmolLM's byte-level BPE (model 'gpt2', pre 'smollm'), "
+                         f"got model {model!r}, pre {pre!r}")
     tokens = fields["tokenizer.ggml.tokens"].contents()
     token_types = fields["tokenizer.ggml.token_type"].contents()
     merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]

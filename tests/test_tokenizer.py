@@ -53,6 +53,21 @@ def test_missing_file_is_a_clear_error(tmp_path):
         load_tokenizer(str(tmp_path / "nope.gguf"))
 
 
+def test_other_pre_tokenizer_is_refused(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "llama3.gguf"), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(["a", "b", "ab"])
+    w.add_token_merges(["a b"])
+    w.add_token_types([1, 1, 1])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="got model 'gpt2', pre 'llama-bpe'"):
+        load_tokenizer(str(tmp_path / "llama3.gguf"))
+
+
 # Two or more whitespace characters before a digit: the only place the pre-tokenizers below disagree.
 WHITESPACE_DIGITS = "x  =  10\n\n2. item\t\t64 blocks\n    3\n  0x1F   42"
 
