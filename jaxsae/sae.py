@@ -9,10 +9,16 @@ Loss convention: "mse" is the per-element mean, mean over tokens AND dimensions 
 sparsity penalties are divided by D as well, so `l1_coeff` and `l0_coeff` mean what they mean with a
 summed-over-D MSE (Anthropic's λ = 5, Gemma Scope's λ): loss = (1/D)·(‖x − x̂‖² + λ·penalty), per token.
 
-AuxK (Gao et al. 2024): among latents flagged dead, the top `aux_k` pre-activations of each token
+AuxK (Gao et al. 2024): among latents flagged dead (the first `aux_max_dead` of them by id, to bound the
+cost), the top `aux_k` pre-activations of each token
 reconstruct the stop-gradient residual e = x − x̂ without b_dec (b_dec is already in x̂). The loss is
 the FVU of that fit, Σ‖e − ê‖² / Σ‖e − ē‖² over the batch, scaled by min(#dead / aux_k, 1) as in
 sparsify, so it is exactly zero when nothing is dead.
+
+Speed (TopK training): `loss` runs encode+decode through a `jax.custom_vjp` whose only dense work is the
+forward encoder matmul. The backward touches just the K selected latents of each token: dW_dec and dW_enc
+are scatter-adds of B·K rows, d(vals) a gather-dot, and d(b_dec) through the encoder input is
+−W_enc·d(b_enc) (a mat-vec) rather than a B×D×M product. No gradient w.r.t. x is formed unless asked for.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ class SAEConfig:
     l0_coeff: float = 1.0  # jumprelu: L0 penalty weight
     aux_k: int = 512  # AuxK: dead latents used to model the residual (0 disables; capped at d_sae)
     aux_coeff: float = 1 / 32  # AuxK loss weight
+    aux_max_dead: int = 1024  # AuxK: only the first this-many dead latents (by id) are candidates; bounds its cost
     decoder_bias: bool = True  # False for Boost residual SAEs: output is exactly zero unless latents fire
 
     def __post_init__(self):
@@ -47,8 +54,9 @@ class SAEConfig:
             raise ValueError(f"d_in and d_sae must be >= 1, got d_in={self.d_in}, d_sae={self.d_sae}")
         if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
             raise ValueError(f"k must be in [1, d_sae={self.d_sae}], got k={self.k}")
-        if self.aux_k < 0:
-            raise ValueError(f"aux_k must be >= 0, got aux_k={self.aux_k}")
+        if self.aux_k < 0 or self.aux_max_dead < 1:
+            raise ValueError(f"need aux_k >= 0 and aux_max_dead >= 1, got aux_k={self.aux_k}, "
+                             f"aux_max_dead={self.aux_max_dead}")
         if self.jumprelu_bandwidth <= 0:
             raise ValueError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth}")
 
@@ -123,6 +131,79 @@ def _step_jvp(eps, primals, tangents):
     return (z > theta).astype(z.dtype), -dtheta * rect
 
 
+def _gather_rows(W_MxD: jax.Array, idx_N: jax.Array) -> jax.Array:
+    return jnp.asarray(W_MxD).at[idx_N].get(mode="promise_in_bounds")
+
+
+def _col(a_BxK: jax.Array, k) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(a_BxK, k, 1, keepdims=False)
+
+
+def _gather_sum(vals_BxK: jax.Array, idx_BxK: jax.Array, W_MxD: jax.Array) -> jax.Array:
+    """Σ_k vals[:, k] · W[idx[:, k]] as one unrolled loop: XLA fuses the gathers, nothing [B, K, D] is built."""
+    B, K = vals_BxK.shape
+
+    def add_row(k, acc_BxD):
+        return acc_BxD + _col(vals_BxK, k)[:, None] * _gather_rows(W_MxD, _col(idx_BxK, k))
+
+    return jax.lax.fori_loop(0, K, add_row, jnp.zeros((B, W_MxD.shape[1]), vals_BxK.dtype), unroll=min(K, 32))
+
+
+def _top_k(pre_BxM: jax.Array, k: int) -> Code:
+    # The barrier keeps XLA:CPU on its TopK kernel: fusing the slice into consumers turns it into a full sort.
+    vals_BxK, idx_BxK = jax.lax.optimization_barrier(jax.lax.top_k(pre_BxM, k))
+    return Code(jax.nn.relu(vals_BxK), idx_BxK)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _topk_autoencode(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
+    """(x̂, Code) of a TopK SAE, with the sparse backward below."""
+    return _topk_autoencode_fwd(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k)[0]
+
+
+def _topk_autoencode_fwd(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
+    x_in_BxD = x_BxD - b_dec_D
+    code = _top_k(x_in_BxD @ W_enc_DxM + b_enc_M, k)
+    x_hat_BxD = _gather_sum(code.vals_BxK, code.idx_BxK, W_dec_MxD) + b_dec_D
+    return (x_hat_BxD, code), (W_enc_DxM, W_dec_MxD, x_in_BxD, code)
+
+
+def _topk_autoencode_bwd(k, res, cts):
+    W_enc_DxM, W_dec_MxD, x_in_BxD, (vals_BxK, idx_BxK) = res
+    g_BxD, (g_vals_BxK, _) = cts
+    D, M = W_enc_DxM.shape
+    x_in1_BxE = jnp.concatenate([x_in_BxD, jnp.ones_like(x_in_BxD[:, :1])], 1)  # last column -> d(b_enc)
+
+    def one_k(kk, carry):
+        # For the kk-th selected latent of every token: d(val) = g·W_dec[idx]; ReLU gate; two scatter-adds.
+        dW_dec_MxD, dW_enc1_MxE = carry
+        i_B, v_B = _col(idx_BxK, kk), _col(vals_BxK, kk)
+        dval_B = jnp.sum(g_BxD * _gather_rows(W_dec_MxD, i_B), -1) + _col(g_vals_BxK, kk)
+        dpre_B = jnp.where(v_B > 0, dval_B, 0.0)
+        dW_dec_MxD = dW_dec_MxD.at[i_B].add(v_B[:, None] * g_BxD, mode="promise_in_bounds")
+        dW_enc1_MxE = dW_enc1_MxE.at[i_B].add(dpre_B[:, None] * x_in1_BxE, mode="promise_in_bounds")
+        return dW_dec_MxD, dW_enc1_MxE
+
+    zeros = (jnp.zeros((M, D), g_BxD.dtype), jnp.zeros((M, D + 1), g_BxD.dtype))
+    dW_dec_MxD, dW_enc1_MxE = jax.lax.fori_loop(0, k, one_k, zeros)
+    db_enc_M = dW_enc1_MxE[:, D]
+    # x_in = x − b_dec, so through the encoder d(b_dec) = −Σ_b dx_in[b] = −W_enc·d(b_enc).
+    db_dec_D = g_BxD.sum(0) - W_enc_DxM @ db_enc_M
+    # dx is only formed if the caller differentiates w.r.t. x (else XLA drops it).
+    dpre_BxK = jnp.where(vals_BxK > 0, _dvals(g_BxD, g_vals_BxK, idx_BxK, W_dec_MxD), 0.0)
+    dx_BxD = _gather_sum(dpre_BxK, idx_BxK, W_enc_DxM.T)
+    return dW_enc1_MxE[:, :D].T, db_enc_M, dW_dec_MxD, db_dec_D, dx_BxD
+
+
+def _dvals(g_BxD, g_vals_BxK, idx_BxK, W_dec_MxD):
+    """d(vals) = g·W_dec[idx] + the direct cotangent of vals."""
+    W_BxKxD = _gather_rows(W_dec_MxD, idx_BxK)
+    return jnp.einsum("BD,BKD->BK", g_BxD, W_BxKxD) + g_vals_BxK
+
+
+_topk_autoencode.defvjp(_topk_autoencode_fwd, _topk_autoencode_bwd)
+
+
 def _batchtopk(pre_BxM: jax.Array, k: int) -> jax.Array:
     """Keep the B·k largest (ReLU'd) activations across the whole batch."""
     B, M = pre_BxM.shape
@@ -135,8 +216,7 @@ def encode(params: dict, x_BxD: jax.Array, cfg: SAEConfig) -> Code | jax.Array:
     """TopK: `Code` (sorted descending); the other activations: dense acts [B, M]."""
     pre_BxM = pre_activations(params, x_BxD, cfg)
     if cfg.activation == "topk":
-        vals_BxK, idx_BxK = jax.lax.top_k(pre_BxM, cfg.k)
-        return Code(jax.nn.relu(vals_BxK), idx_BxK)
+        return _top_k(pre_BxM, cfg.k)
     if cfg.activation == "batchtopk":
         return _batchtopk(pre_BxM, cfg.k)
     if cfg.activation == "jumprelu":
@@ -147,7 +227,7 @@ def encode(params: dict, x_BxD: jax.Array, cfg: SAEConfig) -> Code | jax.Array:
 def decode(params: dict, code: Code | jax.Array, cfg: SAEConfig) -> jax.Array:
     """x̂ = acts W_dec + b_dec; a `Code` gathers its K decoder rows per token and never forms [B, M]."""
     if isinstance(code, Code):
-        x_hat_BxD = jnp.einsum("BK,BKD->BD", code.vals_BxK, params["W_dec"][code.idx_BxK])
+        x_hat_BxD = _gather_sum(code.vals_BxK, code.idx_BxK, params["W_dec"])
     else:
         x_hat_BxD = code @ params["W_dec"]
     return x_hat_BxD + _b_dec(params, cfg)
@@ -158,34 +238,42 @@ def apply(params: dict, x_BxD: jax.Array, cfg: SAEConfig) -> jax.Array:
     return decode(params, encode(params, x_BxD, cfg), cfg)
 
 
-def _aux_loss(params, pre_BxM, resid_BxD, dead_M, cfg):
-    """AuxK: FVU of the residual modelled by the top `aux_k` dead pre-activations, 0 if none dead."""
-    aux_k = min(cfg.aux_k, cfg.d_sae)
-    e_BxD = jax.lax.stop_gradient(resid_BxD)
-    masked_BxM = jnp.where(dead_M, pre_BxM, -jnp.inf)
-    vals_BxA, idx_BxA = jax.lax.top_k(masked_BxM, aux_k)
-    vals_BxA = jnp.where(jnp.isfinite(vals_BxA), jax.nn.relu(vals_BxA), 0.0)
-    e_hat_BxD = jnp.einsum("BA,BAD->BD", vals_BxA, params["W_dec"][idx_BxA])
-    var = jnp.sum((e_BxD - e_BxD.mean(0)) ** 2)
+def _aux_loss(params, x_BxD, resid_BxD, dead_M, cfg):
+    """AuxK: FVU of the residual modelled by the top `aux_k` dead pre-activations, 0 if none dead.
+
+    Only the first `aux_max_dead` dead latents (by id) are candidates, gathered into a dense [B, N]
+    problem: its cost is N/M of the encoder matmul, whatever the activation.
+    """
+    N = min(cfg.aux_max_dead, cfg.d_sae)
+    A = min(cfg.aux_k, N)
     num_dead = jnp.sum(dead_M)
-    scale = jnp.minimum(num_dead / aux_k, 1.0) * (var > 0)
+    ids_N = jnp.nonzero(dead_M, size=N, fill_value=0)[0]
+    pre_BxN = (x_BxD - _b_dec(params, cfg)) @ params["W_enc"][:, ids_N] + params["b_enc"][ids_N]
+    pre_BxN = jnp.where(jnp.arange(N) < num_dead, pre_BxN, -jnp.inf)
+    if A < N:  # keep each token's A largest; the rest of the [B, N] block is zero
+        kth_Bx1 = jax.lax.top_k(jax.lax.stop_gradient(pre_BxN), A)[0][:, -1:]
+        pre_BxN = jnp.where(pre_BxN >= kth_Bx1, pre_BxN, -jnp.inf)
+    acts_BxN = jnp.where(jnp.isfinite(pre_BxN), jax.nn.relu(pre_BxN), 0.0)
+    e_BxD = jax.lax.stop_gradient(resid_BxD)
+    e_hat_BxD = acts_BxN @ params["W_dec"][ids_N]
+    var = jnp.sum((e_BxD - e_BxD.mean(0)) ** 2)
+    scale = jnp.minimum(num_dead / A, 1.0) * (var > 0)
     return scale * jnp.sum((e_BxD - e_hat_BxD) ** 2) / jnp.where(var > 0, var, 1.0)
 
 
 def loss(params: dict, x_BxD: jax.Array, cfg: SAEConfig, dead_M: jax.Array | None = None):
     """Training loss of one SAE on one batch and its scalar metrics ("mse", "aux", "l0", "fvu", ...)."""
-    pre_BxM = pre_activations(params, x_BxD, cfg)
+    _check_input(x_BxD, cfg)
     D = cfg.d_in
     metrics = {}
+    penalty = 0.0
     if cfg.activation == "topk":
-        vals_BxK, idx_BxK = jax.lax.top_k(pre_BxM, cfg.k)
-        code = Code(jax.nn.relu(vals_BxK), idx_BxK)
-        l0 = jnp.mean(jnp.sum(code.vals_BxK > 0, axis=-1))
-        penalty = 0.0
+        x_hat_BxD, code = _topk_autoencode(params["W_enc"], params["b_enc"], params["W_dec"],
+                                           _b_dec(params, cfg), x_BxD, cfg.k)
     else:
+        pre_BxM = pre_activations(params, x_BxD, cfg)
         if cfg.activation == "batchtopk":
             code = _batchtopk(pre_BxM, cfg.k)
-            penalty = 0.0
         elif cfg.activation == "jumprelu":
             code = _jumprelu(pre_BxM, params["threshold"], cfg.jumprelu_bandwidth)
             l0_BxM = _step(pre_BxM, params["threshold"], cfg.jumprelu_bandwidth)
@@ -195,14 +283,14 @@ def loss(params: dict, x_BxD: jax.Array, cfg: SAEConfig, dead_M: jax.Array | Non
             l1 = jnp.mean(code @ jnp.linalg.norm(params["W_dec"], axis=-1))
             metrics["l1"] = l1
             penalty = cfg.l1_coeff * l1 / D
-        l0 = jnp.mean(jnp.sum(code != 0, axis=-1))
-    x_hat_BxD = decode(params, code, cfg)
+        x_hat_BxD = decode(params, code, cfg)
+    l0 = jnp.mean(jnp.sum((code.vals_BxK if isinstance(code, Code) else code) != 0, axis=-1))
     resid_BxD = x_BxD - x_hat_BxD
     mse = jnp.mean(resid_BxD**2)
     if dead_M is None or cfg.aux_k == 0:
         aux = jnp.zeros(())
     else:
-        aux = _aux_loss(params, pre_BxM, resid_BxD, dead_M, cfg)
+        aux = _aux_loss(params, x_BxD, resid_BxD, dead_M, cfg)
     total = mse + penalty + cfg.aux_coeff * aux
     var = jnp.sum((x_BxD - x_BxD.mean(0)) ** 2)
     fvu = jnp.sum(resid_BxD**2) / jnp.where(var > 0, var, 1.0)

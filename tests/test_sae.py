@@ -40,11 +40,11 @@ def np_aux(p, x, cfg, dead, e):
     """AuxK: FVU of the residual e fitted by each token's top aux_k dead pre-activations (no b_dec)."""
     pre = np_pre(p, x, cfg.decoder_bias)
     e_hat = np.zeros_like(e)
-    dead_ids = np.flatnonzero(dead)
+    dead_ids = np.flatnonzero(dead)[: cfg.aux_max_dead]
     for b in range(x.shape[0]):
         top = dead_ids[np.argsort(-pre[b, dead_ids], kind="stable")[: cfg.aux_k]]
         e_hat[b] = np.maximum(pre[b, top], 0) @ p["W_dec"][top]
-    scale = min(dead.sum() / cfg.aux_k, 1.0)
+    scale = min(dead.sum() / min(cfg.aux_k, cfg.aux_max_dead), 1.0)
     return scale * np.sum((e - e_hat) ** 2) / np.sum((e - e.mean(0)) ** 2)
 
 
@@ -179,7 +179,44 @@ def test_jumprelu_threshold_gradient_nonzero_inside_window():
     np.testing.assert_allclose(g["threshold"], ref, atol=1e-5 * max(1, np.abs(ref).max()))
 
 
+def test_topk_custom_vjp_equals_plain_autodiff():
+    """The sparse backward against jax autodiff of a dense TopK written here (also d/dx and d/dvals)."""
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K)
+    p, x = to_jax(make_params(cfg, seed=6)), jnp.asarray(data(seed=7, n=33), jnp.float32)
+    w_vals = jnp.asarray(np.random.default_rng(8).normal(size=(33, K)), jnp.float32)
+
+    def dense_topk(W_enc, b_enc, W_dec, b_dec, x):
+        pre = (x - b_dec) @ W_enc + b_enc
+        vals, idx = jax.lax.top_k(pre, K)
+        acts = jnp.zeros_like(pre).at[jnp.arange(x.shape[0])[:, None], idx].set(jax.nn.relu(vals))
+        return acts @ W_dec + b_dec, jax.nn.relu(vals)
+
+    def custom(W_enc, b_enc, W_dec, b_dec, x):
+        x_hat, code = sae._topk_autoencode(W_enc, b_enc, W_dec, b_dec, x, K)
+        return x_hat, code.vals_BxK
+
+    def objective(f):
+        def obj(*args):
+            x_hat, vals = f(*args)
+            return jnp.sum((x_hat - 0.5 * args[-1]) ** 2) + jnp.sum(w_vals * vals)
+        return obj
+
+    args = (p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], x)
+    want = jax.grad(objective(dense_topk), argnums=range(5))(*args)
+    got = jax.jit(jax.grad(objective(custom), argnums=range(5)))(*args)
+    for name, g, w in zip(["W_enc", "b_enc", "W_dec", "b_dec", "x"], got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()), err_msg=name)
+
+
 # ---------------------------------------------------------------- AuxK
+def test_aux_uses_only_first_aux_max_dead_latents():
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K, aux_k=2, aux_max_dead=3)
+    p, x = make_params(cfg, seed=9), data(seed=10)
+    dead = np.arange(M) % 2 == 0  # 8 dead, only ids 0, 2, 4 are candidates
+    _, metrics = sae.loss(to_jax(p), jnp.asarray(x, jnp.float32), cfg, jnp.asarray(dead))
+    np.testing.assert_allclose(metrics["aux"], np_loss(p, x, cfg, dead)[2], rtol=1e-5)
+
+
 def test_aux_zero_and_finite_when_nothing_dead():
     cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K, aux_k=4)
     p, x = to_jax(make_params(cfg)), jnp.asarray(data(), jnp.float32)
