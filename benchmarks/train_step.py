@@ -2,7 +2,7 @@
 
 Run: `python -m benchmarks.train_step [key=value ...]` from the repository root. Prints JSON lines:
 - `{"bench": "hlo", ...}`: [S, B, M]-shaped matmuls in the compiled train step vs in the bare vmapped
-  value_and_grad of the loss; equal counts mean the firing statistics (`sae.encode` on the same params and
+  value_and_grad of the loss (with AuxK); equal counts mean the firing statistics (`sae.encode` on the same params and
   batch) were merged with the loss's encoder by XLA and cost no extra matmul.
 - `{"bench": "step", "seeds": S, ...}`: best step time over `reps` timed steps after one warm-up step (the
   ensemble sizes take turns), and tokens·seeds/s; `vs_separate` is S·t(1 seed)/t(S seeds), the speed-up
@@ -50,8 +50,10 @@ def bench_hlo(cfg: BenchConfig, sae_cfg: sae.SAEConfig) -> dict:
     state = train.init_state(jax.random.key(0), small, tcfg)
     x = np.zeros((b, 24), np.float32)
     step_text = train.make_train_step(small, tcfg).lower(state, x).compile().as_text()
-    grad = jax.jit(jax.vmap(jax.value_and_grad(lambda p, x: sae.loss(p, x, small, None)[0]), in_axes=(0, None)))
-    grad_text = grad.lower(state.params, x).compile().as_text()
+    # The dead mask is an argument (as in the step), not a constant that XLA would fold AuxK away with.
+    grad = jax.jit(jax.vmap(jax.value_and_grad(lambda p, x, dead_M: sae.loss(p, x, small, dead_M)[0]),
+                            in_axes=(0, None, None)))
+    grad_text = grad.lower(state.params, x, np.zeros((m,), bool)).compile().as_text()
     return {"bench": "hlo", "activation": small.activation, "bxm_dots_step": _bxm_dots(step_text, b, m),
             "bxm_dots_loss_grad": _bxm_dots(grad_text, b, m)}
 
