@@ -1,8 +1,9 @@
 """`jaxsae eval`: EV, L0, dead fraction, and the LM-loss cost of splicing an SAE into SmolLM2.
 
 Reconstruction metrics run over an activation cache; the CE metrics replace the residual after block
-`layer` by the SAE's reconstruction at positions >= skip_first only, and average the next-token loss
-over those same positions for the clean, spliced and zero-ablated runs:
+`layer` by the SAE's reconstruction only at the positions a cache keeps (>= skip_first and not an excluded
+token such as <|endoftext|>), and average the next-token loss predicted at those same positions for the
+clean, spliced and zero-ablated runs:
   ce_delta = spliced − clean;   loss_recovered = (zero − spliced) / (zero − clean).
 """
 from __future__ import annotations
@@ -32,16 +33,6 @@ def load_model() -> tuple[LlamaConfig, dict]:
     return harvest.load_model("smollm2-135m")
 
 
-def _keep_first(fn: RECON_FN, skip_first: int) -> RECON_FN:
-    """fn applied at positions >= skip_first; the first positions keep the model's own residual."""
-
-    def spliced(h_BxTxD):
-        keep_1xTx1 = (jnp.arange(h_BxTxD.shape[1]) < skip_first)[None, :, None]
-        return jnp.where(keep_1xTx1, h_BxTxD, fn(h_BxTxD))
-
-    return spliced
-
-
 def _identity(h_BxTxD):
     return h_BxTxD
 
@@ -51,8 +42,9 @@ def _zeros(h_BxTxD):
 
 
 def ce_metrics(model_params: dict, model_cfg: LlamaConfig, tokens_NxT, layer: int, recon_fn: RECON_FN,
-               skip_first: int = 4, batch_size: int = 8, baseline: dict | None = None) -> dict:
-    """Clean, spliced and zero-ablated LM loss (nats/token, positions >= skip_first), ce_delta, loss_recovered.
+               skip_first: int = 4, batch_size: int = 8, baseline: dict | None = None,
+               exclude_tokens: Sequence[int] = (0,)) -> dict:
+    """Clean, spliced and zero-ablated LM loss (nats/token over the kept positions), ce_delta, loss_recovered.
 
     `baseline`, the result of an earlier call on the same tokens and layer, supplies clean and zero losses
     so that evaluating several SAEs runs the model once per SAE instead of three times.
@@ -62,19 +54,24 @@ def ce_metrics(model_params: dict, model_cfg: LlamaConfig, tokens_NxT, layer: in
     if N == 0 or not 0 <= skip_first < T - 1:
         raise ValueError(f"ce_metrics needs tokens [N >= 1, T > skip_first + 1 = {skip_first + 1}], "
                          f"got shape {tokens_NxT.shape}")
-    runs = {"spliced": _keep_first(recon_fn, skip_first)}
-    if baseline is None:  # clean runs through the same splice path, so identity gives ce_delta == 0 exactly
-        runs = {"clean": _keep_first(_identity, skip_first), "zero": _keep_first(_zeros, skip_first), **runs}
-    sums = dict.fromkeys(runs, 0.0)
+    # clean runs through the same splice path, so an identity recon_fn gives ce_delta == 0 exactly.
+    fns = {"spliced": recon_fn} if baseline is not None else {"clean": _identity, "zero": _zeros, "spliced": recon_fn}
+    sums, count = dict.fromkeys(fns, 0.0), 0
     for b0 in tqdm(range(0, N, batch_size), desc=f"CE splice L{layer}", unit="batch", mininterval=5):
         batch_BxT = tokens_NxT[b0 : b0 + batch_size]
         real = len(batch_BxT)
         if real < batch_size:  # pad with copies (then drop them): one compiled shape for every batch
             batch_BxT = np.concatenate([batch_BxT, np.repeat(batch_BxT[:1], batch_size - real, 0)])
-        for name, fn in runs.items():
-            nll_BxT1 = lm.token_nll(lm.splice(model_params, batch_BxT, model_cfg, layer, fn), batch_BxT)
-            sums[name] += float(np.sum(np.asarray(nll_BxT1[:real, skip_first:], np.float64)))
-    count = N * (T - 1 - skip_first)
+        keep_BxT = harvest.kept_positions(batch_BxT, skip_first, exclude_tokens)
+        keep_BxTx1 = jnp.asarray(keep_BxT)[..., None]
+        loss_mask_BxT1 = keep_BxT[:real, :-1]  # position t predicts token t + 1
+        count += int(loss_mask_BxT1.sum())
+        for name, fn in fns.items():
+            spliced = lambda h, fn=fn: jnp.where(keep_BxTx1, fn(h), h)  # noqa: E731
+            nll_BxT1 = np.asarray(lm.token_nll(lm.splice(model_params, batch_BxT, model_cfg, layer, spliced), batch_BxT))
+            sums[name] += float(np.sum(nll_BxT1[:real].astype(np.float64) * loss_mask_BxT1))
+    if count == 0:
+        raise ValueError(f"no position of tokens {tokens_NxT.shape} is >= skip_first={skip_first} and not excluded")
     losses = {f"{name}_loss": total / count for name, total in sums.items()}
     if baseline is not None:
         losses.update(clean_loss=baseline["clean_loss"], zero_loss=baseline["zero_loss"])
@@ -115,7 +112,7 @@ def _recon_step(params, normalizer, x_BxD, stats, fires_M, sae_cfg):
 def evaluate_sae(params: dict, sae_cfg: sae.SAEConfig, normalizer: Normalizer | None, acts: CacheSource,
                  tokens_NxT=None, *, layer: int = 14, skip_first: int = 4, num_tokens: int | None = None,
                  batch_size: int = 4096, ce_batch_size: int = 8, model: tuple | None = None,
-                 baseline: dict | None = None) -> dict:
+                 baseline: dict | None = None, exclude_tokens: Sequence[int] = (0,)) -> dict:
     """{"ev", "l0", "dead_frac"} over the first epoch of `acts` (num_tokens rows at most, whole batches),
     and with `tokens_NxT` also the CE metrics of `ce_metrics` (model = (cfg, params), default SmolLM2)."""
     if acts.d_in != sae_cfg.d_in:
@@ -135,7 +132,7 @@ def evaluate_sae(params: dict, sae_cfg: sae.SAEConfig, normalizer: Normalizer | 
     if tokens_NxT is not None:
         model_cfg, model_params = model if model is not None else load_model()
         out.update(ce_metrics(model_params, model_cfg, tokens_NxT, layer, sae_recon_fn(params, sae_cfg, normalizer),
-                              skip_first, ce_batch_size, baseline))
+                              skip_first, ce_batch_size, baseline, exclude_tokens))
     return out
 
 
@@ -178,7 +175,7 @@ def evaluate_run(cfg: EvalConfig) -> list[dict]:
             r = evaluate_sae(params, sae_cfg, normalizer, acts, tokens, layer=cfg.layer,
                              skip_first=acts.manifest["skip_first"], num_tokens=cfg.num_tokens,
                              batch_size=cfg.batch_size, ce_batch_size=cfg.ce_batch_size, model=model,
-                             baseline=baseline)
+                             baseline=baseline, exclude_tokens=acts.manifest["exclude_tokens"])
             baseline = r if tokens is not None else None
             rows.append({"sae": str(folder), "corpus": corpus, **r})
             print(json.dumps(rows[-1]), flush=True)

@@ -1,9 +1,11 @@
 """`jaxsae harvest`: run SmolLM2 over a corpus and write one resumable activation cache per layer.
 
-Contexts are harvested in order, so a cache of n contexts holds exactly contexts [0, n) of
-`token_contexts(corpus, split, ctx_len)` (the manifest records n and a hash of the token array); the
-first `skip_first` positions of every context are left out (position 0's norm is ~100x the rest).
-Shards hold whole contexts, so after a kill the committed row count says which context comes next.
+Contexts are harvested in order, so a cache holds the rows of contexts [0, n) of
+`token_contexts(corpus, split, ctx_len)` (the manifest records a hash of that token array). Two kinds of
+rows are left out, both attention sinks with norms ~100x the rest (15,000 against a median of 150): the first
+`skip_first` positions of every context, and `<|endoftext|>` tokens (`exclude_tokens`; the packer puts one
+between documents). Which rows are kept is a function of the tokens alone, so after a kill the committed
+row count of a cache says exactly where it resumes.
 """
 from __future__ import annotations
 
@@ -39,8 +41,9 @@ class HarvestConfig:
     layers: tuple[int, ...] = (14,)  # residual stream after block l (0-based); one forward feeds every layer
     ctx_len: int = 256  # tokens per context
     skip_first: int = 4  # leading positions of every context left out of the cache
+    exclude_tokens: tuple[int, ...] = (0,)  # token ids whose rows are left out (0 = <|endoftext|>)
     batch_size: int = 16  # contexts per model forward
-    shard_contexts: int = 128  # contexts per .npy shard (a killed harvest loses at most one shard's work)
+    shard_tokens: int = 32_768  # rows per .npy shard (a killed harvest loses at most one shard's work)
     dtype: str = "float16"  # storage dtype: float16 or bfloat16
     model: str = "smollm2-135m"  # smollm2-135m (the GGUF) or tiny (random weights, seed 0: for tests)
     root: str = "cache/acts"  # caches go to {root}/{model}/L{layer}/{corpus}_{split}/
@@ -70,23 +73,31 @@ def load_model(name: str) -> tuple[LlamaConfig, dict]:
     raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
 
 
-def _check(cfg: HarvestConfig, model_cfg: LlamaConfig, tokens_NxT: np.ndarray) -> int:
-    """Validate everything before a file is touched; returns the number of contexts to harvest."""
+def kept_positions(tokens_NxT: np.ndarray, skip_first: int, exclude_tokens: Sequence[int]) -> np.ndarray:
+    """bool [N, T]: the positions whose residuals a cache holds (and a CE splice replaces)."""
+    keep_NxT = ~np.isin(tokens_NxT, np.asarray(exclude_tokens, dtype=np.int64))
+    keep_NxT[:, :skip_first] = False
+    return keep_NxT
+
+
+def _check(cfg: HarvestConfig, model_cfg: LlamaConfig, tokens_NxT: np.ndarray) -> np.ndarray:
+    """Validate everything before a file is touched; returns the cumulative kept rows [N + 1] per context."""
     bad = [l for l in cfg.layers if not 0 <= l < model_cfg.n_layers]
     if not cfg.layers or bad:
         raise ValueError(f"layers {list(cfg.layers)} must be non-empty and in [0, {model_cfg.n_layers})")
     if not 0 <= cfg.skip_first < cfg.ctx_len:
         raise ValueError(f"skip_first={cfg.skip_first} must be in [0, ctx_len={cfg.ctx_len})")
-    if cfg.num_tokens < 1 or cfg.batch_size < 1 or cfg.shard_contexts < 1:
-        raise ValueError(f"num_tokens, batch_size and shard_contexts must be >= 1, got {cfg}")
+    if cfg.num_tokens < 1 or cfg.batch_size < 1 or cfg.shard_tokens < 1:
+        raise ValueError(f"num_tokens, batch_size and shard_tokens must be >= 1, got {cfg}")
     if tokens_NxT.ndim != 2 or tokens_NxT.shape[0] == 0 or tokens_NxT.shape[1] != cfg.ctx_len:
         raise ValueError(f"corpus {cfg.corpus}/{cfg.split}: need int tokens [N >= 1, {cfg.ctx_len}], "
                          f"got shape {tokens_NxT.shape}")
-    n_ctx = math.ceil(cfg.num_tokens / (cfg.ctx_len - cfg.skip_first))
-    if n_ctx > len(tokens_NxT):
-        raise ValueError(f"corpus {cfg.corpus}/{cfg.split} has {len(tokens_NxT)} contexts of {cfg.ctx_len} tokens; "
-                         f"num_tokens={cfg.num_tokens} needs {n_ctx}")
-    return n_ctx
+    kept_N = kept_positions(np.asarray(tokens_NxT), cfg.skip_first, cfg.exclude_tokens).sum(1)
+    cum_rows = np.concatenate([[0], np.cumsum(kept_N)])
+    if cum_rows[-1] < cfg.num_tokens:
+        raise ValueError(f"corpus {cfg.corpus}/{cfg.split} has {cum_rows[-1]} usable rows in {len(tokens_NxT)} "
+                         f"contexts; num_tokens={cfg.num_tokens} asks for more")
+    return cum_rows
 
 
 def _lock(path: Path):
@@ -103,45 +114,44 @@ def _lock(path: Path):
 
 def harvest(model_params: dict, model_cfg: LlamaConfig, tokens_NxT: np.ndarray, cfg: HarvestConfig,
             out_dirs: Mapping[int, str | os.PathLike] | None = None) -> dict[int, dict]:
-    """Write (or resume) the first ceil(num_tokens / (ctx_len - skip_first)) contexts' activations.
+    """Write (or resume, or extend) the kept rows of the fewest first contexts that give num_tokens rows.
 
     Returns {layer: manifest}. Every layer's cache resumes from its own committed row count.
     """
-    n_ctx = _check(cfg, model_cfg, tokens_NxT)
+    cum_rows = _check(cfg, model_cfg, tokens_NxT)
+    n_ctx = int(np.searchsorted(cum_rows, cfg.num_tokens))  # first n with cum_rows[n] >= num_tokens
     layers = tuple(sorted(set(cfg.layers)))
     if out_dirs is None:
         out_dirs = {l: cache_dir(cfg.corpus, cfg.split, l, cfg.root, cfg.model) for l in layers}
     if set(out_dirs) != set(layers):
         raise ValueError(f"out_dirs names layers {sorted(out_dirs)}, config asks for {list(layers)}")
-    rows_per_ctx = cfg.ctx_len - cfg.skip_first
     fields = {"model": cfg.model, "hook": HOOK, "corpus": cfg.corpus, "split": cfg.split, "ctx_len": cfg.ctx_len,
-              "skip_first": cfg.skip_first, "contexts": "the first num_tokens // (ctx_len - skip_first), in order",
+              "skip_first": cfg.skip_first, "exclude_tokens": list(cfg.exclude_tokens),
+              "contexts": "the kept rows of the first contexts, in order (see jaxsae.harvest.cache_contexts)",
               "tokens_sha256": tokens_sha256(tokens_NxT)}
     locks = [_lock(Path(out_dirs[l])) for l in layers]
-    writers = {l: CacheWriter(out_dirs[l], dict(fields, layer=l), model_cfg.d_model, cfg.dtype,
-                              shard_tokens=cfg.shard_contexts * rows_per_ctx) for l in layers}
-    done = {}
-    for l, w in writers.items():
-        if w.num_tokens % rows_per_ctx:
-            raise ValueError(f"{out_dirs[l]}: {w.num_tokens} rows is not a whole number of "
-                             f"{rows_per_ctx}-row contexts; the cache is not a harvest of this config")
-        done[l] = w.num_tokens // rows_per_ctx
-    start = min(done.values())
+    writers = {l: CacheWriter(out_dirs[l], dict(fields, layer=l), model_cfg.d_model, cfg.dtype, cfg.shard_tokens)
+               for l in layers}
+    done = {l: w.num_tokens for l, w in writers.items()}  # rows committed; global row r belongs to context c
+    for l, rows in done.items():  # with cum_rows[c] <= r < cum_rows[c + 1]
+        if rows > cum_rows[-1]:
+            raise ValueError(f"{out_dirs[l]} holds {rows} rows, more than these tokens give ({cum_rows[-1]})")
+    start = int(np.searchsorted(cum_rows, min(done.values()), side="right")) - 1
     t0 = time.time()
-    bar = tqdm(total=n_ctx * rows_per_ctx, initial=min(start, n_ctx) * rows_per_ctx, unit="tok", unit_scale=True,
-               desc=f"harvest {cfg.corpus}/{cfg.split} L{','.join(map(str, layers))}", mininterval=5)
+    bar = tqdm(total=int(cum_rows[n_ctx]), initial=int(min(min(done.values()), cum_rows[n_ctx])), unit="tok",
+               unit_scale=True, desc=f"harvest {cfg.corpus}/{cfg.split} L{','.join(map(str, layers))}", mininterval=5)
     for c0 in range(start, n_ctx, cfg.batch_size):
         c1 = min(c0 + cfg.batch_size, n_ctx)
         batch_BxT = np.asarray(tokens_NxT[c0:c1], np.int32)
+        keep_BxT = kept_positions(batch_BxT, cfg.skip_first, cfg.exclude_tokens)
         if len(batch_BxT) < cfg.batch_size:  # pad the last batch: one compiled shape for the whole run
             batch_BxT = np.concatenate([batch_BxT, np.repeat(batch_BxT[:1], cfg.batch_size - len(batch_BxT), 0)])
         h = lm.residuals(model_params, batch_BxT, model_cfg, layers)
         for l, w in writers.items():
-            first = max(c0, done[l])  # a layer whose cache got further before a kill skips what it has
-            if first < c1:
-                h_BxTxD = np.asarray(h[l][first - c0 : c1 - c0, cfg.skip_first :])
-                w.add(h_BxTxD.reshape(-1, model_cfg.d_model))
-        bar.update((c1 - c0) * rows_per_ctx)
+            skip = done[l] - cum_rows[c0]  # rows of this batch a layer's cache got before a kill
+            if skip < cum_rows[c1] - cum_rows[c0]:
+                w.add(np.asarray(h[l][: c1 - c0])[keep_BxT][max(skip, 0) :])
+        bar.update(int(cum_rows[c1] - max(cum_rows[c0], min(done.values()))))
     bar.close()
     seconds = time.time() - t0
     manifests = {}
@@ -152,7 +162,7 @@ def harvest(model_params: dict, model_cfg: LlamaConfig, tokens_NxT: np.ndarray, 
         f.close()
     new_tokens = max(0, n_ctx - start) * cfg.ctx_len
     print(json.dumps({"harvest": f"{cfg.corpus}_{cfg.split}", "layers": list(layers), "contexts": n_ctx,
-                      "rows": n_ctx * rows_per_ctx, "resumed_from_context": start, "seconds": round(seconds, 1),
+                      "rows": int(cum_rows[n_ctx]), "resumed_from_context": start, "seconds": round(seconds, 1),
                       "model_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)}), flush=True)
     return manifests
 
@@ -164,7 +174,7 @@ def cache_tokens(path: str | os.PathLike) -> int:
 
 
 def cache_contexts(path: str | os.PathLike) -> np.ndarray:
-    """The token contexts [n, ctx_len] whose activations the cache at `path` holds, checked by hash."""
+    """The token contexts [n, ctx_len] all of whose kept rows the cache at `path` holds, checked by hash."""
     from lime_jax.corpora import token_contexts
 
     m = json.loads((Path(path) / MANIFEST).read_text())
@@ -172,7 +182,9 @@ def cache_contexts(path: str | os.PathLike) -> np.ndarray:
     if tokens_sha256(tokens_NxT) != m["tokens_sha256"]:
         raise ValueError(f"{path}: the token contexts of {m['corpus']}/{m['split']} changed since the harvest "
                          "(hash mismatch); re-harvest the cache")
-    return np.asarray(tokens_NxT[: m["num_tokens"] // (m["ctx_len"] - m["skip_first"])])
+    kept_N = kept_positions(np.asarray(tokens_NxT), m["skip_first"], m["exclude_tokens"]).sum(1)
+    n = int(np.searchsorted(np.cumsum(kept_N), m["num_tokens"], side="right"))
+    return np.asarray(tokens_NxT[:n])
 
 
 def ensure_cache(corpus: str, split: str, num_tokens: int, layer: int = 14, **overrides) -> Path:

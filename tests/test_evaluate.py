@@ -11,17 +11,26 @@ from lime_jax.config import tiny
 
 CFG = tiny(vocab=300, n_layers=4, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64, max_len=32)
 PARAMS = lm.init(jax.random.key(1), CFG)
-TOKENS = np.random.default_rng(0).integers(0, CFG.vocab, (5, 16)).astype(np.int32)
+TOKENS = np.random.default_rng(0).integers(1, CFG.vocab, (5, 16)).astype(np.int32)
+TOKENS[1, 9] = TOKENS[3, 12] = TOKENS[4, 2] = 0  # <|endoftext|>: never spliced, its prediction not counted
 SAE_CFG = sae.SAEConfig(d_in=32, d_sae=64, k=4)
 
 
-def _np_loss(logits_NxTxV, tokens_NxT, skip_first):
-    """Mean next-token NLL over prediction positions >= skip_first, by a float64 log-softmax."""
-    z = np.asarray(logits_NxTxV, np.float64)[:, :-1]
-    logp = z - z.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, tokens_NxT[:, 1:, None], -1)[..., 0]
-    return nll[:, skip_first:].mean()
+def _late(skip_first):
+    """[N, T] positions that are spliced: >= skip_first and not token 0."""
+    return (np.arange(16)[None, :] >= skip_first) & (TOKENS != 0)
+
+
+def _np_loss(logits_NxTxV, skip_first):
+    """Mean next-token NLL predicted at the spliced positions, by a float64 log-softmax and a loop."""
+    z = np.asarray(logits_NxTxV, np.float64)
+    late, total, count = _late(skip_first), 0.0, 0
+    for n in range(TOKENS.shape[0]):
+        for t in range(TOKENS.shape[1] - 1):
+            if late[n, t]:
+                total += np.log(np.sum(np.exp(z[n, t] - z[n, t].max()))) + z[n, t].max() - z[n, t, TOKENS[n, t + 1]]
+                count += 1
+    return total / count
 
 
 def _np_sae(params, x_NxD, k):
@@ -37,7 +46,7 @@ def _np_sae(params, x_NxD, k):
 def test_identity_splice_costs_nothing_and_clean_loss_matches_numpy():
     r = ev.ce_metrics(PARAMS, CFG, TOKENS, layer=2, recon_fn=lambda h: h, skip_first=4, batch_size=2)
     assert r["ce_delta"] == 0.0 and r["loss_recovered"] == 1.0
-    np.testing.assert_allclose(r["clean_loss"], _np_loss(lm.apply(PARAMS, TOKENS, CFG), TOKENS, 4), rtol=1e-5)
+    np.testing.assert_allclose(r["clean_loss"], _np_loss(lm.apply(PARAMS, TOKENS, CFG), 4), rtol=1e-5)
 
 
 def test_zero_and_spliced_losses_match_numpy():
@@ -46,10 +55,10 @@ def test_zero_and_spliced_losses_match_numpy():
     noise = rng.standard_normal((1, 16, 32)).astype(np.float32)
     recon = lambda h: h + noise  # noqa: E731
     r = ev.ce_metrics(PARAMS, CFG, TOKENS, layer=1, recon_fn=recon, skip_first=skip, batch_size=2)
-    late = np.arange(16)[None, :, None] >= skip
+    late = _late(skip)[..., None]
 
     def np_run(fn):
-        return _np_loss(lm.splice(PARAMS, TOKENS, CFG, 1, lambda h: np.where(late, fn(np.asarray(h)), h)), TOKENS, skip)
+        return _np_loss(lm.splice(PARAMS, TOKENS, CFG, 1, lambda h: np.where(late, fn(np.asarray(h)), h)), skip)
 
     clean, zero, spliced = np_run(lambda h: h), np_run(np.zeros_like), np_run(recon)
     np.testing.assert_allclose([r["clean_loss"], r["zero_loss"], r["spliced_loss"]], [clean, zero, spliced], rtol=1e-5)
@@ -58,11 +67,13 @@ def test_zero_and_spliced_losses_match_numpy():
     np.testing.assert_allclose(again["spliced_loss"], r["spliced_loss"], rtol=1e-6)
 
 
-def test_first_positions_are_never_spliced():
-    def wreck_first(h):  # garbage at the first positions only: the splice must leave those alone
-        return h.at[:, :4].set(1e4)
+def test_first_positions_and_endoftext_are_never_spliced():
+    padded = np.concatenate([TOKENS, np.repeat(TOKENS[:1], 3, 0)])  # ce_metrics pads to batch_size=8 this way
 
-    r = ev.ce_metrics(PARAMS, CFG, TOKENS, 2, wreck_first, skip_first=4, batch_size=8)
+    def wreck_unspliced(h):  # garbage exactly where the splice must keep the model's own residual
+        return np.where(~((np.arange(16)[None, :] >= 4) & (padded != 0))[..., None], 1e4, np.asarray(h))
+
+    r = ev.ce_metrics(PARAMS, CFG, TOKENS, 2, wreck_unspliced, skip_first=4, batch_size=8)
     assert r["ce_delta"] == 0.0
 
 

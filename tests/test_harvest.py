@@ -13,15 +13,30 @@ from lime_jax.config import tiny
 
 CFG = tiny(vocab=300, n_layers=4, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64, max_len=32)
 PARAMS = lm.init(jax.random.key(1), CFG)
-TOKENS = np.random.default_rng(0).integers(0, CFG.vocab, (12, 16)).astype(np.int32)
+TOKENS = np.random.default_rng(0).integers(1, CFG.vocab, (12, 16)).astype(np.int32)
+TOKENS[2, 7] = TOKENS[5, 3] = TOKENS[8, 10] = TOKENS[8, 11] = 0  # <|endoftext|>: its row is left out
+# shard_tokens=20 does not divide the 12 (or fewer) rows of a context: shards end mid-context.
 HCFG = hv.HarvestConfig(corpus="toy", split="train", num_tokens=100, layers=(1, 3), ctx_len=16, skip_first=4,
-                        batch_size=4, shard_contexts=2, model="tiny")
+                        batch_size=4, shard_tokens=20, model="tiny")
+
+
+def _kept_rows(n_ctx):
+    """Rows each of the first n_ctx contexts contributes: positions >= 4 that are not token 0."""
+    return [sum(1 for t in range(4, 16) if TOKENS[c, t] != 0) for c in range(n_ctx)]
+
+
+def _contexts_for(num_tokens):
+    """Fewest first contexts whose kept rows reach num_tokens, by a plain loop."""
+    total, n = 0, 0
+    while total < num_tokens:
+        total, n = total + _kept_rows(n + 1)[n], n + 1
+    return n
 
 
 def _reference(layer, n_ctx):
-    """All contexts in one forward, first positions dropped: what the cache must hold (up to float16 rounding)."""
+    """All contexts in one forward, then a loop picking the kept rows: what the cache must hold (up to float16)."""
     h = np.asarray(lm.residuals(PARAMS, TOKENS[:n_ctx], CFG, layer)[layer])
-    return h[:, HCFG.skip_first :].reshape(-1, CFG.d_model)
+    return np.stack([h[c, t] for c in range(n_ctx) for t in range(4, 16) if TOKENS[c, t] != 0])
 
 
 def _assert_cache_equals(x, ref):
@@ -42,13 +57,13 @@ def _dirs(tmp_path, name="c"):
 def test_cache_holds_first_contexts_and_normalizer(tmp_path):
     dirs = _dirs(tmp_path)
     hv.harvest(PARAMS, CFG, TOKENS, HCFG, dirs)
-    n_ctx = -(-100 // 12)  # 9 contexts of 12 kept rows
+    n_ctx = _contexts_for(100)
+    assert n_ctx == 9 and sum(_kept_rows(n_ctx)) == 105  # contexts 2 and 8 lose 1 and 2 rows
     for layer, path in dirs.items():
         m, x = _read(path)
         _assert_cache_equals(x, _reference(layer, n_ctx))
-        assert m["num_tokens"] == n_ctx * 12 and m["skip_first"] == 4 and m["ctx_len"] == 16
+        assert m["num_tokens"] == 105 and m["skip_first"] == 4 and m["ctx_len"] == 16 and m["exclude_tokens"] == [0]
         assert (m["layer"], m["hook"], m["corpus"], m["split"], m["dtype"]) == (layer, "resid_post", "toy", "train", "float16")
-        assert all(s["num_tokens"] % 12 == 0 for s in m["shards"])  # whole contexts per shard
         x64 = x.astype(np.float64)
         mean = x64.mean(0)
         scale = np.sqrt(np.mean(np.sum((x64 - mean) ** 2, 1)) / CFG.d_model)
@@ -57,9 +72,9 @@ def test_cache_holds_first_contexts_and_normalizer(tmp_path):
         np.testing.assert_allclose(src.normalizer.scale, scale, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kill_at", [1, 4])
+@pytest.mark.parametrize("kill_at", [1, 4, 5])
 def test_killed_harvest_resumes_without_duplicates(tmp_path, monkeypatch, kill_at):
-    """Kill on the kill_at-th shard write (layers write in turn, so L1 may be a shard ahead of L3), then resume."""
+    """Kill on the kill_at-th shard write (layers write in turn, so L1 may be shards ahead of L3), then resume."""
     dirs = _dirs(tmp_path)
     real_write = CacheWriter._write_shard
     calls = {"n": 0}
@@ -74,12 +89,13 @@ def test_killed_harvest_resumes_without_duplicates(tmp_path, monkeypatch, kill_a
     monkeypatch.setattr(CacheWriter, "_write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
         hv.harvest(PARAMS, CFG, TOKENS, HCFG, dirs)
-    assert all(hv.cache_tokens(p) < 108 for p in dirs.values())
+    assert all(hv.cache_tokens(p) < 105 for p in dirs.values())
     monkeypatch.setattr(CacheWriter, "_write_shard", real_write)
     hv.harvest(PARAMS, CFG, TOKENS, HCFG, dirs)
     for layer, path in dirs.items():
         m, x = _read(path)
         _assert_cache_equals(x, _reference(layer, 9))
+        assert len(x) == 105
         assert [s["file"] for s in m["shards"]] == [f"shard_{i:06d}.npy" for i in range(len(m["shards"]))]
         assert not list(path.glob("*.tmp"))
 
@@ -87,14 +103,14 @@ def test_killed_harvest_resumes_without_duplicates(tmp_path, monkeypatch, kill_a
 def test_extending_a_cache_appends_the_next_contexts(tmp_path):
     dirs = _dirs(tmp_path)
     hv.harvest(PARAMS, CFG, TOKENS, HCFG, dirs)
-    hv.harvest(PARAMS, CFG, TOKENS, dataclasses.replace(HCFG, num_tokens=140), dirs)
-    _assert_cache_equals(_read(dirs[3])[1], _reference(3, 12))
+    hv.harvest(PARAMS, CFG, TOKENS, dataclasses.replace(HCFG, num_tokens=130), dirs)
+    _assert_cache_equals(_read(dirs[3])[1], _reference(3, _contexts_for(130)))
 
 
 @pytest.mark.parametrize("change, match", [
     ({"layers": (4,)}, "layers"),
     ({"layers": (-1,)}, "layers"),
-    ({"num_tokens": 10_000}, "needs"),
+    ({"num_tokens": 10_000}, "asks for more"),
     ({"skip_first": 16}, "skip_first"),
 ])
 def test_bad_config_fails_before_writing(tmp_path, change, match):
@@ -116,11 +132,11 @@ def test_ensure_cache_reuses_a_big_enough_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hv, "load_model", lambda name: (CFG, PARAMS))
     kw = dict(root=str(tmp_path), model="tiny", ctx_len=16, batch_size=4)
     path = hv.ensure_cache("toy", "heldout", 30, layer=2, **kw)
-    assert hv.cache_tokens(path) == 36
+    assert hv.cache_tokens(path) == 35  # 12 + 12 + 11 rows
     np.testing.assert_array_equal(hv.cache_contexts(path), TOKENS[:3])
 
     def no_model(name):
         raise AssertionError("the model must not be loaded when the cache is big enough")
 
     monkeypatch.setattr(hv, "load_model", no_model)
-    assert hv.ensure_cache("toy", "heldout", 36, layer=2, **kw) == path
+    assert hv.ensure_cache("toy", "heldout", 35, layer=2, **kw) == path
