@@ -312,7 +312,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_ylim(max(0.0, lo - 0.05), 1.0)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower left")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(METHODS), fontsize=8)
     sw = summary["budget_sweep"]
     toks = [r["unique_tokens"] for r in sw["rows"]]
     for key, label, color in (("domain_ev", f"{sw['domain']} EV", "C1"), ("general_ev", "general EV", "C0")):
@@ -325,7 +325,7 @@ def plot(summary: dict, path: Path) -> None:
     axes[2].grid(alpha=0.3)
     cfg = summary["config"]
     fig.suptitle("SAE Boost on " + ("synthetic data" if cfg["synthetic"] else f"SmolLM2-135M, layer {cfg['layer']}"))
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
