@@ -44,7 +44,7 @@ class SAEConfig:
     l0_coeff: float = 1.0  # jumprelu: L0 penalty weight
     aux_k: int = 512  # AuxK: dead latents used to model the residual (0 disables; capped at d_sae)
     aux_coeff: float = 1 / 32  # AuxK loss weight
-    aux_max_dead: int = 1024  # AuxK: only the first this-many dead latents (by id) are candidates; bounds its cost
+    aux_max_dead: int = 512  # AuxK: only the first this-many dead latents (by id) are candidates; bounds its cost
     decoder_bias: bool = True  # False for Boost residual SAEs: output is exactly zero unless latents fire
 
     def __post_init__(self):
