@@ -32,8 +32,8 @@ class PipelineConfig:
     d_sae: int = 2304  # SAE latents M (4 x d_model)
     k: int = 32  # active latents per token
     n_seeds: int = 4  # ensemble size S, trained together in one vmapped run
-    steps: int = 400  # optimiser steps per seed
-    batch_size: int = 1024  # tokens per step per seed
+    steps: int = 400  # optimiser steps per seed (400 x 512 = one pass over 200k rows)
+    batch_size: int = 512  # tokens per step per seed
     lr: float = 4e-4  # peak Adam learning rate
     dead_after_tokens: int = 100_000  # a latent idle this long counts as dead and feeds AuxK
     ce_contexts: int = 16  # held-out contexts per corpus spliced for the CE metrics

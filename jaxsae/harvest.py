@@ -1,7 +1,9 @@
 """`jaxsae harvest`: run SmolLM2 over a corpus and write one resumable activation cache per layer.
 
 Contexts are harvested in order, so a cache holds the rows of contexts [0, n) of
-`token_contexts(corpus, split, ctx_len)` (the manifest records a hash of that token array). Two kinds of
+`token_contexts(corpus, split, ctx_len)`; it keeps those contexts beside its shards (`contexts.npy`), so
+the CE splice reads the very tokens whose activations are cached even after the corpus is rebuilt, and
+the manifest records a hash of the whole token array (a cache is only extended from the same one). Two kinds of
 rows are left out, both attention sinks with norms ~100x the rest (15,000 against a median of 150): the first
 `skip_first` positions of every context, and `<|endoftext|>` tokens (`exclude_tokens`; the packer puts one
 between documents). Which rows are kept is a function of the tokens alone, so after a kill the committed
@@ -30,6 +32,7 @@ from lime_jax import model as lm
 from lime_jax.config import LlamaConfig
 
 MODEL_NAMES = ("smollm2-135m", "tiny")
+CONTEXTS = "contexts.npy"
 HOOK = "resid_post"
 
 
@@ -132,6 +135,13 @@ def harvest(model_params: dict, model_cfg: LlamaConfig, tokens_NxT: np.ndarray, 
     locks = [_lock(Path(out_dirs[l])) for l in layers]
     writers = {l: CacheWriter(out_dirs[l], dict(fields, layer=l), model_cfg.d_model, cfg.dtype, cfg.shard_tokens)
                for l in layers}
+    for l in layers:  # the contexts this harvest covers, written before any of their rows
+        old = Path(out_dirs[l]) / CONTEXTS
+        if not old.is_file() or len(np.load(old, mmap_mode="r")) < n_ctx:
+            tmp = Path(out_dirs[l]) / (CONTEXTS + ".tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(tokens_NxT[:n_ctx], np.int32))
+            os.replace(tmp, old)
     done = {l: w.num_tokens for l, w in writers.items()}  # rows committed; global row r belongs to context c
     for l, rows in done.items():  # with cum_rows[c] <= r < cum_rows[c + 1]
         if rows > cum_rows[-1]:
@@ -174,17 +184,12 @@ def cache_tokens(path: str | os.PathLike) -> int:
 
 
 def cache_contexts(path: str | os.PathLike) -> np.ndarray:
-    """The token contexts [n, ctx_len] all of whose kept rows the cache at `path` holds, checked by hash."""
-    from lime_jax.corpora import token_contexts
-
+    """The token contexts [n, ctx_len] all of whose kept rows the cache at `path` holds."""
     m = json.loads((Path(path) / MANIFEST).read_text())
-    tokens_NxT = token_contexts(m["corpus"], m["split"], m["ctx_len"])
-    if tokens_sha256(tokens_NxT) != m["tokens_sha256"]:
-        raise ValueError(f"{path}: the token contexts of {m['corpus']}/{m['split']} changed since the harvest "
-                         "(hash mismatch); re-harvest the cache")
-    kept_N = kept_positions(np.asarray(tokens_NxT), m["skip_first"], m["exclude_tokens"]).sum(1)
+    contexts_NxT = np.load(Path(path) / CONTEXTS)
+    kept_N = kept_positions(contexts_NxT, m["skip_first"], m["exclude_tokens"]).sum(1)
     n = int(np.searchsorted(np.cumsum(kept_N), m["num_tokens"], side="right"))
-    return np.asarray(tokens_NxT[:n])
+    return contexts_NxT[:n]
 
 
 def ensure_cache(corpus: str, split: str, num_tokens: int, layer: int = 14, **overrides) -> Path:
