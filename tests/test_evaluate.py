@@ -1,4 +1,6 @@
 """Evaluation against numpy references: CE splice on a tiny random model, EV / L0 / dead over a cache."""
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -111,3 +113,27 @@ def test_bad_input_is_rejected(tmp_path):
         ev.ce_metrics(PARAMS, CFG, TOKENS[:, :5], 1, lambda h: h, skip_first=4)
     with pytest.raises(FileNotFoundError, match="no SAE folder"):
         ev.find_saes(tmp_path)
+
+
+def test_eval_cli_scores_every_seed_folder(tmp_path):
+    from jaxsae import io
+
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((256, 32)) + 2).astype(np.float16)
+    cache = tmp_path / "acts" / "smollm2-135m" / "L14" / "toy_heldout"
+    with CacheWriter(cache, {"layer": 14, "skip_first": 4, "exclude_tokens": [0]}, d_in=32) as w:
+        w.add(x)
+    norm = CacheSource(cache).normalizer
+    for s in range(2):
+        io.save_saelens(tmp_path / "run" / f"seed_{s}", sae.init(jax.random.key(s), SAE_CFG), SAE_CFG, norm)
+    out = tmp_path / "eval.json"
+    ev.main([f"sae={tmp_path / 'run'}", "corpora=toy", "ce_contexts=0", "batch_size=64",
+             f"root={tmp_path / 'acts'}", f"out={out}"])
+    rows = json.loads(out.read_text())
+    assert [r["sae"].rsplit("/", 1)[1] for r in rows] == ["seed_0", "seed_1"]
+    x64 = x.astype(np.float64)
+    for s, r in enumerate(rows):
+        y_hat, _ = _np_sae(sae.init(jax.random.key(s), SAE_CFG), (x64 - norm.mean_D) / norm.scale, SAE_CFG.k)
+        x_hat = y_hat * norm.scale + norm.mean_D
+        np.testing.assert_allclose(r["ev"], 1 - np.sum((x64 - x_hat) ** 2) / np.sum((x64 - x64.mean(0)) ** 2),
+                                   rtol=1e-4, atol=1e-5)
