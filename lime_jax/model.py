@@ -1,19 +1,21 @@
 """Llama decoder (RMSNorm, rotate-half RoPE, GQA, SwiGLU) with LIMe K/V routing, as pure functions.
 
-Params are a dict; per-layer weights are stacked on a leading L axis so the blocks run under `lax.scan`:
+Params are a dict; per-layer weights are stacked on a leading L axis (plain Llama runs them under `lax.scan`):
   embed [V, D], final_norm [D], unembed [D, V] (untied only), and layers:
   attn_norm [L, D], wq [L, D, N, H], wk/wv [L, D, K, H], wo [L, N, H, D],
   mlp_norm [L, D], w_gate/w_up [L, D, F], w_down [L, F, D], router (LIMe only, shapes in `init`).
 
 Layer index convention: layer l is the residual stream after block l (0-based).
 
-LIMe routing changes only what attention's keys and values read; queries are never mixed. A scan over layers
-carries a fixed-width buffer [L, ...] of earlier layers' states; each router is masked to layers <= l, so a
-one-hot router on the current layer reproduces plain Llama. The backward pass stores the buffer once per layer
-(O(L^2 B T D) memory, as the official PyTorch code's re-concatenation does).
+LIMe routing changes only what attention's keys and values read; queries are never mixed. Routers are stored
+fixed-width over all L source layers (so they stack); layer l reads only sources j <= l, and the entries of
+later layers are zero and unused. A one-hot router on the current layer reproduces plain Llama.
   static  (v1): K/V head r reads sum_j softmax_j(router[l, r, j]) * rms(h_j), h_j the state entering layer j.
   dynamic (v1): the same, with per-token logits from a bias-free linear on the current normalised state.
   v2:           K/V heads read an unconstrained mix (router [l, K, L, K]) of every earlier layer's pre-RoPE K||V.
+Routed models run their layers in an unrolled Python loop over a growing tuple of earlier states: summing
+per-source terms keeps one copy of each state for the backward pass (O(L B T D)), where a scan carrying a
+stacked buffer would store the whole buffer at every layer (O(L^2 B T D)).
 """
 from __future__ import annotations
 
@@ -29,9 +31,12 @@ from lime_jax.config import LlamaConfig
 Params = dict
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
 def init(key: jax.Array, cfg: LlamaConfig) -> Params:
-    """Random float32 parameters: N(0, 1/fan_in) matmul weights, N(0, 0.02) embeddings, unit norm gains."""
+    """Random float32 parameters: N(0, 1/fan_in) matmul weights, N(0, 0.02) embeddings, unit norm gains.
+
+    Not jitted (compiling the RNG costs more than running it); wrap it in `jax.jit(..., out_shardings=...)` to
+    create sharded parameters in place.
+    """
     L, D, N, K, H, F, V = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab
     ks = iter(jax.random.split(key, 10))
 
@@ -49,25 +54,21 @@ def init(key: jax.Array, cfg: LlamaConfig) -> Params:
         "w_up": normal((L, D, F), D ** -0.5),
         "w_down": normal((L, F, D), F ** -0.5),
     }
+    mask_LxJ = jnp.tril(jnp.ones((L, L)))  # layer l reads source layers j <= l
     if cfg.routing == "static":  # router [L, K, L]: logits over source layers j per KV head
-        layers["router"] = normal((L, K, L), cfg.router_init)
-    elif cfg.routing == "dynamic":  # router [L, D, K, L]: per-token logits = rms(h) @ router
-        layers["router"] = normal((L, D, K, L), cfg.router_init)
+        layers["router"] = normal((L, K, L), cfg.router_init) * mask_LxJ[:, None, :]
+    elif cfg.routing == "dynamic":  # router [L, D, K, L]: per-token logits = norm(h) @ router
+        layers["router"] = normal((L, D, K, L), cfg.router_init) * mask_LxJ[:, None, None, :]
     elif cfg.routing == "v2":  # router [L, K, L, K]: (target head, source layer, source head), U(+-sqrt(3/fan_in))
         fan_in = (jnp.arange(L) + 1.0) * K
         bound = jnp.sqrt(3.0 / fan_in)[:, None, None, None]
         w = jax.random.uniform(next(ks), (L, K, L, K), minval=-1.0, maxval=1.0) * bound
         current = jnp.arange(L)[:, None, None, None] == jnp.arange(L)[None, None, :, None]
-        layers["router"] = jnp.where(current, jnp.eye(K)[None, :, None, :], w) * _source_mask(L)[:, None, :, None]
+        layers["router"] = jnp.where(current, jnp.eye(K)[None, :, None, :], w) * mask_LxJ[:, None, :, None]
     params = {"embed": normal((V, D), 0.02), "final_norm": jnp.ones((D,)), "layers": layers}
     if not cfg.tie_embeddings:
         params["unembed"] = normal((D, V), D ** -0.5)
     return params
-
-
-def _source_mask(L: int) -> jax.Array:
-    """[L, L] mask: layer l (row) may read source layers j <= l (columns)."""
-    return jnp.tril(jnp.ones((L, L), jnp.float32))
 
 
 def _rms(x: jax.Array, eps: float) -> jax.Array:
@@ -99,78 +100,73 @@ def _attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, cfg: LlamaConfig) -> jax.Array:
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BxTxKxH).reshape(B, T, N, H)
 
 
-def _keys_values(lp: Params, h_BxTxD, x_BxTxD, buf, layer, cfg: LlamaConfig):
-    """Attention's K and V for this layer (routed under LIMe) and the updated buffer of earlier layers."""
+def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig):
+    """Attention's K and V for this layer (routed under LIMe) and the sources with this layer's appended."""
     dt = x_BxTxD.dtype
     if cfg.routing == "none":
-        return jnp.einsum("BTD,DKH->BTKH", x_BxTxD, lp["wk"]), jnp.einsum("BTD,DKH->BTKH", x_BxTxD, lp["wv"]), buf
-    mask_J = _source_mask(cfg.n_layers)[layer]
+        return jnp.einsum("BTD,DKH->BTKH", x_BxTxD, lp["wk"]), jnp.einsum("BTD,DKH->BTKH", x_BxTxD, lp["wv"]), sources
+    n = len(sources) + 1  # this layer reads sources 0..l
     if cfg.routing == "v2":
         kv_BxTxKx2H = jnp.concatenate([jnp.einsum("BTD,DKH->BTKH", x_BxTxD, lp["wk"]),
                                        jnp.einsum("BTD,DKH->BTKH", x_BxTxD, lp["wv"])], axis=-1)
-        buf_JxBxTxKx2H = jax.lax.dynamic_update_index_in_dim(buf, kv_BxTxKx2H, layer, axis=0)
-        route_KxJxR = (lp["router"] * mask_J[None, :, None]).astype(dt)
-        kv_BxTxKx2H = jnp.einsum("KJR,JBTRE->BTKE", route_KxJxR, buf_JxBxTxKx2H)
+        sources = sources + (kv_BxTxKx2H,)
+        route_KxJxR = lp["router"][:, :n]
+        kv_BxTxKx2H = sum(jnp.einsum("KR,BTRE->BTKE", route_KxJxR[:, j], src) for j, src in enumerate(sources))
         H = cfg.head_dim
-        return kv_BxTxKx2H[..., :H], kv_BxTxKx2H[..., H:], buf_JxBxTxKx2H
+        return kv_BxTxKx2H[..., :H], kv_BxTxKx2H[..., H:], sources
     # v1: mix gain-free normalised states over depth, then apply this layer's norm gain (mixing is linear).
-    buf_JxBxTxD = jax.lax.dynamic_update_index_in_dim(buf, _rms(h_BxTxD, cfg.norm_eps).astype(dt), layer, axis=0)
+    sources = sources + (_rms(h_BxTxD, cfg.norm_eps).astype(dt),)
     if cfg.routing == "static":
-        logits = jnp.where(mask_J > 0, lp["router"], -jnp.inf)  # [K, J]
-        mixed_BxTxKxD = jnp.einsum("KJ,JBTD->BTKD", jax.nn.softmax(logits, axis=-1).astype(dt), buf_JxBxTxD)
+        w_KxJ = jax.nn.softmax(lp["router"][:, :n].astype(jnp.float32), axis=-1).astype(dt)
+        mixed_BxTxKxD = sum(w_KxJ[None, None, :, j, None] * src[:, :, None, :] for j, src in enumerate(sources))
     else:
-        logits_BxTxKxJ = jnp.einsum("BTD,DKJ->BTKJ", x_BxTxD, lp["router"].astype(dt)).astype(jnp.float32)
-        weights = jax.nn.softmax(jnp.where(mask_J > 0, logits_BxTxKxJ, -jnp.inf), axis=-1).astype(dt)
-        mixed_BxTxKxD = jnp.einsum("BTKJ,JBTD->BTKD", weights, buf_JxBxTxD)
-    mixed_BxTxKxD = mixed_BxTxKxD * lp["attn_norm"].astype(dt)
+        logits_BxTxKxJ = jnp.einsum("BTD,DKJ->BTKJ", x_BxTxD, lp["router"][..., :n]).astype(jnp.float32)
+        w_BxTxKxJ = jax.nn.softmax(logits_BxTxKxJ, axis=-1).astype(dt)
+        mixed_BxTxKxD = sum(w_BxTxKxJ[..., j, None] * src[:, :, None, :] for j, src in enumerate(sources))
+    mixed_BxTxKxD = mixed_BxTxKxD * lp["attn_norm"]
     k = jnp.einsum("BTKD,DKH->BTKH", mixed_BxTxKxD, lp["wk"])
     v = jnp.einsum("BTKD,DKH->BTKH", mixed_BxTxKxD, lp["wv"])
-    return k, v, buf_JxBxTxD
+    return k, v, sources
 
 
-def _block(carry, lp: Params, layer, cfg: LlamaConfig):
-    """One pre-norm decoder block: h += attn(norm(h)); h += swiglu(norm(h))."""
-    h_BxTxD, buf = carry
+def _block(carry, lp: Params, cfg: LlamaConfig):
+    """One pre-norm decoder block: h += attn(norm(h)); h += swiglu(norm(h)). Also returns its (routed) V."""
+    h_BxTxD, sources = carry
     dt = jnp.dtype(cfg.dtype)
     lp = jax.tree.map(lambda p: p.astype(dt), lp)
     x_BxTxD = (_rms(h_BxTxD, cfg.norm_eps) * lp["attn_norm"]).astype(dt)
     q_BxTxNxH = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, lp["wq"])
-    k_BxTxKxH, v_BxTxKxH, buf = _keys_values(lp, h_BxTxD, x_BxTxD, buf, layer, cfg)
+    k_BxTxKxH, v_BxTxKxH, sources = _keys_values(lp, h_BxTxD, x_BxTxD, sources, cfg)
     o_BxTxNxH = _attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, cfg)
     h_BxTxD = h_BxTxD + jnp.einsum("BTNH,NHD->BTD", o_BxTxNxH, lp["wo"])
     x_BxTxD = (_rms(h_BxTxD, cfg.norm_eps) * lp["mlp_norm"]).astype(dt)
     gate_BxTxF = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x_BxTxD, lp["w_gate"]))
     up_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, lp["w_up"])
     h_BxTxD = h_BxTxD + jnp.einsum("BTF,FD->BTD", gate_BxTxF * up_BxTxF, lp["w_down"])
-    return h_BxTxD, buf
+    return (h_BxTxD, sources), v_BxTxKxH
 
 
 def _embed(params: Params, tokens_BxT, cfg: LlamaConfig):
-    """The scan carry entering block 0: embeddings and an empty routing buffer."""
+    """The carry entering block 0: embeddings and an empty tuple of routing sources."""
     # The gather's output keeps the tokens' batch sharding (needed under explicitly sharded meshes).
     sharding = jax.typeof(tokens_BxT).sharding
     out_sharding = sharding.update(spec=jax.sharding.PartitionSpec(*sharding.spec, None))
-    h_BxTxD = params["embed"].at[tokens_BxT].get(out_sharding=out_sharding).astype(cfg.dtype)
-    if cfg.routing == "none":
-        return h_BxTxD, None
-    B, T, D = h_BxTxD.shape
-    L, K, H = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
-    shape = (L, B, T, K, 2 * H) if cfg.routing == "v2" else (L, B, T, D)
-    # Broadcast from h rather than jnp.zeros so the buffer inherits h's sharding.
-    zeros = jnp.zeros_like(h_BxTxD[None, :, :, :1])
-    return h_BxTxD, jnp.broadcast_to(zeros.reshape(zeros.shape + (1,) * (len(shape) - 4)), shape)
+    return params["embed"].at[tokens_BxT].get(out_sharding=out_sharding).astype(cfg.dtype), ()
 
 
 def _blocks(params: Params, carry, cfg: LlamaConfig, start: int, stop: int):
-    """Run blocks start..stop-1 under one `lax.scan`."""
-    if start == stop:
-        return carry
+    """Run blocks start..stop-1; returns the carry and each block's V stacked [stop - start, B, T, K, H]."""
     layers = jax.tree.map(lambda p: p[start:stop], params["layers"])
     step = functools.partial(_block, cfg=cfg)
     if cfg.remat:
         step = jax.checkpoint(step)
-    carry, _ = jax.lax.scan(lambda c, xs: (step(c, *xs), None), carry, (layers, jnp.arange(start, stop)))
-    return carry
+    if cfg.routing == "none":
+        return jax.lax.scan(step, carry, layers)
+    values = []
+    for i in range(stop - start):
+        carry, v_BxTxKxH = step(carry, jax.tree.map(lambda p: p[i], layers))
+        values.append(v_BxTxKxH)
+    return carry, jnp.stack(values)
 
 
 def _logits(params: Params, h_BxTxD, cfg: LlamaConfig) -> jax.Array:
@@ -183,7 +179,7 @@ def _logits(params: Params, h_BxTxD, cfg: LlamaConfig) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _apply(params, tokens_BxT, cfg):
-    h_BxTxD, _ = _blocks(params, _embed(params, tokens_BxT, cfg), cfg, 0, cfg.n_layers)
+    (h_BxTxD, _), _ = _blocks(params, _embed(params, tokens_BxT, cfg), cfg, 0, cfg.n_layers)
     return _logits(params, h_BxTxD, cfg)
 
 
@@ -191,15 +187,16 @@ def _apply(params, tokens_BxT, cfg):
 def _residuals(params, tokens_BxT, cfg, layers):
     carry, out, start = _embed(params, tokens_BxT, cfg), {}, 0
     for layer in layers:
-        carry = _blocks(params, carry, cfg, start, layer + 1)
+        carry, _ = _blocks(params, carry, cfg, start, layer + 1)
         out[layer], start = carry[0], layer + 1
     return out, carry
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "start"))
 def _finish(params, carry, cfg, start):
-    h_BxTxD, _ = _blocks(params, carry, cfg, start, cfg.n_layers)
-    return _logits(params, h_BxTxD, cfg)
+    if start < cfg.n_layers:
+        carry, _ = _blocks(params, carry, cfg, start, cfg.n_layers)
+    return _logits(params, carry[0], cfg)
 
 
 def _check_tokens(tokens_BxT, cfg: LlamaConfig) -> None:
@@ -248,11 +245,22 @@ def splice(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, layer: int,
     """
     _check_tokens(tokens_BxT, cfg)
     layer = _check_layer(layer, cfg)
-    _, (h_BxTxD, buf) = _residuals(params, tokens_BxT, cfg, (layer,))
+    _, (h_BxTxD, sources) = _residuals(params, tokens_BxT, cfg, (layer,))
     new_BxTxD = fn(h_BxTxD)
     if jnp.shape(new_BxTxD) != h_BxTxD.shape:
         raise ValueError(f"splice fn must keep the shape {h_BxTxD.shape}, returned {jnp.shape(new_BxTxD)}")
-    return _finish(params, (jnp.asarray(new_BxTxD, h_BxTxD.dtype), buf), cfg, layer + 1)
+    return _finish(params, (jnp.asarray(new_BxTxD, h_BxTxD.dtype), sources), cfg, layer + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _values(params, tokens_BxT, cfg):
+    return _blocks(params, _embed(params, tokens_BxT, cfg), cfg, 0, cfg.n_layers)[1]
+
+
+def values(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    """Every layer's attention values after routing, before RoPE-free attention mixes them: [L, B, T, K, H]."""
+    _check_tokens(tokens_BxT, cfg)
+    return _values(params, tokens_BxT, cfg)
 
 
 def token_nll(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
