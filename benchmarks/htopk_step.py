@@ -36,7 +36,7 @@ class BenchConfig:
     d_sae: int = 4608  # latents (M)
     ks: tuple[int, ...] = (32, 64, 128)  # active latents per token (K)
     impls: tuple[str, ...] = IMPLS  # which losses to time: topk, htopk_reference, htopk, htopk_scan_autodiff
-    chunk: int = 8  # prefixes per scan step of the lean loss
+    tile: int = 256  # batch rows processed together by the lean loss
     reps: int = 3  # timed steps per round, after the first (memory-measuring) one
     rounds: int = 2  # rounds of fresh subprocesses, impls interleaved
     impl: str = ""  # internal: set in the child process that measures one (impl, K)
@@ -81,7 +81,7 @@ def measure(cfg: BenchConfig) -> dict:
             mse_K, _ = _scan_autodiff_prefix_mse(*sae.encode(p, x, sae_cfg), p["W_dec"], p["b_dec"], x)
             return jnp.mean(mse_K), {}
     else:
-        h_cfg = htopk.HTopKConfig(lean=cfg.impl == "htopk", chunk=cfg.chunk)
+        h_cfg = htopk.HTopKConfig(lean=cfg.impl == "htopk", tile=cfg.tile)
         loss_fn = lambda p, x, f=htopk.make_loss_fn(sae_cfg, h_cfg): f(p, x, None)  # noqa: E731
     opt = optax.adam(1e-4)
 

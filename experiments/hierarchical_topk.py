@@ -35,7 +35,8 @@ class HTopKExperimentConfig:
     lr: float = 4e-4  # peak Adam learning rate
     warmup_steps: int = 50  # linear learning-rate warm-up steps
     dead_after_tokens: int = 256_000  # a latent silent for this many tokens is dead (AuxK trains it)
-    chunk: int = 8  # lean HTopK loss: prefixes per scan step
+    aux_k: int = 128  # AuxK: dead latents that model the residual (each step gathers [B, aux_k, D]; 0 disables)
+    tile: int = 256  # lean HTopK loss: batch rows processed together
     eval_tokens: int = 65_536  # held-out activations for EV, L0 and dead fraction
     ce_contexts: int = 16  # held-out contexts spliced into SmolLM2 for the CE delta (0 skips it)
     seed: int = 0  # init and data-order seed, shared by every SAE
@@ -74,12 +75,12 @@ def _train(name: str, sae_cfg: sae.SAEConfig, loss_fn, source, cfg: HTopKExperim
         return params, json.loads(cost_file.read_text())
     train_cfg = train.TrainConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size,
                                   num_steps=cfg.num_steps, n_seeds=1, seed=cfg.seed,
-                                  dead_after_tokens=cfg.dead_after_tokens, checkpoint_every=0,
+                                  dead_after_tokens=cfg.dead_after_tokens, checkpoint_every=100,
                                   log_every=max(1, cfg.num_steps // 20), out_dir=str(out))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state = train.fit(source, sae_cfg, train_cfg, loss_fn=loss_fn)
-    seconds = time.perf_counter() - t0
-    cost = {"train_s": round(seconds, 1), "steps": cfg.num_steps, "tokens": cfg.num_steps * cfg.batch_size,
+    cost = {"train_s": round(time.perf_counter() - t0, 1), "train_cpu_s": round(time.process_time() - c0, 1),
+            "steps": cfg.num_steps, "tokens": cfg.num_steps * cfg.batch_size,
             "train_dead_frac": float(np.mean(np.asarray(state.tokens_since_fired[0]) >= cfg.dead_after_tokens))}
     cost_file.write_text(json.dumps(cost))
     return jax.tree.map(lambda a: np.asarray(a[0]), jax.device_get(state.params)), cost
@@ -108,8 +109,8 @@ def run(cfg: HTopKExperimentConfig) -> dict:
     """Train every SAE, evaluate at every sparsity, and return the summary."""
     source, heldout, tokens_NxT = _sources(cfg)
     evaluate = _evaluator(cfg, heldout, tokens_NxT, source.normalizer)
-    base = sae.SAEConfig(d_in=source.d_in, d_sae=cfg.d_sae, k=cfg.k_max)
-    h_cfg = htopk.HTopKConfig(chunk=cfg.chunk)
+    base = sae.SAEConfig(d_in=source.d_in, d_sae=cfg.d_sae, k=cfg.k_max, aux_k=cfg.aux_k)
+    h_cfg = htopk.HTopKConfig(tile=cfg.tile)
 
     results, costs = {}, {}
     params, costs["htopk"] = _train(f"htopk_k{cfg.k_max}", base, htopk.make_loss_fn(base, h_cfg), source, cfg)
@@ -171,7 +172,7 @@ def report(summary: dict) -> str:
         f"Data: {source}, "
         f"d_in={summary['d_in']}, d_sae={cfg['d_sae']}. Every SAE: {cfg['num_steps']} steps × {cfg['batch_size']} tokens "
         f"= {cfg['num_steps'] * cfg['batch_size']:,} training tokens (same batches, same order, seed {cfg['seed']}), "
-        f"Adam lr {cfg['lr']}, AuxK with dead = silent for {cfg['dead_after_tokens']:,} tokens. "
+        f"Adam lr {cfg['lr']}, AuxK (aux_k={cfg['aux_k']}) on latents silent for {cfg['dead_after_tokens']:,} tokens. "
         f"EV, L0 and dead fraction on {summary['eval_tokens']:,} held-out tokens"
         + (f"; CE delta on {summary['ce_tokens']:,} held-out context tokens." if has_ce else "."),
         "",
@@ -203,13 +204,15 @@ def report(summary: dict) -> str:
         lines.append(f"CE delta of HTopK minus CE delta of TopK (negative = HTopK better): {ce_gaps}.")
     trunc = ", ".join(f"j={j}: {res['htopk'][j]['ev'] - res['topk_truncated'][j]['ev']:+.4f}" for j in js)
     lines += [f"Against the k_max TopK SAE simply truncated to j, HTopK's EV gain is {trunc}.", "",
-              "## Training cost (wall clock on this machine, compilation included)", "",
-              "| model | steps | tokens | seconds | dead at end of training |", "|---|---|---|---|---|"]
+              "## Training cost (this shared machine, compilation and data loading included)", "",
+              "| model | steps | tokens | wall s | CPU s (all threads) | dead at end of training |",
+              "|---|---|---|---|---|---|"]
     for name, c in costs.items():
-        lines.append(f"| {name} | {c['steps']} | {c['tokens']:,} | {c['train_s']} | {c['train_dead_frac']:.3f} |")
-    topk_total = sum(c["train_s"] for n, c in costs.items() if n.startswith("topk"))
-    lines += ["", f"One HTopK SAE: {costs['htopk']['train_s']} s; the {len(js)} separate TopK SAEs together: "
-              f"{topk_total:.1f} s. Per-step cost at the benchmark size is in `benchmarks/README.md` (htopk_step)."]
+        lines.append(f"| {name} | {c['steps']} | {c['tokens']:,} | {c['train_s']} | {c['train_cpu_s']} "
+                     f"| {c['train_dead_frac']:.3f} |")
+    topk_cpu = sum(c["train_cpu_s"] for n, c in costs.items() if n.startswith("topk"))
+    lines += ["", f"One HTopK SAE: {costs['htopk']['train_cpu_s']} CPU s; the {len(js)} separate TopK SAEs together: "
+              f"{topk_cpu:.1f} CPU s. Per-step cost at the benchmark size is in `benchmarks/README.md` (htopk_step)."]
     return "\n".join(lines) + "\n"
 
 

@@ -38,9 +38,9 @@ def test_reference_matches_numpy_brute_force(B, K, M, D):
     np.testing.assert_allclose(r_BxD, b + np.einsum("bk,bkd->bd", vals, W[idx]) - x, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("K,chunk", [(1, 8), (7, 3), (16, 4), (12, 8)])
-def test_lean_matches_reference_values_and_grads(K, chunk):
-    B, M, D = 9, 40, 6
+@pytest.mark.parametrize("K,tile", [(1, 8), (7, 5), (16, 1), (12, 64)])
+def test_lean_matches_reference_values_and_grads(K, tile):
+    B, M, D = 12, 40, 6  # row tiles of 6, 4, 1 and 12
     vals, idx, W, b, x = _code(K, B, K, M, D)
     rng = np.random.default_rng(1)
     ct_K = rng.standard_normal(K).astype(np.float32)  # arbitrary prefix weights, negative ones included
@@ -52,9 +52,9 @@ def test_lean_matches_reference_values_and_grads(K, chunk):
             return jnp.dot(ct_K, mse_K) + jnp.sum(ct_r * r_BxD)
         return g
 
-    lean = scalar(lambda *a: htopk.prefix_mse(*a, chunk))
+    lean = scalar(lambda *a: htopk.prefix_mse(*a, tile))
     ref = scalar(htopk.prefix_mse_reference)
-    np.testing.assert_allclose(htopk.prefix_mse(vals, idx, W, b, x, chunk)[0],
+    np.testing.assert_allclose(htopk.prefix_mse(vals, idx, W, b, x, tile)[0],
                                htopk.prefix_mse_reference(vals, idx, W, b, x)[0], rtol=1e-5)
     g_lean = jax.jit(jax.grad(lean, argnums=(0, 1, 2, 3)))(vals, W, b, x)
     g_ref = jax.jit(jax.grad(ref, argnums=(0, 1, 2, 3)))(vals, W, b, x)
@@ -68,7 +68,7 @@ def test_prefix_subset_loss_and_grads():
     J = (1, 4, 10)
     want = np.mean(_numpy_prefix_mse(vals, idx, W, b, x)[np.array(J) - 1])
     for lean in (True, False):
-        cfg = htopk.HTopKConfig(prefixes=J, lean=lean, chunk=4)
+        cfg = htopk.HTopKConfig(prefixes=J, lean=lean, tile=4)
         loss, _, _ = jax.jit(htopk.hierarchical_mse, static_argnums=5)(vals, idx, W, b, x, cfg)
         np.testing.assert_allclose(loss, want, rtol=1e-5)
 
@@ -110,7 +110,7 @@ def test_last_prefix_only_equals_topk_loss(lean):
     params["b_dec"] = jnp.linspace(-1, 1, 8)
     x = jax.random.normal(jax.random.key(1), (32, 8))
     dead = jnp.arange(48) % 3 == 0
-    loss_fn = htopk.make_loss_fn(cfg, htopk.HTopKConfig(prefixes=(6,), lean=lean, chunk=4))
+    loss_fn = htopk.make_loss_fn(cfg, htopk.HTopKConfig(prefixes=(6,), lean=lean, tile=4))
     (l_h, m_h), g_h = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, x, dead)
     (l_t, m_t), g_t = jax.jit(jax.value_and_grad(sae.loss, has_aux=True), static_argnums=2)(params, x, cfg, dead)
     np.testing.assert_allclose(l_h, l_t, rtol=1e-5)
@@ -155,7 +155,7 @@ def test_lean_gradient_never_materialises_BxKxD():
 
 def test_seed_vmap_matches_per_seed_loop():
     cfg = sae.SAEConfig(d_in=5, d_sae=20, k=4, aux_k=4)
-    loss_fn = htopk.make_loss_fn(cfg, htopk.HTopKConfig(chunk=3))
+    loss_fn = htopk.make_loss_fn(cfg, htopk.HTopKConfig(tile=3))
     params_S = jax.vmap(lambda k: sae.init(k, cfg))(jax.random.split(jax.random.key(0), 3))
     x = jax.random.normal(jax.random.key(1), (12, 5))
     dead_SxM = jnp.zeros((3, 20), bool).at[:, ::2].set(True)
@@ -176,7 +176,7 @@ def test_htopk_ensemble_trains_sharded_like_unsharded():
     sae_cfg = sae.SAEConfig(d_in=8, d_sae=32, k=4, aux_k=4)
     train_cfg = train.TrainConfig(n_seeds=2, batch_size=16, num_steps=3, lr=1e-2, warmup_steps=0,
                                   dead_after_tokens=32)
-    loss_fn = htopk.make_loss_fn(sae_cfg, htopk.HTopKConfig(chunk=3))
+    loss_fn = htopk.make_loss_fn(sae_cfg, htopk.HTopKConfig(tile=3))
     x = jax.random.normal(jax.random.key(5), (16, 8))
 
     def run(mesh):
