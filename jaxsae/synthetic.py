@@ -66,6 +66,19 @@ def assign_latents(dec_MxD, model: dict, min_energy: float = 0.5) -> np.ndarray:
     return np.where(np.asarray(jnp.max(energy_MxG, axis=1)) >= min_energy, np.asarray(best_M), -1)
 
 
+def rotate_within_groups(key: jax.Array, dec_MxD, group_M: np.ndarray, model: dict) -> jax.Array:
+    """Each group's latents with their in-subspace component turned by one random rotation of that subspace."""
+    dec_MxD = jnp.asarray(dec_MxD)
+    G, R, _ = model["groups_GxRxD"].shape
+    for g, k in zip(range(G), jax.random.split(key, G)):
+        B_RxD = model["groups_GxRxD"][g]
+        rot_RxR, _ = jnp.linalg.qr(jax.random.normal(k, (R, R)))
+        coef_MxR = dec_MxD @ B_RxD.T
+        turned_MxD = dec_MxD + (coef_MxR @ rot_RxR.T - coef_MxR) @ B_RxD
+        dec_MxD = jnp.where(jnp.asarray(group_M == g)[:, None], turned_MxD, dec_MxD)
+    return dec_MxD
+
+
 def recovery(dec_SxMxD, model: dict, cfg: SyntheticConfig, tau: float = 0.7, cos_SxSxM=None) -> dict:
     """Atomic features: per-latent recovery; low-rank groups: subspace overlap and per-latent stability.
 
@@ -76,18 +89,25 @@ def recovery(dec_SxMxD, model: dict, cfg: SyntheticConfig, tau: float = 0.7, cos
       (0 for a group with no latents; capped by #latents / r).
     - atomic/lowrank_latent_stability: mean stability (at τ) of the latents matched to an atomic feature
       (|cos| ≥ 0.9) and of the latents assigned to a group.
+    - lowrank_latent_stability_random_rotation: the same after turning every seed's group latents by an
+      independent random rotation of the group's subspace: the chance level when the basis chosen inside
+      the subspace is arbitrary (it keeps each seed's geometry, e.g. how densely it tiles the subspace).
     """
     dec_SxMxD = jnp.asarray(dec_SxMxD)
     S = dec_SxMxD.shape[0]
     if cos_SxSxM is None:
         cos_SxSxM = stability.best_matches(dec_SxMxD, search_dtype="float32")
     p_SxM = stability.stability(cos_SxSxM, tau)
-    atomic_best, overlaps, atomic_p, lowrank_p, lat_per_group = [], [], [], [], []
+    atomic_best, overlaps, atomic_p, lowrank_p, lat_per_group, rotated = [], [], [], [], [], []
+    groups_SxM = np.stack([assign_latents(dec_SxMxD[s], model) for s in range(S)])
+    for s, key in zip(range(S), jax.random.split(jax.random.key(0), S)):
+        rotated.append(rotate_within_groups(key, dec_SxMxD[s], groups_SxM[s], model))
+    p_rot_SxM = stability.stability(stability.best_matches(jnp.stack(rotated), search_dtype="float32"), tau)
     for s in range(S):
         cos_AxM = stability.cosine_matrix(model["atomic_AxD"], dec_SxMxD[s])
         atomic_best.append(cos_AxM.max(1))
         atomic_p.append(p_SxM[s][cos_AxM.max(0) >= 0.9])
-        group_M = assign_latents(dec_SxMxD[s], model)
+        group_M = groups_SxM[s]
         lowrank_p.append(p_SxM[s][group_M >= 0])
         for g in range(cfg.n_groups):
             mine = np.flatnonzero(group_M == g)
@@ -107,5 +127,6 @@ def recovery(dec_SxMxD, model: dict, cfg: SyntheticConfig, tau: float = 0.7, cos
         "atomic_latent_stability": mean(atomic_p),
         "lowrank_subspace_overlap": float(np.mean(overlaps)) if overlaps else float("nan"),
         "lowrank_latent_stability": mean(lowrank_p),
+        "lowrank_latent_stability_random_rotation": mean([p_rot_SxM[s][groups_SxM[s] >= 0] for s in range(S)]),
         "lowrank_latents_per_group": float(np.mean(lat_per_group)) if lat_per_group else float("nan"),
     }

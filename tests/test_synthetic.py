@@ -58,6 +58,20 @@ def test_recovery_of_a_ground_truth_dictionary():
     assert out["lowrank_latent_stability"] < out["atomic_latent_stability"]
 
 
+def test_identical_group_bases_beat_the_random_rotation_baseline():
+    model = synthetic.make_model(jax.random.key(0), CFG)
+    dec = np.concatenate([np.asarray(model["atomic_AxD"])] + [np.asarray(B) for B in model["groups_GxRxD"]])
+    out = synthetic.recovery(np.stack([dec, dec, dec]), model, CFG)
+    assert out["lowrank_latent_stability"] == 1.0
+    assert out["lowrank_latent_stability_random_rotation"] < 0.9
+    # Rotating inside a group's subspace keeps the subspace and the latents' norms.
+    group_M = synthetic.assign_latents(dec, model)
+    turned = np.asarray(synthetic.rotate_within_groups(jax.random.key(1), dec, group_M, model))
+    np.testing.assert_allclose(turned[group_M < 0], dec[group_M < 0])
+    np.testing.assert_allclose(np.linalg.norm(turned, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(synthetic.assign_latents(turned, model), group_M)
+
+
 def test_missing_group_latents_lower_the_overlap():
     model = synthetic.make_model(jax.random.key(0), CFG)
     half = [np.asarray(B)[:2] for B in model["groups_GxRxD"]]  # 2 of 4 basis vectors per group
