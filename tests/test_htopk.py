@@ -138,6 +138,34 @@ def test_truncation_is_the_prefix_reconstruction():
         np.testing.assert_allclose(sae.apply(params, x, cfg_j), x_hat, rtol=1e-6)
 
 
+def test_fused_autoencode_matches_autodiff_reference():
+    """Every gradient of the fused encoder+prefix backward (params and x, all output cotangents) against
+    JAX autodiff through `sae.encode` (dense top_k VJP) and the B×K×D reference."""
+    cfg = sae.SAEConfig(d_in=6, d_sae=24, k=5)
+    params = sae.init(jax.random.key(7), cfg)
+    params = {**params, "b_dec": jnp.linspace(-0.5, 0.5, 6), "b_enc": jnp.linspace(-0.2, 0.1, 24)}
+    x = jax.random.normal(jax.random.key(8), (10, 6))
+    rng = np.random.default_rng(2)
+    ct_K, ct_r, ct_v = rng.standard_normal(5), rng.standard_normal((10, 6)), rng.standard_normal((10, 5))
+
+    def scalar(fused):
+        def f(params, x):
+            if fused:
+                mse_K, r, code = htopk.autoencode_prefix_mse(params, x, cfg, 4)
+            else:
+                code = sae.encode(params, x, cfg)
+                mse_K, r = htopk.prefix_mse_reference(*code, params["W_dec"], params["b_dec"], x)
+            return jnp.dot(ct_K, mse_K) + jnp.sum(ct_r * r) + jnp.sum(ct_v * code.vals_BxK)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+    (v_f, (gp_f, gx_f)), (v_r, (gp_r, gx_r)) = scalar(True)(params, x), scalar(False)(params, x)
+    np.testing.assert_allclose(v_f, v_r, rtol=1e-5)
+    assert float(jnp.sum(jnp.abs(gp_r["W_enc"]))) > 0
+    for key in gp_r:
+        np.testing.assert_allclose(gp_f[key], gp_r[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(gx_f, gx_r, rtol=1e-4, atol=1e-6)
+
+
 def test_lean_gradient_never_materialises_BxKxD():
     """XLA's buffer assignment: the lean step's temporaries stay below one B×K×D tensor; the reference's exceed it."""
     B, K, M, D = 256, 128, 256, 64
@@ -151,6 +179,14 @@ def test_lean_gradient_never_materialises_BxKxD():
 
     assert temp_bytes(True) < bkd_bytes / 4
     assert temp_bytes(False) > bkd_bytes
+
+    # the trainer's fused path, whole-SAE gradient (its [B, M] pre-activations are small here)
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K)
+    params = sae.init(jax.random.key(0), cfg)
+    for lean, ok in ((True, lambda t: t < bkd_bytes / 4), (False, lambda t: t > bkd_bytes)):
+        loss_fn = htopk.make_loss_fn(cfg, htopk.HTopKConfig(lean=lean))
+        g = jax.jit(jax.grad(lambda p: loss_fn(p, x, None)[0]))
+        assert ok(g.lower(params).compile().memory_analysis().temp_size_in_bytes), lean
 
 
 def test_seed_vmap_matches_per_seed_loop():
