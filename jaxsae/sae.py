@@ -140,13 +140,15 @@ def _col(a_BxK: jax.Array, k) -> jax.Array:
 
 
 def _gather_sum(vals_BxK: jax.Array, idx_BxK: jax.Array, W_MxD: jax.Array) -> jax.Array:
-    """Σ_k vals[:, k] · W[idx[:, k]] as one unrolled loop: XLA fuses the gathers, nothing [B, K, D] is built."""
+    """Σ_k vals[:, k] · W[idx[:, k]]: the gathers fuse into the adds, nothing [B, K, D] is built."""
     B, K = vals_BxK.shape
 
     def add_row(k, acc_BxD):
         return acc_BxD + _col(vals_BxK, k)[:, None] * _gather_rows(W_MxD, _col(idx_BxK, k))
 
-    return jax.lax.fori_loop(0, K, add_row, jnp.zeros((B, W_MxD.shape[1]), vals_BxK.dtype), unroll=min(K, 32))
+    # unroll=8: each trip is one fused gather-add, and the loop carry materialises the sum once (fully
+    # unrolled, XLA fuses the sum into every consumer and materialises each gather instead).
+    return jax.lax.fori_loop(0, K, add_row, jnp.zeros((B, W_MxD.shape[1]), vals_BxK.dtype), unroll=min(K, 8))
 
 
 def _top_k(pre_BxM: jax.Array, k: int) -> Code:
@@ -155,27 +157,27 @@ def _top_k(pre_BxM: jax.Array, k: int) -> Code:
     return Code(jax.nn.relu(vals_BxK), idx_BxK)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _topk_autoencode(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
-    """(x̂, Code) of a TopK SAE, with the sparse backward below."""
-    return _topk_autoencode_fwd(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k)[0]
+# The TopK train path works on S seeds at once (leading S axis; x is [1, B, D] when the seeds share the
+# batch). The encoder matmul and top-k are batched over S; the gathers and scatter-adds run seed by seed
+# (`lax.map`), so each touches one seed's weights (cache-sized) with plain row operations that XLA:CPU
+# fuses well. `jax.vmap` over seeds folds its axis into S through `custom_vmap` rather than producing
+# batched gathers, which XLA:CPU does not fuse.
+def _fwd_seeds(k, W_enc_SxDxM, b_enc_SxM, W_dec_SxMxD, b_dec_SxD, x_XxBxD):
+    """(x̂ [S, B, D], vals [S, B, K], idx [S, B, K]) of S TopK SAEs."""
+    x_in_SxBxD = x_XxBxD - b_dec_SxD[:, None]
+    pre_SxBxM = jnp.einsum("SBD,SDM->SBM", x_in_SxBxD, W_enc_SxDxM) + b_enc_SxM[:, None]
+    vals_SxBxK, idx_SxBxK = _top_k(pre_SxBxM, k)
+    x_hat_SxBxD = jax.lax.map(lambda a: _gather_sum(*a), (vals_SxBxK, idx_SxBxK, W_dec_SxMxD))
+    return x_hat_SxBxD + b_dec_SxD[:, None], vals_SxBxK, idx_SxBxK
 
 
-def _topk_autoencode_fwd(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
-    x_in_BxD = x_BxD - b_dec_D
-    code = _top_k(x_in_BxD @ W_enc_DxM + b_enc_M, k)
-    x_hat_BxD = _gather_sum(code.vals_BxK, code.idx_BxK, W_dec_MxD) + b_dec_D
-    return (x_hat_BxD, code), (W_enc_DxM, W_dec_MxD, x_in_BxD, code)
-
-
-def _topk_autoencode_bwd(k, res, cts):
-    W_enc_DxM, W_dec_MxD, x_in_BxD, (vals_BxK, idx_BxK) = res
-    g_BxD, (g_vals_BxK, _) = cts
-    D, M = W_enc_DxM.shape
-    x_in1_BxE = jnp.concatenate([x_in_BxD, jnp.ones_like(x_in_BxD[:, :1])], 1)  # last column -> d(b_enc)
+def _bwd_one_seed(k, W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
+    """(dW_dec [M, D], dW_enc1 [M, D + 1]) of one seed; the last column of dW_enc1 is d(b_enc)."""
+    M, D = W_dec_MxD.shape
+    x_in1_BxE = jnp.concatenate([x_in_BxD, jnp.ones_like(x_in_BxD[:, :1])], 1)
 
     def one_k(kk, carry):
-        # For the kk-th selected latent of every token: d(val) = g·W_dec[idx]; ReLU gate; two scatter-adds.
+        # The kk-th selected latent of every token: d(val) = g·W_dec[idx], ReLU gate, two scatter-adds.
         dW_dec_MxD, dW_enc1_MxE = carry
         i_B, v_B = _col(idx_BxK, kk), _col(vals_BxK, kk)
         dval_B = jnp.sum(g_BxD * _gather_rows(W_dec_MxD, i_B), -1) + _col(g_vals_BxK, kk)
@@ -185,20 +187,89 @@ def _topk_autoencode_bwd(k, res, cts):
         return dW_dec_MxD, dW_enc1_MxE
 
     zeros = (jnp.zeros((M, D), g_BxD.dtype), jnp.zeros((M, D + 1), g_BxD.dtype))
-    dW_dec_MxD, dW_enc1_MxE = jax.lax.fori_loop(0, k, one_k, zeros)
-    db_enc_M = dW_enc1_MxE[:, D]
-    # x_in = x − b_dec, so through the encoder d(b_dec) = −Σ_b dx_in[b] = −W_enc·d(b_enc).
-    db_dec_D = g_BxD.sum(0) - W_enc_DxM @ db_enc_M
-    # dx is only formed if the caller differentiates w.r.t. x (else XLA drops it).
-    dpre_BxK = jnp.where(vals_BxK > 0, _dvals(g_BxD, g_vals_BxK, idx_BxK, W_dec_MxD), 0.0)
-    dx_BxD = _gather_sum(dpre_BxK, idx_BxK, W_enc_DxM.T)
-    return dW_enc1_MxE[:, :D].T, db_enc_M, dW_dec_MxD, db_dec_D, dx_BxD
+    return jax.lax.fori_loop(0, k, one_k, zeros)
 
 
-def _dvals(g_BxD, g_vals_BxK, idx_BxK, W_dec_MxD):
-    """d(vals) = g·W_dec[idx] + the direct cotangent of vals."""
-    W_BxKxD = _gather_rows(W_dec_MxD, idx_BxK)
-    return jnp.einsum("BD,BKD->BK", g_BxD, W_BxKxD) + g_vals_BxK
+def _dx_one_seed(W_enc_DxM, W_dec_MxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
+    """d(loss)/dx of one seed, through the K selected latents."""
+    dvals_BxK = jnp.einsum("BD,BKD->BK", g_BxD, _gather_rows(W_dec_MxD, idx_BxK)) + g_vals_BxK
+    return _gather_sum(jnp.where(vals_BxK > 0, dvals_BxK, 0.0), idx_BxK, W_enc_DxM.T)
+
+
+def _bwd_seeds(k, W_enc_SxDxM, W_dec_SxMxD, b_dec_SxD, x_XxBxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK):
+    """Gradients of S TopK SAEs touching only the selected latents; dx is per seed, [S, B, D]."""
+    D = W_enc_SxDxM.shape[1]
+    x_shared = x_XxBxD.shape[0] == 1
+
+    def one_seed(a):
+        W_dec_MxD, b_dec_D, x_BxD, *rest = a
+        return _bwd_one_seed(k, W_dec_MxD, (x_XxBxD[0] if x_shared else x_BxD) - b_dec_D, *rest)
+
+    xs = W_dec_SxMxD, b_dec_SxD, (b_dec_SxD if x_shared else x_XxBxD), vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK
+    dW_dec_SxMxD, dW_enc1_SxMxE = jax.lax.map(one_seed, xs)
+    db_enc_SxM = dW_enc1_SxMxE[..., D]
+    # x_in = x − b_dec, so through the encoder d(b_dec) = −Σ_b dx_in[b] = −W_enc·d(b_enc): a mat-vec.
+    db_dec_SxD = g_SxBxD.sum(1) - jnp.einsum("SDM,SM->SD", W_enc_SxDxM, db_enc_SxM)
+    # dx is only computed when the caller differentiates w.r.t. x (otherwise XLA drops it).
+    dx_SxBxD = jax.lax.map(lambda a: _dx_one_seed(*a),
+                           (W_enc_SxDxM, W_dec_SxMxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK))
+    return jnp.swapaxes(dW_enc1_SxMxE[..., :D], 1, 2), db_enc_SxM, dW_dec_SxMxD, db_dec_SxD, dx_SxBxD
+
+
+def _fold(a: jax.Array, batched: bool, n: int) -> jax.Array:
+    """[n, S, ...] (or unbatched [S, ...], broadcast) -> [n·S, ...]."""
+    a = a if batched else jnp.broadcast_to(a, (n,) + a.shape)
+    return a.reshape((-1,) + a.shape[2:])
+
+
+def _fold_x(x_XxBxD: jax.Array, batched: bool, n: int, S: int) -> jax.Array:
+    """x stays [1, B, D] when every seed shares it; otherwise it becomes [n·S, B, D]."""
+    if not batched and x_XxBxD.shape[0] == 1:
+        return x_XxBxD
+    x = x_XxBxD if batched else jnp.broadcast_to(x_XxBxD, (n,) + x_XxBxD.shape)
+    return jnp.broadcast_to(x, (n, S) + x.shape[2:]).reshape((n * S,) + x.shape[2:])
+
+
+@functools.lru_cache(maxsize=None)
+def _seed_batched(k: int):
+    """(fwd, bwd) for S seeds whose vmap rule folds the mapped axis into S."""
+    fwd = jax.custom_batching.custom_vmap(functools.partial(_fwd_seeds, k))
+    bwd = jax.custom_batching.custom_vmap(functools.partial(_bwd_seeds, k))
+
+    @fwd.def_vmap
+    def fwd_rule(n, batched, W_enc, b_enc, W_dec, b_dec, x):
+        S = W_enc.shape[1] if batched[0] else W_enc.shape[0]
+        params = [_fold(a, b, n) for a, b in zip((W_enc, b_enc, W_dec, b_dec), batched)]
+        outs = fwd(*params, _fold_x(x, batched[4], n, S))
+        return tuple(o.reshape((n, S) + o.shape[1:]) for o in outs), (True,) * 3
+
+    @bwd.def_vmap
+    def bwd_rule(n, batched, W_enc, W_dec, b_dec, x, *rest):
+        S = W_enc.shape[1] if batched[0] else W_enc.shape[0]
+        folded = [_fold(a, b, n) for a, b in zip((W_enc, W_dec, b_dec), batched)]
+        folded_rest = [_fold(a, b, n) for a, b in zip(rest, batched[4:])]
+        grads = bwd(*folded, _fold_x(x, batched[3], n, S), *folded_rest)
+        return tuple(g.reshape((n, S) + g.shape[1:]) for g in grads), (True,) * 5
+
+    return fwd, bwd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _topk_autoencode(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
+    """(x̂, Code) of one TopK SAE, with the sparse backward `_bwd_seeds`."""
+    return _topk_autoencode_fwd(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k)[0]
+
+
+def _topk_autoencode_fwd(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
+    fwd, _ = _seed_batched(k)
+    x_hat, vals, idx = fwd(W_enc_DxM[None], b_enc_M[None], W_dec_MxD[None], b_dec_D[None], x_BxD[None])
+    return (x_hat[0], Code(vals[0], idx[0])), (W_enc_DxM, W_dec_MxD, b_dec_D, x_BxD, vals[0], idx[0])
+
+
+def _topk_autoencode_bwd(k, res, cts):
+    g_BxD, (g_vals_BxK, _) = cts
+    _, bwd = _seed_batched(k)
+    return tuple(a[0] for a in bwd(*(r[None] for r in res), g_BxD[None], g_vals_BxK[None]))
 
 
 _topk_autoencode.defvjp(_topk_autoencode_fwd, _topk_autoencode_bwd)

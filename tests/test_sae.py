@@ -208,6 +208,31 @@ def test_topk_custom_vjp_equals_plain_autodiff():
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()), err_msg=name)
 
 
+@pytest.mark.parametrize("shared_x", [True, False])
+def test_topk_gradients_under_vmap_equal_per_seed(shared_x):
+    """The seed-folding vmap rule: vmapped (and doubly vmapped) gradients equal a loop over seeds."""
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K, aux_k=4)
+    S = 4
+    params = jax.tree.map(lambda *a: jnp.stack(a), *[to_jax(make_params(cfg, seed=s)) for s in range(S)])
+    xs = jnp.asarray(np.random.default_rng(11).normal(size=(S, 9, D)), jnp.float32)
+    dead = jnp.arange(M) < 3
+
+    def grads(p, x):
+        return jax.grad(lambda p, x: sae.loss(p, x, cfg, dead)[0], argnums=(0, 1))(p, x)
+
+    x_in = xs[0] if shared_x else xs
+    axes = (0, None if shared_x else 0)
+    got = jax.jit(jax.vmap(grads, in_axes=axes))(params, x_in)
+    two = jax.tree.map(lambda a: a.reshape((2, 2) + a.shape[1:]), params)
+    x_two = x_in if shared_x else x_in.reshape((2, 2) + x_in.shape[1:])
+    got2 = jax.jit(jax.vmap(jax.vmap(grads, in_axes=axes), in_axes=axes))(two, x_two)
+    for s in range(S):
+        want = grads(jax.tree.map(lambda a: a[s], params), xs[0] if shared_x else xs[s])
+        for g, g2, w in zip(jax.tree.leaves(got), jax.tree.leaves(got2), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g[s], w, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(g2.reshape((S,) + g2.shape[2:])[s], w, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- AuxK
 def test_aux_uses_only_first_aux_max_dead_latents():
     cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K, aux_k=2, aux_max_dead=3)
