@@ -6,6 +6,9 @@ Weights use SAELens's names and orientation (W_enc [d_in, d_sae], W_dec [d_sae, 
 (no "jaxsae" key) loads with its activations taken as-is (normalize_activations must be "none"); its
 `apply_b_dec_to_input=false` is folded into b_enc, since our encoder always sees x − b_dec.
 
+SAELens has no inference class for BatchTopK (it saves those as JumpReLU): a "batchtopk" folder loads
+here, but convert it with `sae.batchtopk_to_jumprelu` before handing it to SAELens.
+
 Saving refuses to overwrite an existing SAE folder unless `overwrite=True`: a finished SAE is a result,
 and silently replacing it with a different run's weights is the worse failure.
 """
