@@ -115,14 +115,15 @@ def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig)
         H = cfg.head_dim
         return kv_BxTxKx2H[..., :H], kv_BxTxKx2H[..., H:], sources
     # v1: mix gain-free normalised states over depth, then apply this layer's norm gain (mixing is linear).
+    # One einsum per source, not a broadcast product: autodiff would store each broadcast [B, T, K, D] copy.
     sources = sources + (_rms(h_BxTxD, cfg.norm_eps).astype(dt),)
     if cfg.routing == "static":
         w_KxJ = jax.nn.softmax(lp["router"][:, :n].astype(jnp.float32), axis=-1).astype(dt)
-        mixed_BxTxKxD = sum(w_KxJ[None, None, :, j, None] * src[:, :, None, :] for j, src in enumerate(sources))
+        mixed_BxTxKxD = sum(jnp.einsum("K,BTD->BTKD", w_KxJ[:, j], src) for j, src in enumerate(sources))
     else:
         logits_BxTxKxJ = jnp.einsum("BTD,DKJ->BTKJ", x_BxTxD, lp["router"][..., :n]).astype(jnp.float32)
         w_BxTxKxJ = jax.nn.softmax(logits_BxTxKxJ, axis=-1).astype(dt)
-        mixed_BxTxKxD = sum(w_BxTxKxJ[..., j, None] * src[:, :, None, :] for j, src in enumerate(sources))
+        mixed_BxTxKxD = sum(jnp.einsum("BTK,BTD->BTKD", w_BxTxKxJ[..., j], src) for j, src in enumerate(sources))
     mixed_BxTxKxD = mixed_BxTxKxD * lp["attn_norm"]
     k = jnp.einsum("BTKD,DKH->BTKH", mixed_BxTxKxD, lp["wk"])
     v = jnp.einsum("BTKD,DKH->BTKH", mixed_BxTxKxD, lp["wv"])
@@ -258,7 +259,7 @@ def _values(params, tokens_BxT, cfg):
 
 
 def values(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig) -> jax.Array:
-    """Every layer's attention values after routing, before RoPE-free attention mixes them: [L, B, T, K, H]."""
+    """Every layer's attention values V (after LIMe routing), [L, B, T, K, H]."""
     _check_tokens(tokens_BxT, cfg)
     return _values(params, tokens_BxT, cfg)
 
