@@ -204,12 +204,12 @@ def evaluate(params: dict, sae_cfg: sae.SAEConfig, x_NxD: np.ndarray, chunk: int
 _RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "keep_checkpoints", "mesh_seed", "mesh_data", "mesh_model"}
 
 
-def _check_config(out: Path, sae_cfg, train_cfg) -> None:
-    """Write config.json, or check that a run being resumed used the same configuration."""
+def _check_config(out: Path, sae_cfg, train_cfg, resuming: bool) -> None:
+    """Write config.json for a new run, or check that a run being resumed used the same configuration."""
     cfg = {"sae": dataclasses.asdict(sae_cfg), "train": dataclasses.asdict(train_cfg)}
     path = out / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
+    if resuming:
+        old = json.loads(path.read_text()) if path.exists() else {}
         diff = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g in cfg for k, v in cfg[g].items()
                 if old.get(g, {}).get(k) != v and k not in _RESUME_MAY_CHANGE]
         if diff:
@@ -243,17 +243,17 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
     """Train the ensemble on `source`, resuming from `out_dir`'s latest checkpoint if there is one."""
     if source.d_in != sae_cfg.d_in:
         raise ValueError(f"source d_in={source.d_in} but sae d_in={sae_cfg.d_in}")
-    out = Path(train_cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_config(out, sae_cfg, train_cfg)
     mesh = sharding.make_mesh(train_cfg.mesh_seed, train_cfg.mesh_data, train_cfg.mesh_model)
     step_fn, init, state_sh = _compiled(sae_cfg, _compute_part(train_cfg), loss_fn, mesh)
+    out = Path(train_cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     manager = ocp.CheckpointManager(
         (out / "checkpoints").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=train_cfg.keep_checkpoints)
     )
     position = {"data_order": train_cfg.data_order, "data_seeds": train_cfg.data_seeds,
                 "batch_size": train_cfg.batch_size, "num_tokens_in_source": source.num_tokens}
     start = manager.latest_step()
+    _check_config(out, sae_cfg, train_cfg, resuming=start is not None)
     if start is None:
         start = 0
         state = init(jax.random.key(train_cfg.seed), b_dec_init)
