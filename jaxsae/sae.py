@@ -283,11 +283,16 @@ def _batchtopk(pre_BxM: jax.Array, k: int) -> jax.Array:
     return jnp.zeros_like(acts_BM).at[idx].set(acts_BM[idx]).reshape(B, M)
 
 
+def _topk_args(params: dict, x_BxD: jax.Array, cfg: SAEConfig):
+    _check_input(x_BxD, cfg)
+    return params["W_enc"], params["b_enc"], params["W_dec"], _b_dec(params, cfg), x_BxD
+
+
 def encode(params: dict, x_BxD: jax.Array, cfg: SAEConfig) -> Code | jax.Array:
     """TopK: `Code` (sorted descending); the other activations: dense acts [B, M]."""
+    if cfg.activation == "topk":  # the train path's encoder, so XLA merges it with a `loss` on the same batch
+        return _topk_autoencode(*_topk_args(params, x_BxD, cfg), cfg.k)[1]
     pre_BxM = pre_activations(params, x_BxD, cfg)
-    if cfg.activation == "topk":
-        return _top_k(pre_BxM, cfg.k)
     if cfg.activation == "batchtopk":
         return _batchtopk(pre_BxM, cfg.k)
     if cfg.activation == "jumprelu":
@@ -306,6 +311,8 @@ def decode(params: dict, code: Code | jax.Array, cfg: SAEConfig) -> jax.Array:
 
 def apply(params: dict, x_BxD: jax.Array, cfg: SAEConfig) -> jax.Array:
     """Reconstruction x̂ of x."""
+    if cfg.activation == "topk":
+        return _topk_autoencode(*_topk_args(params, x_BxD, cfg), cfg.k)[0]
     return decode(params, encode(params, x_BxD, cfg), cfg)
 
 
@@ -339,8 +346,7 @@ def loss(params: dict, x_BxD: jax.Array, cfg: SAEConfig, dead_M: jax.Array | Non
     metrics = {}
     penalty = 0.0
     if cfg.activation == "topk":
-        x_hat_BxD, code = _topk_autoencode(params["W_enc"], params["b_enc"], params["W_dec"],
-                                           _b_dec(params, cfg), x_BxD, cfg.k)
+        x_hat_BxD, code = _topk_autoencode(*_topk_args(params, x_BxD, cfg), cfg.k)
     else:
         pre_BxM = pre_activations(params, x_BxD, cfg)
         if cfg.activation == "batchtopk":
