@@ -2,6 +2,7 @@
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -291,13 +292,31 @@ def test_init_layout():
 
 
 # ---------------------------------------------------------------- TopK decode never forms [B, M]
-def test_topk_decode_has_no_BxM_intermediate():
-    cfg = sae.SAEConfig(d_in=D, d_sae=101, k=K)
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr, those in nested jaxprs (loops, custom rules) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _all_eqns(sub)
+
+
+def _shapes(eqn):
+    return [tuple(v.aval.shape) for v in [*eqn.invars, *eqn.outvars] if hasattr(v.aval, "shape")]
+
+
+def test_topk_decode_and_train_gradient_never_form_dense_BxM():
+    B, M = 7, 101
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K)
     p = sae.init(jax.random.key(0), cfg)
-    code = sae.Code(jnp.ones((7, K)), jnp.zeros((7, K), jnp.int32))
-    jaxpr = jax.make_jaxpr(lambda p, c: sae.decode(p, c, cfg))(p, code)
-    shapes = [tuple(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars]
-    assert (7, 101) not in shapes, shapes
+    idx = jnp.zeros((B, K), jnp.int32)
+    f = lambda p, vals: jnp.sum(sae.decode(p, sae.Code(vals, idx), cfg) ** 2)  # noqa: E731
+    eqns = list(_all_eqns(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(p, jnp.ones((B, K))).jaxpr))
+    bad = [e for e in eqns if any(s[-2:] == (B, M) or s[-3:] == (B, K, D) for s in _shapes(e))]
+    assert not bad, bad
+    # Train path: the only matmul touching [B, M] is the forward encoder (a dense backward would add two).
+    g = lambda p: sae.loss(p, jnp.ones((B, D)), cfg)[0]  # noqa: E731
+    dots = [e for e in _all_eqns(jax.make_jaxpr(jax.grad(g))(p).jaxpr) if e.primitive.name == "dot_general"]
+    assert sum(any(s[-2:] == (B, M) for s in _shapes(e)) for e in dots) == 1
 
 
 # ---------------------------------------------------------------- BatchTopK -> JumpReLU
