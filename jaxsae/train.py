@@ -182,7 +182,7 @@ def evaluate(params: dict, sae_cfg: sae.SAEConfig, x_NxD: np.ndarray, chunk: int
     """Per-seed EV, L0 and dead fraction (latents that never fire) of an ensemble on normalised tokens x_NxD."""
 
     @jax.jit
-    def update(stats_S, l0_sum_S, fires_SxM, x_BxD):
+    def update(params, stats_S, l0_sum_S, fires_SxM, x_BxD):
         def one(p, st):
             code = sae.encode(p, x_BxD, sae_cfg)
             x_hat_BxD = sae.decode(p, code, sae_cfg)
@@ -195,7 +195,7 @@ def evaluate(params: dict, sae_cfg: sae.SAEConfig, x_NxD: np.ndarray, chunk: int
     stats_S = jax.vmap(lambda _: metrics.ev_stats_init(sae_cfg.d_in))(jnp.arange(S))
     l0_sum_S, fires_SxM = jnp.zeros((S,)), jnp.zeros((S, sae_cfg.d_sae))
     for i in range(0, len(x_NxD), chunk):
-        stats_S, l0_sum_S, fires_SxM = update(stats_S, l0_sum_S, fires_SxM, jnp.asarray(x_NxD[i : i + chunk]))
+        stats_S, l0_sum_S, fires_SxM = update(params, stats_S, l0_sum_S, fires_SxM, jnp.asarray(x_NxD[i : i + chunk]))
     return {"ev": (1.0 - jax.vmap(metrics.ev_stats_fvu)(stats_S)).tolist(), "l0": (l0_sum_S / len(x_NxD)).tolist(),
             "dead_frac": jax.vmap(metrics.dead_fraction)(fires_SxM).tolist()}
 
