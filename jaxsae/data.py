@@ -303,7 +303,8 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
         os.close(dir_fd)
 
 
-def synthetic_source(d_in: int, num_tokens: int, n_features: int, k: int, seed: int = 0, sample: int = 0) -> ArraySource:
+def synthetic_source(d_in: int, num_tokens: int, n_features: int, k: int, seed: int = 0,
+                     sample: int = 0) -> ArraySource:
     """Tokens that are sparse non-negative sums of `k` draws from `n_features` random unit directions.
 
     The directions depend on `seed` only, the tokens on (`seed`, `sample`): another `sample` is held-out data.

@@ -60,7 +60,8 @@ class Specs:
 
 def check_divides(mesh: Mesh, n_seeds: int, d_sae: int, batch_size: int) -> None:
     """Every sharded size must divide evenly over its mesh axis."""
-    for what, size, axis in (("n_seeds", n_seeds, "seed"), ("d_sae", d_sae, "model"), ("batch_size", batch_size, "data")):
+    sizes = (("n_seeds", n_seeds, "seed"), ("d_sae", d_sae, "model"), ("batch_size", batch_size, "data"))
+    for what, size, axis in sizes:
         if size % mesh.shape[axis]:
             raise ValueError(f"{what}={size} does not divide over mesh axis {axis!r} of size {mesh.shape[axis]}")
 
