@@ -61,15 +61,16 @@ class Config:
     # real model
     train_cache: str = "cache/acts/smollm2-135m/L14/general_train"  # activation cache to train on
     heldout_cache: str = "cache/acts/smollm2-135m/L14/general_heldout"  # activation cache to evaluate on
-    d_sae: int = 4096  # real: SAE latents (M)
+    d_sae: int = 2048  # real: SAE latents (M)
     k: int = 32  # real: TopK k
-    batch_size: int = 4096  # real: tokens per step
-    num_tokens: int = 2_000_000  # real: training tokens per seed
+    batch_size: int = 2048  # real: tokens per step
+    data_order: str = "same"  # real: same (every seed sees the same batches) or per_seed (own data order)
+    num_tokens: int = 600_000  # real: training tokens per seed (the cache is cycled when smaller)
     lr: float = 1e-3  # real: peak learning rate
     warmup_steps: int = 30  # real: linear learning-rate warm-up steps
     aux_k: int = 256  # real: AuxK latents (0 disables; its top-k is a large share of a CPU step)
-    dead_after_tokens: int = 1_000_000  # real: a latent silent for this many tokens feeds AuxK
-    eval_tokens: int = 32768  # real: held-out tokens for EV, firing statistics and top contexts
+    dead_after_tokens: int = 200_000  # real: a latent silent for this many tokens feeds AuxK
+    eval_tokens: int = 32768  # real: held-out tokens for EV, firing statistics and top contexts (at most the cache)
     ce_contexts: int = 4  # real: held-out contexts (256 tokens) spliced for ΔCE
     hungarian_pairs: int = 3  # real: seed pairs (0, s) matched one-to-one with the Hungarian algorithm
     subspace_rank: int = 64  # real: rank r of each seed's unstable span
@@ -272,9 +273,10 @@ def run_real(cfg: Config) -> dict:
     heldout = data.CacheSource(cfg.heldout_cache)
     norm = source.normalizer
     sae_cfg = sae.SAEConfig(d_in=source.d_in, d_sae=cfg.d_sae, k=cfg.k, aux_k=cfg.aux_k)
-    train_cfg = train.TrainConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size, num_tokens=cfg.num_tokens,
-                                  n_seeds=cfg.n_seeds, data_order="same", dead_after_tokens=cfg.dead_after_tokens,
-                                  checkpoint_every=100, log_every=20, out_dir=f"{cfg.run_dir}/real")
+    train_cfg = train.TrainConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size,
+                                  num_tokens=cfg.num_tokens, n_seeds=cfg.n_seeds, data_order=cfg.data_order,
+                                  dead_after_tokens=cfg.dead_after_tokens, checkpoint_every=50, log_every=10,
+                                  out_dir=f"{cfg.run_dir}/real")
     t_train = time.time()
     params = jax.device_get(train.fit(source, sae_cfg, train_cfg).params)
     t_train = time.time() - t_train
@@ -379,7 +381,7 @@ def run_real(cfg: Config) -> dict:
     kept = stability.pool_unique(dec[:P].reshape(P * M, -1), order, M, cfg.tau)
     seed_of, latent_of = np.divmod(kept, M)
     width = len(kept)
-    pool_cfg = dataclasses.replace(sae_cfg, d_sae=width)
+    pool_cfg = dataclasses.replace(sae_cfg, d_sae=width, aux_k=0)  # nothing is dead after pooling
     init = {"W_dec": dec[seed_of, latent_of], "W_enc": np.asarray(params["W_enc"])[seed_of, :, latent_of].T,
             "b_enc": np.asarray(params["b_enc"])[seed_of, latent_of], "b_dec": np.asarray(params["b_dec"][:P]).mean(0)}
     pooled = _refit_encoder(init, pool_cfg, source, cfg)
@@ -414,7 +416,7 @@ def run_real(cfg: Config) -> dict:
         "principal_angles_deg_seed01": {k: v.round(2).tolist() for k, v in angles.items()},
         "pooled": pooled_sum, "baseline": baseline,
         "setup": {"sae": dataclasses.asdict(sae_cfg), "train_tokens_per_seed": train_cfg.total_steps * cfg.batch_size,
-                  "n_seeds": S, "train_cache": cfg.train_cache, "heldout_cache": cfg.heldout_cache,
+                  "n_seeds": S, "data_order": cfg.data_order, "train_cache": cfg.train_cache, "heldout_cache": cfg.heldout_cache,
                   "eval_tokens": len(x), "ce_tokens": int(cfg.ce_contexts * (ctx.shape[1] - 1 - skip_first)),
                   "train_seconds": round(t_train, 1), "stability_seconds": round(t_stab, 1)},
     }
@@ -486,6 +488,8 @@ def write_report(summary: dict, cfg: Config, out: Path) -> None:
               f"| best \\|cos\\| of a latent to the true direction (mean) | {syn['atomic_latent_recovery']:.3f} | – |",
               f"| fraction recovered at \\|cos\\| ≥ 0.9 | {syn['atomic_frac_recovered']:.3f} | – |",
               f"| subspace overlap with the truth (mean cos² of principal angles) | – | {syn['lowrank_subspace_overlap']:.3f} |",
+              f"| same, against the full span of the group's latents | – | {syn['lowrank_subspace_containment']:.3f} |",
+              f"| random subspace of the same rank (r/D) | – | {c['group_rank'] / c['d']:.3f} |",
               f"| per-latent stability across seeds (τ={cfg.tau}) | {syn['atomic_latent_stability']:.3f} | "
               f"{syn['lowrank_latent_stability']:.3f} |",
               f"| same, chance level: each seed's group latents turned by a random rotation of the subspace | – | "
@@ -497,7 +501,7 @@ def write_report(summary: dict, cfg: Config, out: Path) -> None:
         sc = st["sae"]
         L += ["## Real model: SmolLM2-135M, layer 14 residual stream", "",
               f"{st['n_seeds']} TopK SAEs (M={sc['d_sae']}, k={sc['k']}, AuxK {sc['aux_k']}) trained as one vmapped "
-              f"ensemble with the same data order on {st['train_tokens_per_seed']:,} tokens each of "
+              f"ensemble (data order: {st['data_order']}) on {st['train_tokens_per_seed']:,} tokens each of "
               f"`{st['train_cache']}` ({st['train_seconds']:.0f} s). Evaluation on {st['eval_tokens']:,} held-out "
               f"tokens of `{st['heldout_cache']}`; ΔCE on {st['ce_tokens']:,} held-out tokens spliced into the model "
               f"(seed 0 only). Latents that never fire on the evaluation tokens ({real['dead_frac']:.1%}) are "

@@ -87,6 +87,8 @@ def recovery(dec_SxMxD, model: dict, cfg: SyntheticConfig, tau: float = 0.7, cos
     - lowrank_subspace_overlap: mean over seeds and groups of the overlap (mean cos² of principal angles)
       between the true r-dim subspace and the top-r span of the latents assigned to that group
       (0 for a group with no latents; capped by #latents / r).
+    - lowrank_subspace_containment: the same against the full span of the group's latents (rank = their
+      count, usually a little above r), i.e. how much of the true subspace those latents can express.
     - atomic/lowrank_latent_stability: mean stability (at τ) of the latents matched to an atomic feature
       (|cos| ≥ 0.9) and of the latents assigned to a group.
     - lowrank_latent_stability_random_rotation: the same after turning every seed's group latents by an
@@ -98,7 +100,7 @@ def recovery(dec_SxMxD, model: dict, cfg: SyntheticConfig, tau: float = 0.7, cos
     if cos_SxSxM is None:
         cos_SxSxM = stability.best_matches(dec_SxMxD, search_dtype="float32")
     p_SxM = stability.stability(cos_SxSxM, tau)
-    atomic_best, overlaps, atomic_p, lowrank_p, lat_per_group, rotated = [], [], [], [], [], []
+    atomic_best, overlaps, contained, atomic_p, lowrank_p, lat_per_group, rotated = [], [], [], [], [], [], []
     groups_SxM = np.stack([assign_latents(dec_SxMxD[s], model) for s in range(S)])
     for s, key in zip(range(S), jax.random.split(jax.random.key(0), S)):
         rotated.append(rotate_within_groups(key, dec_SxMxD[s], groups_SxM[s], model))
@@ -114,11 +116,13 @@ def recovery(dec_SxMxD, model: dict, cfg: SyntheticConfig, tau: float = 0.7, cos
             lat_per_group.append(len(mine))
             if len(mine) == 0:
                 overlaps.append(0.0)
+                contained.append(0.0)
                 continue
-            r = min(len(mine), cfg.group_rank)
-            Q_Dxr = stability.span_basis(dec_SxMxD[s][mine], r)
+            truth_Dxr = model["groups_GxRxD"][g].T
             # Normalise by the true rank so that too few latents cannot score a perfect overlap.
-            overlaps.append(stability.subspace_overlap(Q_Dxr, model["groups_GxRxD"][g].T) * r / cfg.group_rank)
+            for out, r in ((overlaps, min(len(mine), cfg.group_rank)), (contained, min(len(mine), cfg.d))):
+                Q_Dxr = stability.span_basis(dec_SxMxD[s][mine], r)
+                out.append(stability.subspace_overlap(Q_Dxr, truth_Dxr) * min(r, cfg.group_rank) / cfg.group_rank)
     atomic_best = np.concatenate(atomic_best)
     mean = lambda xs: float(np.mean(np.concatenate(xs))) if sum(map(len, xs)) else float("nan")  # noqa: E731
     return {
@@ -126,6 +130,7 @@ def recovery(dec_SxMxD, model: dict, cfg: SyntheticConfig, tau: float = 0.7, cos
         "atomic_frac_recovered": float(np.mean(atomic_best >= 0.9)),
         "atomic_latent_stability": mean(atomic_p),
         "lowrank_subspace_overlap": float(np.mean(overlaps)) if overlaps else float("nan"),
+        "lowrank_subspace_containment": float(np.mean(contained)) if contained else float("nan"),
         "lowrank_latent_stability": mean(lowrank_p),
         "lowrank_latent_stability_random_rotation": mean([p_rot_SxM[s][groups_SxM[s] >= 0] for s in range(S)]),
         "lowrank_latents_per_group": float(np.mean(lat_per_group)) if lat_per_group else float("nan"),

@@ -49,6 +49,7 @@ def test_recovery_of_a_ground_truth_dictionary():
     assert out["atomic_frac_recovered"] == 1.0
     assert out["atomic_latent_stability"] == 1.0
     assert out["lowrank_subspace_overlap"] == pytest.approx(1.0, abs=1e-4)
+    assert out["lowrank_subspace_containment"] == pytest.approx(1.0, abs=1e-4)
     assert out["lowrank_latents_per_group"] == 4
     # Group latent i of seed s is matched in seed t iff row i of R_s R_tᵀ holds an entry ≥ 0.7 in magnitude
     # (other groups and atomic directions are far away in R^32 for this model).
@@ -78,6 +79,7 @@ def test_missing_group_latents_lower_the_overlap():
     dec = np.concatenate([np.asarray(model["atomic_AxD"])] + half)
     out = synthetic.recovery(np.stack([dec, dec]), model, CFG)
     assert out["lowrank_subspace_overlap"] == pytest.approx(0.5, abs=1e-4)
+    assert out["lowrank_subspace_containment"] == pytest.approx(0.5, abs=1e-4)
 
 
 def test_bad_config_raises():
