@@ -1,0 +1,330 @@
+"""Llama / LIMe language-model training from scratch: AdamW, cosine schedule, sharded jit, orbax, resume.
+
+`train_step(state, tokens_BxT)`: next-token loss → global-norm clip → Adam moments → decoupled weight decay
+(matrices only: not norm gains, not routers) → learning rate from the schedule, times `router_lr_mult` for
+the LIMe routers (the paper's separate optimiser groups: 1e-2 against 1e-3). `fit` feeds packed contexts in a
+fixed order per (seed, epoch), logs JSON lines (loss, tokens/s, MFU whose FLOPs count routing), checkpoints
+state and data position with orbax (a killed run resumes to the same result bit for bit) and writes
+summary.json with the held-out loss. `lime_jax train key=value ...` is the command line: keys of
+TrainConfig and of LlamaConfig (applied on top of `preset`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jaxsae import configlib
+from lime_jax import config, model, sharding
+
+PRESETS = {"tiny": config.tiny, "paper_1b": config.paper_1b, "smollm2_135m": config.smollm2_135m}
+# Dense peak FLOP/s per device for MFU (bf16 tensor cores; the H100/H200 figure is Levanter's table).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5p": 459e12,
+              "TPU v5 lite": 197e12, "TPU v6 lite": 918e12}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "tiny"  # model preset (tiny | paper_1b | smollm2_135m); LlamaConfig keys on the command line override it
+    corpus: str = "general"  # lime_jax.corpora name: trains on its train split, evaluates on its heldout split
+    seq_len: int = 128  # tokens per training sequence (packed contexts); at most the model's max_len
+    batch_size: int = 8  # sequences per step, over all devices
+    num_steps: int = 300  # optimiser steps
+    lr: float = 1e-3  # peak learning rate (paper: 1e-3)
+    router_lr_mult: float = 10.0  # LIMe routers learn at router_lr_mult * lr (paper: 1e-2 against 1e-3)
+    min_lr: float = 1e-6  # learning rate at the last step, the end of the cosine
+    warmup_steps: int = 30  # linear warm-up from 0 to lr (paper: 200 of 20k steps)
+    weight_decay: float = 0.1  # AdamW decoupled decay on matrices and embeddings; none on norm gains and routers
+    b1: float = 0.9  # Adam beta1
+    b2: float = 0.95  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    grad_clip: float = 1.0  # clip the gradient to this global norm (0 disables)
+    seed: int = 0  # parameter init key and data order
+    mesh_data: int = 1  # devices along the mesh's data axis
+    mesh_fsdp: int = 1  # devices along the mesh's fsdp axis (batch and d_model of every weight split over it)
+    checkpoint_every: int = 100  # steps between orbax checkpoints (0: only the last step; else a multiple of log_every)
+    keep_checkpoints: int = 2  # how many of the latest checkpoints stay on disk
+    log_every: int = 10  # steps between lines of metrics.jsonl (loss averaged over those steps)
+    eval_batches: int = 8  # held-out batches (of batch_size sequences) in summary.json's heldout_loss
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: look up the device kind (CPU: no MFU logged)
+    out_dir: str = "runs/lime"  # run folder: config.json, metrics.jsonl, checkpoints/, summary.json
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} not in {sorted(PRESETS)}")
+        for name in ("seq_len", "batch_size", "num_steps", "log_every", "keep_checkpoints", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every % self.log_every:  # a resumed run then logs the same interval averages
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of log_every={self.log_every}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+
+
+class TrainState(NamedTuple):
+    params: dict  # lime_jax.model parameters
+    opt_state: Any  # optax state (Adam moments mirror params)
+    step: jax.Array  # int32 scalar, steps taken
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0 to lr, then cosine down to min_lr at the last step."""
+    warm = min(cfg.warmup_steps, cfg.num_steps - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warm, max(cfg.num_steps, warm + 1), cfg.min_lr)
+
+
+def _is_router(path) -> bool:
+    return any(isinstance(k, jax.tree_util.DictKey) and k.key == "router" for k in path)
+
+
+def _decays(path, leaf) -> bool:
+    """Weight decay on matrices and embeddings; not on norm gains ([L, D] stacked or [D]) nor routers."""
+    name = path[-1].key
+    return not (_is_router(path) or name.endswith("norm"))
+
+
+def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """clip → Adam → decoupled weight decay (masked) → -lr(step) → x router_lr_mult on the routers."""
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(_decays, params)  # noqa: E731
+    router_mask = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: _is_router(p), params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+        optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps),
+        optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+        optax.scale_by_learning_rate(lr_schedule(cfg)),
+        optax.masked(optax.scale(cfg.router_lr_mult), router_mask),
+    )
+
+
+def init_state(key: jax.Array, model_cfg: config.LlamaConfig, cfg: TrainConfig) -> TrainState:
+    params = model.init(key, model_cfg)
+    return TrainState(params, optimizer(cfg).init(params), jnp.zeros((), jnp.int32))
+
+
+def loss_fn(params: dict, tokens_BxT: jax.Array, model_cfg: config.LlamaConfig) -> jax.Array:
+    """Mean next-token negative log-likelihood (nats)."""
+    return model.token_nll(model.apply(params, tokens_BxT, model_cfg), tokens_BxT).mean()
+
+
+def make_train_step(model_cfg: config.LlamaConfig, cfg: TrainConfig, mesh=None):
+    """Jitted `train_step(state, tokens_BxT) -> (state, {"loss", "grad_norm", "lr"})`, sharded over `mesh`."""
+    tx, lr = optimizer(cfg), lr_schedule(cfg)
+
+    def train_step(state: TrainState, tokens_BxT: jax.Array):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens_BxT, model_cfg)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr(state.step)}
+        return TrainState(params, opt_state, state.step + 1), metrics
+
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    sharding.check_divides(mesh, model_cfg.d_model, cfg.batch_size)
+    state_sh = sharding.tree_shardings(mesh, abstract_state(model_cfg, cfg))
+    return jax.jit(train_step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+def abstract_state(model_cfg: config.LlamaConfig, cfg: TrainConfig) -> TrainState:
+    return jax.eval_shape(lambda: init_state(jax.random.key(0), model_cfg, cfg))
+
+
+def batch_rows(step: int, batch_size: int, num_contexts: int, seed: int) -> np.ndarray:
+    """Row ids of step `step`'s batch: epoch e reads a fixed permutation (seed, e) in order, tail dropped."""
+    per_epoch = num_contexts // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"{num_contexts} contexts are fewer than one batch of {batch_size}")
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_contexts)
+    return np.sort(order[i * batch_size:(i + 1) * batch_size])
+
+
+@functools.partial(jax.jit, static_argnames="model_cfg")
+def _nll_sum(params, tokens_BxT, model_cfg):
+    return model.token_nll(model.apply(params, tokens_BxT, model_cfg), tokens_BxT).sum()
+
+
+def evaluate(params: dict, model_cfg: config.LlamaConfig, tokens_NxT, batch_size: int) -> float:
+    """Mean next-token loss (nats) over all rows of tokens_NxT, in batches (the tail batch included)."""
+    total = sum(float(_nll_sum(params, jnp.asarray(tokens_NxT[i:i + batch_size]), model_cfg))
+                for i in range(0, len(tokens_NxT), batch_size))
+    return total / (len(tokens_NxT) * (tokens_NxT.shape[1] - 1))
+
+
+def peak_flops(cfg: TrainConfig) -> float | None:
+    """Per-device peak FLOP/s: the config's, else the device kind's from PEAK_FLOPS, else None."""
+    if cfg.peak_flops > 0:
+        return cfg.peak_flops
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
+
+
+def _check_config(out: Path, run: dict) -> None:
+    """Write config.json, or check that the run being resumed used the same configuration."""
+    path = out / "config.json"
+    if not path.exists():
+        path.write_text(json.dumps(run, indent=1))
+        return
+    old = json.loads(path.read_text())
+    diff = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g in run for k, v in run[g].items()
+            if old.get(g, {}).get(k) != v and k not in ("out_dir", "log_every", "eval_batches", "peak_flops")]
+    if diff:
+        raise ValueError(f"{out} holds a run with another configuration; use a new out_dir. Differences: {diff}")
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past `step`, written by a run that died after its last checkpoint."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldout_NxT=None) -> TrainState:
+    """Train on `tokens_NxT` (default: the corpus's packed train contexts), resuming from out_dir's checkpoint.
+
+    Writes out_dir/summary.json (final_loss, heldout_loss on `heldout_NxT` or the corpus's heldout split,
+    flops, tokens, num_params, tokens_per_s). Token arrays need `len`, `.shape` and row indexing.
+    """
+    if cfg.seq_len > model_cfg.max_len:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_len={model_cfg.max_len}")
+    if tokens_NxT is None:
+        from lime_jax import corpora
+        tokens_NxT = corpora.token_contexts(cfg.corpus, "train", cfg.seq_len)
+    if tokens_NxT.ndim != 2 or tokens_NxT.shape[1] != cfg.seq_len:
+        raise ValueError(f"training tokens must be [N, seq_len={cfg.seq_len}], got shape {tokens_NxT.shape}")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(out, {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)})
+    mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+    step_fn = make_train_step(model_cfg, cfg, mesh)
+    state_sh = sharding.tree_shardings(mesh, abstract_state(model_cfg, cfg))
+    batch_sh = sharding.batch_sharding(mesh)
+    position = {"corpus": cfg.corpus, "seed": cfg.seed, "batch_size": cfg.batch_size,
+                "num_contexts": len(tokens_NxT), "seq_len": cfg.seq_len}
+    manager = ocp.CheckpointManager((out / "checkpoints").absolute(),
+                                    options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints))
+    start = manager.latest_step()
+    if start is None:
+        start = 0
+        state = jax.jit(lambda key: init_state(key, model_cfg, cfg), out_shardings=state_sh)(jax.random.key(cfg.seed))
+    else:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract_state(model_cfg, cfg), state_sh)
+        restored = manager.restore(start, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        state = TrainState(*restored.state)
+        saved = {k: restored.data.get(k) for k in position}
+        if saved != position:
+            raise ValueError(f"checkpoint {start} in {out} was made on another data stream: {saved} != {position}")
+    _trim_log(out / "metrics.jsonl", start)
+
+    seq_cfg = dataclasses.replace(model_cfg, max_len=cfg.seq_len)  # FLOPs at the trained length
+    flops_per_step = seq_cfg.flops_per_token * cfg.batch_size * cfg.seq_len
+    peak = peak_flops(cfg)
+    losses, seconds, tic, last = [], 0.0, time.perf_counter(), {}
+    try:
+        with open(out / "metrics.jsonl", "a") as log, tqdm(total=cfg.num_steps, initial=start, desc="train") as bar:
+            for step in range(start, cfg.num_steps):
+                rows = batch_rows(step, cfg.batch_size, len(tokens_NxT), cfg.seed)
+                batch = jax.device_put(np.asarray(tokens_NxT[rows], np.int32), batch_sh)
+                state, m = step_fn(state, batch)
+                losses.append(m["loss"])
+                done = step + 1
+                save = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.num_steps
+                if done % cfg.log_every == 0 or done == cfg.num_steps:
+                    m, loss = jax.device_get((m, jnp.stack(losses).mean()))
+                    if not np.isfinite(loss):  # never checkpoint a diverged state
+                        raise FloatingPointError(f"non-finite loss at step {done}: {loss}")
+                    now = time.perf_counter()
+                    # The first interval includes compilation; tokens/s is per interval.
+                    tokens_per_s = len(losses) * cfg.batch_size * cfg.seq_len / (now - tic)
+                    seconds += now - tic
+                    last = {"step": done, "tokens": done * cfg.batch_size * cfg.seq_len, "flops": done * flops_per_step,
+                            "loss": round(float(loss), 6), "grad_norm": round(float(m["grad_norm"]), 6),
+                            "lr": float(m["lr"]), "tokens_per_s": round(tokens_per_s, 1)}
+                    if peak:
+                        last["mfu"] = round(tokens_per_s * seq_cfg.flops_per_token / (peak * mesh.size), 5)
+                    log.write(json.dumps(last) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=last["loss"], tok_s=last["tokens_per_s"])
+                    losses, tic = [], time.perf_counter()
+                if save:
+                    manager.save(done, args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(position, step=done))))
+                bar.update(1)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+
+    if heldout_NxT is None:
+        from lime_jax import corpora
+        heldout_NxT = corpora.token_contexts(cfg.corpus, "heldout", cfg.seq_len)
+    heldout_NxT = heldout_NxT[: cfg.eval_batches * cfg.batch_size]
+    if not last:  # resumed a finished run: the log's last line holds the final training loss
+        last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    summary = {"final_loss": last["loss"], "heldout_loss": evaluate(state.params, model_cfg, heldout_NxT, cfg.batch_size),
+               "heldout_tokens": int(heldout_NxT.shape[0] * (heldout_NxT.shape[1] - 1)),
+               "flops": cfg.num_steps * flops_per_step, "tokens": cfg.num_steps * cfg.batch_size * cfg.seq_len,
+               "num_params": model_cfg.num_params, "routing": model_cfg.routing,
+               "train_seconds": round(seconds, 2), "device": jax.devices()[0].device_kind, "devices": mesh.size}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return state
+
+
+def load_params(out_dir: str | Path) -> tuple[dict, config.LlamaConfig]:
+    """(params, model config) of a run folder's latest checkpoint, on the default device."""
+    out = Path(out_dir)
+    run = json.loads((out / "config.json").read_text())
+    model_cfg, cfg = config.LlamaConfig(**run["model"]), TrainConfig(**run["train"])
+    with ocp.CheckpointManager((out / "checkpoints").absolute()) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {out / 'checkpoints'}")
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                              abstract_state(model_cfg, cfg))
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return TrainState(*restored.state).params, model_cfg
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """key=value items for TrainConfig and for LlamaConfig (every key belongs to exactly one)."""
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_keys = {f.name for f in dataclasses.fields(config.LlamaConfig)}
+    train_argv, model_argv = [], []
+    for item in argv:
+        key = item.split("=", 1)[0].strip().lstrip("-").replace("-", "_")
+        if key not in train_keys | model_keys:
+            raise ValueError(f"unknown option {key!r}; known: {sorted(train_keys | model_keys)}")
+        (train_argv if key in train_keys else model_argv).append(item)
+    return train_argv, model_argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lime_jax train [key=value ...]`: fields of TrainConfig and LlamaConfig (routing=static, n_layers=16, ...)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(configlib.help_text(TrainConfig()) + "\n\n" + configlib.help_text(config.tiny()))
+        return 0
+    train_argv, model_argv = _split_argv(argv)
+    cfg = configlib.override(TrainConfig(), train_argv)
+    model_cfg = configlib.override(PRESETS[cfg.preset](), model_argv)
+    fit(model_cfg, cfg)
+    print((Path(cfg.out_dir) / "summary.json").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
