@@ -34,9 +34,9 @@ class PipelineConfig:
     n_seeds: int = 4  # ensemble size S, trained together in one vmapped run
     steps: int = 400  # optimiser steps per seed (400 x 512 = one pass over 200k rows)
     batch_size: int = 512  # tokens per step per seed
-    lr: float = 4e-4  # peak Adam learning rate
+    lr: float = 2e-3  # peak Adam lr (60-step probe: held-out EV 0.37/0.49/0.58 at lr 4e-4/1e-3/2e-3)
     dead_after_tokens: int = 100_000  # a latent idle this long counts as dead and feeds AuxK
-    ce_contexts: int = 16  # held-out contexts per corpus spliced for the CE metrics
+    ce_contexts: int = 8  # held-out contexts per corpus spliced for the CE metrics (~2,000 loss positions)
     eval_batch_size: int = 2048  # activation rows per EV batch
     run_dir: str = "runs/pipeline"  # checkpoints and SAE folders (git-ignored)
     out: str = "results/pipeline"  # report.md, pipeline.png and summary.json
@@ -104,7 +104,8 @@ def _plot(cfg: PipelineConfig, log: list[dict], rows: list[dict], path: Path) ->
 def _report(cfg: PipelineConfig, summary: dict) -> str:
     """Markdown: what ran, the per-seed table, mean ± std, and how to reproduce it."""
     rows = summary["per_seed"]
-    caches = "\n".join(f"| `{name}` | {c['num_tokens']:,} | {c['num_contexts']:,} |" for name, c in summary["caches"].items())
+    caches = "\n".join(f"| `{name}` | {c['num_tokens']:,} | {c['num_contexts']:,} |"
+                       for name, c in summary["caches"].items())
     table = "\n".join(
         f"| {r['corpus']} | {r['seed']} | {r['ev']:.4f} | {r['l0']:.1f} | {r['dead_frac']:.4f} | "
         f"{r['ce_delta']:.4f} | {r['loss_recovered']:.4f} |" for r in rows)

@@ -68,7 +68,8 @@ def ce_metrics(model_params: dict, model_cfg: LlamaConfig, tokens_NxT, layer: in
         count += int(loss_mask_BxT1.sum())
         for name, fn in fns.items():
             spliced = lambda h, fn=fn: jnp.where(keep_BxTx1, fn(h), h)  # noqa: E731
-            nll_BxT1 = np.asarray(lm.token_nll(lm.splice(model_params, batch_BxT, model_cfg, layer, spliced), batch_BxT))
+            logits_BxTxV = lm.splice(model_params, batch_BxT, model_cfg, layer, spliced)
+            nll_BxT1 = np.asarray(lm.token_nll(logits_BxTxV, batch_BxT))
             sums[name] += float(np.sum(nll_BxT1[:real].astype(np.float64) * loss_mask_BxT1))
     if count == 0:
         raise ValueError(f"no position of tokens {tokens_NxT.shape} is >= skip_first={skip_first} and not excluded")
