@@ -142,3 +142,23 @@ def test_ensure_cache_reuses_a_big_enough_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hv, "load_model", no_model)
     assert hv.ensure_cache("toy", "heldout", 35, layer=2, **kw) == path
+
+
+@pytest.mark.slow
+def test_real_model_left_out_rows_are_the_attention_sinks(tmp_path):
+    """SmolLM2 L14: position 0 and <|endoftext|> have norms in the thousands, every kept row is ordinary."""
+    from lime_jax.gguf import find_smollm2_gguf
+
+    try:
+        find_smollm2_gguf()
+    except FileNotFoundError:
+        pytest.skip("SmolLM2 GGUF not installed")
+    model_cfg, params = hv.load_model("smollm2-135m")
+    tokens = np.random.default_rng(9).integers(1000, 20000, (2, 64)).astype(np.int32)
+    tokens[0, 30] = tokens[1, 50] = 0
+    cfg = hv.HarvestConfig(corpus="toy", split="train", num_tokens=100, ctx_len=64, batch_size=2)
+    hv.harvest(params, model_cfg, tokens, cfg, {14: tmp_path})
+    _, x = _read(tmp_path)
+    h = np.asarray(lm.residuals(params, tokens, model_cfg, 14)[14])
+    assert len(x) == 2 * 60 - 2 and np.linalg.norm(x.astype(np.float32), axis=1).max() < 1000
+    assert min(np.linalg.norm(h[0, 0]), np.linalg.norm(h[0, 30]), np.linalg.norm(h[1, 50])) > 3000
