@@ -326,7 +326,9 @@ def _aux_loss(params, x_BxD, resid_BxD, dead_M, cfg):
     A = min(cfg.aux_k, N)
     num_dead = jnp.sum(dead_M)
     ids_N = jnp.nonzero(dead_M, size=N, fill_value=0)[0]
-    pre_BxN = (x_BxD - _b_dec(params, cfg)) @ params["W_enc"][:, ids_N] + params["b_enc"][ids_N]
+    W_enc_DxN = params["W_enc"][:, ids_N]
+    # x W − b_dec W rather than (x − b_dec) W: d(b_dec) is then a mat-vec, not a [B, D] × [D, N] product.
+    pre_BxN = x_BxD @ W_enc_DxN - _b_dec(params, cfg) @ W_enc_DxN + params["b_enc"][ids_N]
     pre_BxN = jnp.where(jnp.arange(N) < num_dead, pre_BxN, -jnp.inf)
     if A < N:  # keep each token's A largest; the rest of the [B, N] block is zero
         kth_Bx1 = jax.lax.top_k(jax.lax.stop_gradient(pre_BxN), A)[0][:, -1:]
