@@ -35,7 +35,7 @@ from jaxsae import configlib, data, metrics, sae, stability, synthetic, train
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    part: str = "all"  # all | synthetic | real
+    part: str = "all"  # all | synthetic | real | report (rebuild report.md and plots from summary.json)
     out_dir: str = "results/stability"  # summary.json, report.md and plots
     run_dir: str = "runs/stability"  # trained ensembles (checkpoints, SAELens folders); reruns resume here
     n_seeds: int = 8  # seeds per ensemble (S)
@@ -82,8 +82,8 @@ class Config:
     refit_steps: int = 300  # pooling: encoder refit steps (decoder frozen)
 
     def __post_init__(self):
-        if self.part not in ("all", "synthetic", "real"):
-            raise ValueError(f"part must be all, synthetic or real, got {self.part!r}")
+        if self.part not in ("all", "synthetic", "real", "report"):
+            raise ValueError(f"part must be all, synthetic, real or report, got {self.part!r}")
         if self.n_seeds < 3:
             raise ValueError(f"n_seeds must be >= 3, got {self.n_seeds}")
         if not 2 <= self.pool_seeds <= self.n_seeds - 1:
@@ -129,7 +129,7 @@ def run_synthetic(cfg: Config) -> dict:
     p = stability.stability(cos, cfg.tau)
     return {**out, "ev": float(np.mean(ev["ev"])), "l0": float(np.mean(ev["l0"])),
             "mean_stability": float(p.mean()), "config": dataclasses.asdict(syn),
-            "sae": {"d_sae": cfg.syn_d_sae, "k": cfg.syn_k, "steps": cfg.syn_steps}}
+            "sae": {"d_sae": cfg.syn_d_sae, "k": cfg.syn_k, "steps": cfg.syn_steps, "n_seeds": cfg.n_seeds}}
 
 
 # ---------------------------------------------------------------- real model
@@ -394,7 +394,7 @@ def run_real(cfg: Config) -> dict:
                 for t in p_by_tau}
     base_p = {t: np.stack([stability.stability_against(dec[s], fresh, tau=t, search_dtype=cfg.search_dtype)
                            for s in range(P)]) for t in p_by_tau}
-    pooled_sum = {"ev": float(pooled_ev[0, 0]), "width": width, "from_seed": np.bincount(seed_of, minlength=P).tolist(),
+    pooled_sum = {"ev": float(pooled_ev[0, 0]), "width": width, "refit_steps": cfg.refit_steps, "from_seed": np.bincount(seed_of, minlength=P).tolist(),
                   "mean_stability": float(pooled_p[cfg.tau].mean()), "ce_delta": ce_pool["ce_delta"],
                   "mean_stability_by_tau": {str(t): float(v.mean()) for t, v in pooled_p.items()}}
     baseline = {"ev": float(ev[:P, 0].mean()), "width": M, "mean_stability": float(base_p[cfg.tau].mean()),
@@ -482,7 +482,7 @@ def write_report(summary: dict, cfg: Config, out: Path) -> None:
         L += ["## Synthetic model", "",
               f"D={c['d']}: {c['n_atomic']} atomic features (fixed unit directions, firing p={c['p_atomic']}) and "
               f"{c['n_groups']} low-rank groups (random rank-{c['group_rank']} subspace each, gate p={c['p_group']} × "
-              f"isotropic Gaussian inside it), noise σ={c['noise']}. {cfg.n_seeds} TopK SAEs (M={syn['sae']['d_sae']}, "
+              f"isotropic Gaussian inside it), noise σ={c['noise']}. {syn['sae'].get('n_seeds', cfg.n_seeds)} TopK SAEs (M={syn['sae']['d_sae']}, "
               f"k={syn['sae']['k']}, {syn['sae']['steps']} steps, same data order); EV={syn['ev']:.3f}.", "",
               "| | atomic features | low-rank groups |", "|---|---|---|",
               f"| best \\|cos\\| of a latent to the true direction (mean) | {syn['atomic_latent_recovery']:.3f} | – |",
@@ -501,7 +501,7 @@ def write_report(summary: dict, cfg: Config, out: Path) -> None:
         sc = st["sae"]
         L += ["## Real model: SmolLM2-135M, layer 14 residual stream", "",
               f"{st['n_seeds']} TopK SAEs (M={sc['d_sae']}, k={sc['k']}, AuxK {sc['aux_k']}) trained as one vmapped "
-              f"ensemble (data order: {st['data_order']}) on {st['train_tokens_per_seed']:,} tokens each of "
+              f"ensemble (data order: {st.get('data_order', 'same')}) on {st['train_tokens_per_seed']:,} tokens each of "
               f"`{st['train_cache']}` ({st['train_seconds']:.0f} s). Evaluation on {st['eval_tokens']:,} held-out "
               f"tokens of `{st['heldout_cache']}`; ΔCE on {st['ce_tokens']:,} held-out tokens spliced into the model "
               f"(seed 0 only). Latents that never fire on the evaluation tokens ({real['dead_frac']:.1%}) are "
@@ -562,20 +562,31 @@ def write_report(summary: dict, cfg: Config, out: Path) -> None:
               f"| random rank-{sub['rank']} subspaces | {sub['random_subspace']:.3f} (r/D = {sub['random_subspace_expected']:.3f}) |",
               "", "![principal angles](principal_angles.png)", ""]
         po, ba = real["pooled"], real["baseline"]
+        P = len(po["from_seed"])
         L += ["### Pooled stable SAE", "",
-              f"Decoders of seeds 0..{cfg.pool_seeds - 1} concatenated; candidates ordered by stability among those seeds, "
+              f"Decoders of seeds 0..{P - 1} concatenated; candidates ordered by stability among those seeds, "
               f"then firing frequency; a candidate is kept if its |cos| to every kept one is < τ={cfg.tau}, up to "
               f"M={ba['width']} (kept {po['width']}; per source seed {po['from_seed']}). The encoder rows of the kept "
-              f"latents are then refit for {cfg.refit_steps} steps with the decoder frozen. Stability is measured "
-              f"against the fresh seeds {cfg.pool_seeds}..{cfg.n_seeds - 1}, which took no part in the pooling.", "",
+              f"latents are then refit for {po.get('refit_steps', cfg.refit_steps)} steps with the decoder frozen. Stability is measured "
+              f"against the fresh seeds {P}..{st['n_seeds'] - 1}, which took no part in the pooling.", "",
               "| SAE | width | EV | ΔCE (nats) | " + " | ".join(f"stability τ={t}" for t in po["mean_stability_by_tau"]) + " |",
               "|---|---|---|---|" + "---|" * len(po["mean_stability_by_tau"]),
               f"| pooled | {po['width']} | {po['ev']:.3f} | {po['ce_delta']:.3f} | "
               + " | ".join(f"{v:.3f}" for v in po["mean_stability_by_tau"].values()) + " |",
-              f"| single seed (mean of seeds 0..{cfg.pool_seeds - 1}; ΔCE seed 0) | {ba['width']} | {ba['ev']:.3f} | "
+              f"| single seed (mean of seeds 0..{P - 1}; ΔCE seed 0) | {ba['width']} | {ba['ev']:.3f} | "
               f"{ba['ce_delta']:.3f} | " + " | ".join(f"{v:.3f}" for v in ba["mean_stability_by_tau"].values()) + " |", ""]
-    if summary.get("notes"):
-        L += ["## Notes and limits", ""] + [f"- {n}" for n in summary["notes"]] + [""]
+    if real:
+        n_cache = json.loads((Path(st["train_cache"]) / data.MANIFEST).read_text())["num_tokens"]
+        L += ["## Scale and limits", "",
+              f"- Training data: {n_cache:,} tokens (`{st['train_cache']}`), so {st['train_tokens_per_seed']:,} tokens "
+              f"per seed are {st['train_tokens_per_seed'] / n_cache:.1f} passes over it. This is orders of magnitude "
+              "below the paper's setting (the shared caches were built at this size for a 2-core CPU); absolute "
+              "stability and EV are those of small, briefly trained SAEs and should not be compared with published "
+              "numbers. The comparisons between groups, against random baselines, and pooled vs single are the result.",
+              f"- ΔCE uses {st['ce_tokens']:,} tokens and seed 0 only; ΔEV is averaged over all {st['n_seeds']} seeds.",
+              "- Stable/unstable is a cut at p ≥ stable_min of the stability at τ; latents silent on the evaluation "
+              "tokens are excluded. The similarity search runs in bfloat16 (|cos| within 2⁻⁸ of float32).",
+              "- Top contexts come from held-out rows only, so rare latents may show fewer than 3 examples.", ""]
     (out / "report.md").write_text("\n".join(L))
 
 
@@ -595,7 +606,9 @@ def main(argv: list[str] | None = None) -> int:
         summary_path.write_text(json.dumps(summary, indent=1))
     if cfg.part in ("all", "real"):
         summary["real"] = run_real(cfg)
-        # The required top-level keys (the real model's numbers, or the synthetic ones without a real run).
+        summary_path.write_text(json.dumps(summary, indent=1))
+    if "real" in summary:
+        # The headline keys at the top level, from the real-model run.
         summary.update({k: summary["real"][k] for k in ("mean_stability", "frac_stable", "ablation",
                                                         "subspace_overlap", "pooled", "baseline")})
         summary["subspace_random_baselines"] = {k: summary["real"]["subspace"][k] for k in
