@@ -63,7 +63,7 @@ class LlamaConfig:
                     static  2*K*D*(l+1)              (mixing the K/V inputs)
                     dynamic 2*K*D*(l+1) * 2          (router logits + mixing)
                     v2      2*K*K*(2H)*(l+1)         (mixing pre-RoPE K||V)
-        Routing is counted as the math needs it; the fixed-width masked implementation does up to L/(l+1) more.
+        Layer l mixes exactly its l+1 sources (the masked router entries of later layers are never computed).
         """
         L, D, N, K, H, F, V, T = (self.n_layers, self.d_model, self.n_heads, self.n_kv_heads, self.head_dim,
                                   self.d_ff, self.vocab, self.max_len)

@@ -71,7 +71,10 @@ def test_sharded_untied_checkpoint_matches_numpy(tmp_path):
         safetensors.numpy.save_file({k: w[k] for k in keys}, tmp_path / fname)
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
-    (tmp_path / "config.json").write_text(json.dumps(_config(tied=False)))
+    # transformers >= 5 writes RoPE settings nested in rope_parameters.
+    hf_config = {k: v for k, v in _config(tied=False).items() if k != "rope_theta"}
+    hf_config["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000.0}
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
     cfg, params = hf.load_hf(tmp_path)
     assert not cfg.tie_embeddings and cfg.head_dim == H and cfg.n_kv_heads == K
     tokens = np.random.default_rng(1).integers(0, V, (1, 13)).astype(np.int32)
