@@ -43,7 +43,8 @@ class LlamaConfig:
         """Trainable router weights; the fixed-width routers' masked (future-layer) entries are not counted."""
         L, D, K = self.n_layers, self.d_model, self.n_kv_heads
         depth_pairs = L * (L + 1) // 2  # sum over layers l of the l+1 sources it may read
-        return {"none": 0, "static": K * depth_pairs, "dynamic": D * K * depth_pairs, "v2": K * K * depth_pairs}[self.routing]
+        per_source = {"none": 0, "static": K, "dynamic": D * K, "v2": K * K}[self.routing]
+        return per_source * depth_pairs
 
     @property
     def num_params(self) -> int:
@@ -70,7 +71,8 @@ class LlamaConfig:
         matmul = L * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + D * V
         attention = 4 * L * T * N * H
         depth_pairs = L * (L + 1) // 2
-        routing = {"none": 0, "static": 2 * K * D, "dynamic": 4 * K * D, "v2": 4 * K * K * H}[self.routing] * depth_pairs
+        per_source = {"none": 0, "static": 2 * K * D, "dynamic": 4 * K * D, "v2": 4 * K * K * H}[self.routing]
+        routing = per_source * depth_pairs
         return 3.0 * (2 * matmul + attention + routing)
 
 

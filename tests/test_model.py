@@ -255,6 +255,8 @@ def test_bad_input_raises_clear_errors():
         model.splice(params, _tokens(SMALL), SMALL, -1, lambda h: h)
     with pytest.raises(ValueError, match="keep the shape"):
         model.splice(params, _tokens(SMALL), SMALL, 0, lambda h: h[:, :1])
+    with pytest.raises(ValueError, match=r"do not match tokens \(2, 5\)"):
+        model.token_nll(jnp.zeros((2, 4, 7)), jnp.zeros((2, 5), jnp.int32))
     with pytest.raises(ValueError, match="n_kv_heads"):
         config.LlamaConfig(n_heads=9, n_kv_heads=2)
     with pytest.raises(ValueError, match="routing"):
