@@ -171,6 +171,23 @@ def peak_flops(cfg: TrainConfig) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
 
 
+def _compute_part(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the fields that do not change the step reset, so equal computations share one compile."""
+    return dataclasses.replace(cfg, **{k: getattr(TrainConfig, k) for k in _NOT_COMPUTED})
+
+
+_NOT_COMPUTED = ("out_dir", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "peak_flops")
+_RESUME_MAY_CHANGE = ("out_dir", "eval_batches", "peak_flops", "keep_checkpoints")
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(model_cfg: config.LlamaConfig, cfg: TrainConfig, mesh):
+    """(train_step, init(key) -> sharded state, state shardings), reused across `fit` calls on one mesh."""
+    state_sh = sharding.tree_shardings(mesh, abstract_state(model_cfg, cfg))
+    init = jax.jit(lambda key: init_state(key, model_cfg, cfg), out_shardings=state_sh)
+    return make_train_step(model_cfg, cfg, mesh), init, state_sh
+
+
 def _check_config(out: Path, run: dict) -> None:
     """Write config.json, or check that the run being resumed used the same configuration."""
     path = out / "config.json"
@@ -179,7 +196,7 @@ def _check_config(out: Path, run: dict) -> None:
         return
     old = json.loads(path.read_text())
     diff = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g in run for k, v in run[g].items()
-            if old.get(g, {}).get(k) != v and k not in ("out_dir", "log_every", "eval_batches", "peak_flops")]
+            if old.get(g, {}).get(k) != v and k not in _RESUME_MAY_CHANGE]
     if diff:
         raise ValueError(f"{out} holds a run with another configuration; use a new out_dir. Differences: {diff}")
 
@@ -208,8 +225,7 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
     out.mkdir(parents=True, exist_ok=True)
     _check_config(out, {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)})
     mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
-    step_fn = make_train_step(model_cfg, cfg, mesh)
-    state_sh = sharding.tree_shardings(mesh, abstract_state(model_cfg, cfg))
+    step_fn, init, state_sh = _compiled(model_cfg, _compute_part(cfg), mesh)
     batch_sh = sharding.batch_sharding(mesh)
     position = {"corpus": cfg.corpus, "seed": cfg.seed, "batch_size": cfg.batch_size,
                 "num_contexts": len(tokens_NxT), "seq_len": cfg.seq_len}
@@ -218,7 +234,7 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
     start = manager.latest_step()
     if start is None:
         start = 0
-        state = jax.jit(lambda key: init_state(key, model_cfg, cfg), out_shardings=state_sh)(jax.random.key(cfg.seed))
+        state = init(jax.random.key(cfg.seed))
     else:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract_state(model_cfg, cfg), state_sh)
