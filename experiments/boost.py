@@ -126,9 +126,8 @@ def _train_cfg(cfg: BoostExperimentConfig, steps: int, out: Path) -> train.Train
 
 
 def _fit(source, sae_cfg, cfg: BoostExperimentConfig, steps: int, out: Path, loss_fn=None) -> dict:
-    """train.fit with one seed (resumes an unfinished run, reuses a finished one); params without the seed axis."""
-    if (out / "seed_0" / io.CFG).is_file():
-        return io.load_saelens(out / "seed_0")[0]
+    """train.fit with one seed; params without the seed axis. A run in `out` is resumed or, if finished, restored
+    (fit refuses it if the config or the source's size changed: a grown cache needs a new out_dir)."""
     state = train.fit(source, sae_cfg, _train_cfg(cfg, steps, out), loss_fn=loss_fn)
     return jax.tree.map(lambda a: np.asarray(a[0]), jax.device_get(state.params))
 
@@ -136,6 +135,10 @@ def _fit(source, sae_cfg, cfg: BoostExperimentConfig, steps: int, out: Path, los
 def _fit_from(params: dict, source, sae_cfg, cfg: BoostExperimentConfig, steps: int, out: Path) -> dict:
     """The trainer's step from given starting params (fine-tune and extended baselines); cached in `out`."""
     if (out / io.CFG).is_file():
+        saved = json.loads((out / io.CFG).read_text())["jaxsae"].get("source_tokens")
+        if saved != source.num_tokens:
+            raise ValueError(f"{out} was trained on a source of {saved} tokens, it now holds {source.num_tokens}; "
+                             "use a new out_dir")
         return io.load_saelens(out)[0]
     train_cfg = _train_cfg(cfg, steps, out)
     params_S = jax.tree.map(lambda a: jnp.asarray(a)[None], params)
@@ -146,7 +149,7 @@ def _fit_from(params: dict, source, sae_cfg, cfg: BoostExperimentConfig, steps: 
     for _ in tqdm(range(steps), desc=f"train {out.name}"):
         state, _ = step(state, jnp.asarray(source.normalizer(next(batches))))
     params = jax.tree.map(lambda a: np.asarray(a[0]), jax.device_get(state.params))
-    io.save_saelens(out, params, sae_cfg, source.normalizer)
+    io.save_saelens(out, params, sae_cfg, source.normalizer, extra={"source_tokens": source.num_tokens})
     return params
 
 
