@@ -182,3 +182,21 @@ def test_smollm2_english_loss_and_greedy_continuation(smollm2, tokenizer):
     for n in range(len(prompt), len(prompt) + 3):
         buf[0, n] = int(np.argmax(model.apply(params, buf, cfg)[0, n - 1]))
     assert "Paris" in tokenizer.decode(buf[0, len(prompt):len(prompt) + 3].tolist())
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smollm2, tokenizer):
+    """The optional dev extra: HF transformers' own GGUF loader and Llama forward are the reference."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = lg.find_smollm2_gguf()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    ids = np.array([tokenizer.encode(ENGLISH).ids[:64]], np.int32)
+    with torch.inference_mode():
+        ref = hf(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    cfg, params = smollm2
+    got = np.asarray(model.apply(params, ids, cfg))
+    # float32 on both sides, different summation orders over 30 layers: 1e-3 of the logit range.
+    assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max(), np.abs(got - ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.98
