@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: lime_jax {" + ",".join(COMMANDS) + "} [key=value ...]")
         for name, (_, doc) in COMMANDS.items():
-            print(f"  {name:8s} {doc}")
+            print(f"  {name:11s} {doc}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:]) or 0
