@@ -405,6 +405,31 @@ def report(summary: dict) -> str:
               f"{cfg['base_steps'] * cfg['batch_size']:,} general token-steps), one seed, on a shared 2-core CPU, so "
               "small differences (a few 0.001 EV, CE deltas on a few thousand tokens) are within noise.", ""]
 
+    if "diagnosis" in summary:
+        lines += ["## Where the residuals fire (`experiments.boost_diagnose`)", "",
+                  "| residual | held-out text | residual L0 | tokens where it fires | mean encoder pre-activation | "
+                  "JumpReLU threshold |", "|---|---|---|---|---|---|"]
+        for name, per_corpus in summary["diagnosis"].items():
+            for corpus, d in per_corpus.items():
+                lines.append(f"| {name} | {corpus} | {d['residual_l0']:.1f} | {d['tokens_with_a_residual_latent']:.1%} | "
+                             f"{d['mean_pre_activation']:+.3f} | {d['threshold']:.3f} |")
+        lines += ["", "A residual is trained on domain text only, so nothing in its loss constrains its encoder on "
+                  "general text: there its pre-activations sit higher (the rows above), many latents cross the "
+                  "single JumpReLU threshold set on domain text, and their decoder rows add error the base did not "
+                  "make.", ""]
+    if "mixed_ablation" in summary:
+        ab = summary["mixed_ablation"]
+        lines += [f"## Ablation, not in the paper: {ab['mix_general']:.0%} general text in the residual's training data",
+                  "", "Same target (the base's error), steps, batch size and domain tokens; EV on "
+                  + ", ".join(f"{c} {n:,}" for c, n in ab["eval_tokens"].items()) + " held-out tokens.", "",
+                  "| domain | base: domain / general EV | paper's residual | residual with general text mixed in |",
+                  "|---|---|---|---|"]
+        for name in cfg["domains"]:
+            r = ab[name]
+            lines.append(" | ".join([f"| {name}"] + [f"{r[f'{v}_domain_ev']:.4f} / {r[f'{v}_general_ev']:.4f}"
+                                                      for v in ("base", "boosted", "boosted_mixed")]) + " |")
+        lines.append("")
+
     sw = summary["budget_sweep"]
     lines += [f"## Token budget of the `{sw['domain']}` residual", "",
               f"Each residual trains {sw['rows'][0]['steps']} steps × {cfg['batch_size']} tokens drawn from a pool of "
