@@ -171,23 +171,50 @@ def _fwd_seeds(k, W_enc_SxDxM, b_enc_SxM, W_dec_SxMxD, b_dec_SxD, x_XxBxD):
     return x_hat_SxBxD + b_dec_SxD[:, None], vals_SxBxK, idx_SxBxK
 
 
+def _chunk_width(D: int) -> int:
+    """The divisor of D nearest 144: column blocks whose [M, c] accumulators stay in cache."""
+    return min((c for c in range(1, D + 1) if D % c == 0), key=lambda c: abs(c - 144))
+
+
 def _bwd_one_seed(k, W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
-    """(dW_dec [M, D], dW_enc1 [M, D + 1]) of one seed; the last column of dW_enc1 is d(b_enc)."""
+    """(dW_dec [M, D], dW_enc [D, M], d(b_enc) [M]) of one seed.
+
+    Both passes walk D in blocks of c columns (`lax.map`), so each scatter-add hits an [M, c] accumulator
+    and each gathered [B, c] block that stay in cache, unlike full-width [M, D] rows on a CPU.
+    """
     M, D = W_dec_MxD.shape
-    x_in1_BxE = jnp.concatenate([x_in_BxD, jnp.ones_like(x_in_BxD[:, :1])], 1)
+    B = g_BxD.shape[0]
+    c = _chunk_width(D)
+    blocks = lambda a_RxD: a_RxD.reshape(a_RxD.shape[0], D // c, c).transpose(1, 0, 2)  # noqa: E731
+    g_CxBxc, x_CxBxc, W_dec_CxMxc = blocks(g_BxD), blocks(x_in_BxD), blocks(W_dec_MxD)
 
-    def one_k(kk, carry):
-        # The kk-th selected latent of every token: d(val) = g·W_dec[idx], ReLU gate, two scatter-adds.
-        dW_dec_MxD, dW_enc1_MxE = carry
-        i_B, v_B = _col(idx_BxK, kk), _col(vals_BxK, kk)
-        dval_B = jnp.sum(g_BxD * _gather_rows(W_dec_MxD, i_B), -1) + _col(g_vals_BxK, kk)
-        dpre_B = jnp.where(v_B > 0, dval_B, 0.0)
-        dW_dec_MxD = dW_dec_MxD.at[i_B].add(v_B[:, None] * g_BxD, mode="promise_in_bounds")
-        dW_enc1_MxE = dW_enc1_MxE.at[i_B].add(dpre_B[:, None] * x_in1_BxE, mode="promise_in_bounds")
-        return dW_dec_MxD, dW_enc1_MxE
+    def dvals_block(a):  # the block's share of d(val)[b, k] = g_b · W_dec[idx[b, k]]
+        g_Bxc, W_Mxc = a
 
-    zeros = (jnp.zeros((M, D), g_BxD.dtype), jnp.zeros((M, D + 1), g_BxD.dtype))
-    return jax.lax.fori_loop(0, k, one_k, zeros)
+        def one_k(kk, dvals_BxK):
+            return dvals_BxK.at[:, kk].set(jnp.sum(g_Bxc * _gather_rows(W_Mxc, _col(idx_BxK, kk)), -1))
+
+        return jax.lax.fori_loop(0, k, one_k, jnp.zeros((B, k), g_BxD.dtype))
+
+    dvals_BxK = jax.lax.map(dvals_block, (g_CxBxc, W_dec_CxMxc)).sum(0) + g_vals_BxK
+    dpre_BxK = jnp.where(vals_BxK > 0, dvals_BxK, 0.0)  # through the ReLU
+
+    def scatter_block(a):  # dW_dec[idx] += val · g and dW_enc[:, idx] += dpre · x_in, block columns only
+        g_Bxc, x_Bxc = a
+
+        def one_k(kk, carry):
+            dW_dec_Mxc, dW_enc_Mxc = carry
+            i_B = _col(idx_BxK, kk)
+            return (dW_dec_Mxc.at[i_B].add(_col(vals_BxK, kk)[:, None] * g_Bxc, mode="promise_in_bounds"),
+                    dW_enc_Mxc.at[i_B].add(_col(dpre_BxK, kk)[:, None] * x_Bxc, mode="promise_in_bounds"))
+
+        zeros = jnp.zeros((M, c), g_BxD.dtype)
+        return jax.lax.fori_loop(0, k, one_k, (zeros, zeros))
+
+    dW_dec_CxMxc, dW_enc_CxMxc = jax.lax.map(scatter_block, (g_CxBxc, x_CxBxc))
+    db_enc_M = jnp.zeros((M,), g_BxD.dtype).at[idx_BxK.reshape(-1)].add(dpre_BxK.reshape(-1))
+    return (dW_dec_CxMxc.transpose(1, 0, 2).reshape(M, D), dW_enc_CxMxc.transpose(0, 2, 1).reshape(D, M),
+            db_enc_M)
 
 
 def _dx_one_seed(W_enc_DxM, W_dec_MxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
@@ -198,7 +225,6 @@ def _dx_one_seed(W_enc_DxM, W_dec_MxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
 
 def _bwd_seeds(k, W_enc_SxDxM, W_dec_SxMxD, b_dec_SxD, x_XxBxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK):
     """Gradients of S TopK SAEs touching only the selected latents; dx is per seed, [S, B, D]."""
-    D = W_enc_SxDxM.shape[1]
     x_shared = x_XxBxD.shape[0] == 1
 
     def one_seed(a):
@@ -206,14 +232,13 @@ def _bwd_seeds(k, W_enc_SxDxM, W_dec_SxMxD, b_dec_SxD, x_XxBxD, vals_SxBxK, idx_
         return _bwd_one_seed(k, W_dec_MxD, (x_XxBxD[0] if x_shared else x_BxD) - b_dec_D, *rest)
 
     xs = W_dec_SxMxD, b_dec_SxD, (b_dec_SxD if x_shared else x_XxBxD), vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK
-    dW_dec_SxMxD, dW_enc1_SxMxE = jax.lax.map(one_seed, xs)
-    db_enc_SxM = dW_enc1_SxMxE[..., D]
+    dW_dec_SxMxD, dW_enc_SxDxM, db_enc_SxM = jax.lax.map(one_seed, xs)
     # x_in = x − b_dec, so through the encoder d(b_dec) = −Σ_b dx_in[b] = −W_enc·d(b_enc): a mat-vec.
     db_dec_SxD = g_SxBxD.sum(1) - jnp.einsum("SDM,SM->SD", W_enc_SxDxM, db_enc_SxM)
     # dx is only computed when the caller differentiates w.r.t. x (otherwise XLA drops it).
     dx_SxBxD = jax.lax.map(lambda a: _dx_one_seed(*a),
                            (W_enc_SxDxM, W_dec_SxMxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK))
-    return jnp.swapaxes(dW_enc1_SxMxE[..., :D], 1, 2), db_enc_SxM, dW_dec_SxMxD, db_dec_SxD, dx_SxBxD
+    return dW_enc_SxDxM, db_enc_SxM, dW_dec_SxMxD, db_dec_SxD, dx_SxBxD
 
 
 def _fold(a: jax.Array, batched: bool, n: int) -> jax.Array:
