@@ -417,6 +417,12 @@ def report(summary: dict) -> str:
                   "general text: there its pre-activations sit higher (the rows above), many latents cross the "
                   "single JumpReLU threshold set on domain text, and their decoder rows add error the base did not "
                   "make.", ""]
+    if "outliers" in summary:
+        lines += ["Massive-norm tokens (centred squared norm > 10× the median) in the held-out samples: "
+                  + "; ".join(f"{c}: {o['tokens']} of {o['of']:,} tokens hold {o['variance_share']:.1%} of the variance"
+                              for c, o in summary["outliers"].items())
+                  + ". Where they hold a visible share, EV (a sum over tokens) mostly measures how an SAE handles those "
+                  "few tokens, and CE Δ is the steadier number.", ""]
     if "mixed_ablation" in summary:
         ab = summary["mixed_ablation"]
         lines += [f"## Ablation, not in the paper: {ab['mix_general']:.0%} general text in the residual's training data",

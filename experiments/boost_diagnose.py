@@ -4,10 +4,11 @@
 residuals and the stitched SAE, whose first latents are the frozen base), then
   1. for each residual, on held-out general and domain activations: its L0, the fraction of tokens on
      which it fires, and its mean encoder pre-activation (the residual never saw general text, so nothing
-     in training keeps its encoder quiet there);
+     in training keeps its encoder quiet there); and per corpus, the share of the held-out variance held by
+     massive-norm tokens (> 10x the median centred squared norm);
   2. ablation (not in the paper): a residual trained on its domain plus a fraction `mix_general` of general
      tokens (same target, the base's error; same steps), against the paper's residual on the same tokens.
-Adds "diagnosis" and "mixed_ablation" to `summary.json` and rewrites `report.md`.
+Adds "diagnosis", "outliers" and "mixed_ablation" to `summary.json` and rewrites `report.md`.
 """
 from __future__ import annotations
 
@@ -70,6 +71,13 @@ def run(dcfg: DiagnoseConfig) -> dict:
                 "threshold": float(np.mean(r.params["threshold"])),
             }
     summary["diagnosis"] = diagnosis
+    outliers = {}
+    for c, (_, x_NxD) in heldout.items():
+        # Massive-norm tokens (e.g. just after a document boundary inside a packed context) can dominate a sum-based EV.
+        n2_N = np.asarray(jnp.sum((x_NxD - x_NxD.mean(0)) ** 2, -1))
+        big_N = n2_N > 10 * np.median(n2_N)
+        outliers[c] = {"tokens": int(big_N.sum()), "of": int(len(n2_N)), "variance_share": float(n2_N[big_N].sum() / n2_N.sum())}
+    summary["outliers"] = outliers
 
     if dcfg.mix_general > 0:
         res_cfg = boost.residual_config(base_cfg, cfg.res_d_sae, cfg.res_k, cfg.aux_k)
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(dcfg.results_dir)
     (results / "summary.json").write_text(json.dumps(summary, indent=1))
     (results / "report.md").write_text(exp.report(summary))
-    print(json.dumps({k: summary[k] for k in ("diagnosis", "mixed_ablation") if k in summary}))
+    print(json.dumps({k: summary[k] for k in ("diagnosis", "outliers", "mixed_ablation") if k in summary}))
     return 0
 
 
