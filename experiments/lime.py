@@ -31,10 +31,10 @@ PROBE_WORDS = (" is", " are", " was", " were")
 @dataclasses.dataclass(frozen=True)
 class LimeExperimentConfig:
     n_layers: int = 12  # decoder blocks (deep and narrow: where the paper sees the largest effect)
-    d_model: int = 128  # residual width
-    n_heads: int = 4  # attention heads; multi-head attention (every head its own K/V), as in the paper's runs
+    d_model: int = 64  # residual width
+    n_heads: int = 2  # attention heads; multi-head attention (every head its own K/V), as in the paper's runs
     head_dim: int = 32  # width of each head
-    d_ff: int = 384  # SwiGLU hidden width
+    d_ff: int = 192  # SwiGLU hidden width
     vocab_top: int = 8192  # keep this many most frequent training tokens, the rest share one id (0: full vocab)
     seq_len: int = 128  # tokens per sequence (the corpus's 256-token packed contexts cut in two)
     batch_size: int = 8  # sequences per step
@@ -49,6 +49,7 @@ class LimeExperimentConfig:
     routings: tuple[str, ...] = ROUTINGS  # models to train: none (Llama) | static | dynamic | v2
     out_dir: str = "runs/lime_experiment"  # training runs (checkpoints, metrics.jsonl)
     results_dir: str = "results/lime"  # summary.json, report.md, PNGs
+    report_only: bool = False  # only rebuild report.md and the PNGs from summary.json and the runs' metrics.jsonl
 
     def __post_init__(self):
         if not set(self.routings) <= set(ROUTINGS) or not self.routings:
@@ -147,35 +148,58 @@ def _plots(results: dict, curves: dict, out: Path) -> None:
         plt.close(fig)
 
 
-def _report(cfg, model_cfg, results, curves, out: Path) -> None:
+def _report(cfg, results, out: Path) -> None:
     base = results.get("llama")
+    vocab = cfg.vocab_top or config.LlamaConfig().vocab
     lines = [
         "# LIMe at CPU scale: Llama vs LIMe static / dynamic / v2",
         "",
         f"Model: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads x {cfg.head_dim} (MHA), "
-        f"d_ff {cfg.d_ff}, vocabulary {model_cfg.vocab} (the most frequent SmolLM2 tokens, rest merged). "
+        f"d_ff {cfg.d_ff}, vocabulary {vocab} (the most frequent SmolLM2 tokens, the rest merged into one id). "
         f"Training: {cfg.num_steps} steps x {cfg.batch_size} sequences x {cfg.seq_len} tokens "
         f"= {cfg.num_steps * cfg.batch_size * cfg.seq_len:,} tokens of the general corpus, same order and seed "
-        f"for every model; AdamW lr {cfg.lr} (routers 10x), cosine, warm-up {cfg.warmup_steps}. One seed.",
+        f"for every model; AdamW lr {cfg.lr} (routers 10x), cosine, warm-up {cfg.warmup_steps}. One seed. "
+        f"Held-out loss over {cfg.heldout_contexts} held-out sequences; entropy over {cfg.entropy_contexts}; "
+        f"probe on the value vectors of {'/'.join(w.strip() for w in PROBE_WORDS)} tokens (balanced: the first n "
+        f"of each word, n = the rarest word's count) in {cfg.probe_contexts} held-out sequences.",
         "",
-        "| model | params | training FLOPs | final train loss | held-out loss | train loss at Llama's FLOPs | "
-        "mean value entropy | probe acc. (last layer) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | params | training FLOPs | final train loss | held-out loss | mean value entropy | "
+        "probe acc. (mean over layers / last) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         lines.append(f"| {name} | {r['num_params']:,} | {r['flops']:.3e} | {r['final_loss']:.4f} | "
-                     f"{r['heldout_loss']:.4f} | {r['loss_at_llama_flops']:.4f} | "
-                     f"{np.mean(r['value_entropy']):.3f} | {r['probe_accuracy'][-1]:.3f} |")
-    lines += ["", "![loss, entropy, probe](loss_entropy_probe.png)", "", "![router weights](router_weights.png)", ""]
+                     f"{r['heldout_loss']:.4f} | {np.mean(r['value_entropy']):.3f} | "
+                     f"{np.mean(r['probe_accuracy']):.3f} / {r['probe_accuracy'][-1]:.3f} |")
+    lines += ["", "Final train loss: mean over the last log interval. Probe: "
+              f"{results[next(iter(results))]['probe_examples']} balanced examples, 5-fold CV, chance 0.25.", "",
+              "![loss, entropy, probe](loss_entropy_probe.png)", "", "![router weights](router_weights.png)", ""]
     if base is not None:
         lines += ["## Does LIMe reach lower loss per FLOP here?", ""]
-        for name, r in results.items():
-            if name != "llama":
-                d_held = r["heldout_loss"] - base["heldout_loss"]
-                d_flop = r["loss_at_llama_flops"] - base["loss_at_llama_flops"]
-                lines.append(f"- {name}: held-out loss {d_held:+.4f} nats vs Llama at "
-                             f"{100 * (r['flops'] / base['flops'] - 1):+.2f}% FLOPs; training loss at Llama's "
-                             f"final FLOPs {d_flop:+.4f}.")
+        lime = {n: r for n, r in results.items() if n != "llama"}
+        for name, r in lime.items():
+            lines.append(f"- {name}: held-out loss {r['heldout_loss'] - base['heldout_loss']:+.4f} nats vs Llama, "
+                         f"at {100 * (r['flops'] / base['flops'] - 1):+.2f}% training FLOPs.")
+        lower = [n for n, r in lime.items() if r["heldout_loss"] < base["heldout_loss"]]
+        spread = max(abs(r["heldout_loss"] - base["heldout_loss"]) for r in lime.values())
+        verdict = (f"**Only as noise: {', '.join(lower)} end below Llama.** " if lower else "**No.** ")
+        lines += ["", verdict + f"Every held-out loss lies within {spread:.4f} nats of Llama's, from one seed and "
+                  f"{cfg.num_steps * cfg.batch_size * cfg.seq_len:,} training tokens: differences this small are "
+                  "not evidence either way (the paper's gains appear over billions of tokens). At this scale the "
+                  "extra routing FLOPs buy no measurable loss.", "",
+                  "## Representations", "",
+                  "Values' matrix entropy (mean over layers) and the is/are/was/were probe (mean over layers), "
+                  "LIMe minus Llama:"]
+        for name, r in lime.items():
+            lines.append(f"- {name}: entropy {np.mean(r['value_entropy']) - np.mean(base['value_entropy']):+.3f} "
+                         f"nats, probe {np.mean(r['probe_accuracy']) - np.mean(base['probe_accuracy']):+.3f}.")
+        lines += ["", "The direction matches the paper (LIMe's values keep more entropy and keep token identity), "
+                  "but here it is mostly the routing's starting point: the static router starts near-uniform over "
+                  "depth (its heatmap is still close to uniform) and v2 starts as identity plus random mixing of all "
+                  "earlier layers, so every layer's values carry a direct copy of layer 0's source (the normalised "
+                  "token embedding, or for v2 its K/V projection) from step 0. The dynamic router learns sharper "
+                  "routing concentrated on a few source layers and sits between. "
+                  "Layer 0 reads only the embeddings in every model, hence probe accuracy 1.0 there for all.", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -207,17 +231,19 @@ def run(cfg: LimeExperimentConfig) -> dict:
         results[name] = {**summary, **_analyse(params, model_cfg, heldout_NxT, probe_ids, cfg)}
         curves[name] = _loss_curve(runs / name)
         print(json.dumps({k: v for k, v in results[name].items() if k != "router_weights"}), flush=True)
-    if "llama" in curves:  # every model's (interpolated) training loss at Llama's total FLOPs
-        at = curves["llama"][0][-1]
-        for name, (flops, loss) in curves.items():
-            results[name]["loss_at_llama_flops"] = round(float(np.interp(at, flops, loss)), 6)
-    else:
-        for name in results:
-            results[name]["loss_at_llama_flops"] = float("nan")
     (out / "summary.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "models": results}, indent=1))
     _plots(results, curves, out)
-    _report(cfg, model_cfg, results, curves, out)
+    _report(cfg, results, out)
     return results
+
+
+def report_only(cfg: LimeExperimentConfig) -> None:
+    """Rebuild report.md and the PNGs from results_dir/summary.json and the runs' metrics.jsonl."""
+    out = Path(cfg.results_dir)
+    results = json.loads((out / "summary.json").read_text())["models"]
+    curves = {name: _loss_curve(Path(cfg.out_dir) / name) for name in results}
+    _plots(results, curves, out)
+    _report(cfg, results, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(configlib.help_text(LimeExperimentConfig()))
         return 0
-    run(configlib.override(LimeExperimentConfig(), argv))
+    cfg = configlib.override(LimeExperimentConfig(), argv)
+    report_only(cfg) if cfg.report_only else run(cfg)
     return 0
 
 
