@@ -27,6 +27,7 @@ class HTopKExperimentConfig:
     corpus: str = "general"  # corpus of the activation caches {corpus}_{train,heldout} and of the CE contexts
     layer: int = 14  # SmolLM2 residual stream after this block
     train_cache_tokens: int = 1_000_000  # the train cache must hold this many tokens (harvested first if fewer)
+    train_cache: str = ""  # train on this cache folder instead (e.g. a frozen view of a cache still being extended)
     d_sae: int = 4608  # latents of every SAE
     k_max: int = 64  # K of the HierarchicalTopK SAE
     ks: tuple[int, ...] = (8, 16, 32, 64)  # sparsities: one TopK SAE trained at each; HTopK and TopK-k_max truncated to each
@@ -45,6 +46,8 @@ class HTopKExperimentConfig:
     synthetic_tokens: int = 65_536  # synthetic data: training tokens
     out_dir: str = "runs/hierarchical_topk"  # training runs (checkpoints, SAELens folders, timings)
     results_dir: str = "results/hierarchical_topk"  # summary.json, report.md, ev_vs_l0.png
+    only: str = ""  # train+evaluate only this run (htopk_k64, topk_k8, ...) and stop; a full run reuses its results
+    cached_only: bool = False  # report only the runs and evaluations already on disk; list the missing ones
 
     def __post_init__(self):
         if self.k_max not in self.ks or any(not 1 <= k <= self.k_max for k in self.ks):
@@ -60,7 +63,7 @@ def _sources(cfg: HTopKExperimentConfig):
         return make(cfg.synthetic_tokens, 0), make(cfg.eval_tokens, 1), None
     from jaxsae import harvest
 
-    train_dir = harvest.ensure_cache(cfg.corpus, "train", cfg.train_cache_tokens, cfg.layer)
+    train_dir = cfg.train_cache or harvest.ensure_cache(cfg.corpus, "train", cfg.train_cache_tokens, cfg.layer)
     heldout_dir = harvest.ensure_cache(cfg.corpus, "heldout", cfg.eval_tokens, cfg.layer)
     tokens = harvest.cache_contexts(heldout_dir)[: cfg.ce_contexts] if cfg.ce_contexts else None
     return data.CacheSource(train_dir), data.CacheSource(heldout_dir), tokens
@@ -87,45 +90,79 @@ def _train(name: str, sae_cfg: sae.SAEConfig, loss_fn, source, cfg: HTopKExperim
 
 
 def _evaluator(cfg: HTopKExperimentConfig, heldout, tokens_NxT, normalizer):
-    """`evaluate(params, sae_cfg) -> {"ev", "l0", "dead_frac", [CE metrics]}` on held-out data."""
+    """`evaluate(name, params, sae_cfg) -> {"ev", "l0", "dead_frac", [CE metrics]}` on held-out data.
+
+    EV/L0/dead and CE results (and the clean/zero-ablated LM losses) are cached separately under out_dir,
+    keyed by their settings, so reruns and parallel `only=` workers reuse them; with `cached_only` a
+    missing CE result is left out instead of running the model.
+    """
     from jaxsae import evaluate
 
-    model = evaluate.load_model() if tokens_NxT is not None else None
+    model = []  # SmolLM2, loaded on first use
     skip_first = heldout.manifest["skip_first"] if tokens_NxT is not None else 0
-    baseline = {}  # clean and zero-ablated LM losses: computed by the first call, reused by the rest
+    baseline_file = Path(cfg.out_dir) / f"ce_baseline_c{cfg.ce_contexts}.json"
 
-    def run_eval(params, sae_cfg):
-        r = evaluate.evaluate_sae(params, sae_cfg, normalizer, heldout, tokens_NxT, layer=cfg.layer,
-                                  skip_first=skip_first, num_tokens=cfg.eval_tokens, model=model,
-                                  baseline=baseline or None)
-        if tokens_NxT is not None and not baseline:
-            baseline.update(clean_loss=r["clean_loss"], zero_loss=r["zero_loss"])
+    def cached(path: Path, compute):
+        if not path.is_file():
+            path.write_text(json.dumps(compute()))
+        return json.loads(path.read_text())
+
+    def ce(params, sae_cfg):
+        if not model:
+            model.append(evaluate.load_model())
+        baseline = json.loads(baseline_file.read_text()) if baseline_file.is_file() else None
+        recon = evaluate.sae_recon_fn(params, sae_cfg, normalizer)
+        r = evaluate.ce_metrics(model[0][1], model[0][0], tokens_NxT, cfg.layer, recon, skip_first, baseline=baseline)
+        if baseline is None:
+            baseline_file.write_text(json.dumps({"clean_loss": r["clean_loss"], "zero_loss": r["zero_loss"]}))
+        return r
+
+    def run_eval(name, params, sae_cfg):
+        out = Path(cfg.out_dir) / name
+        r = cached(out / f"ev_k{sae_cfg.k}_t{cfg.eval_tokens}.json", lambda: evaluate.evaluate_sae(
+            params, sae_cfg, normalizer, heldout, num_tokens=cfg.eval_tokens))
+        ce_file = out / f"ce_k{sae_cfg.k}_c{cfg.ce_contexts}.json"
+        if tokens_NxT is not None and (ce_file.is_file() or not cfg.cached_only):
+            r.update(cached(ce_file, lambda: ce(params, sae_cfg)))
         return r
 
     return run_eval
 
 
-def run(cfg: HTopKExperimentConfig) -> dict:
-    """Train every SAE, evaluate at every sparsity, and return the summary."""
+def run(cfg: HTopKExperimentConfig) -> dict | None:
+    """Train every SAE, evaluate at every sparsity, and return the summary (None for an `only=` worker)."""
     source, heldout, tokens_NxT = _sources(cfg)
     evaluate = _evaluator(cfg, heldout, tokens_NxT, source.normalizer)
     base = sae.SAEConfig(d_in=source.d_in, d_sae=cfg.d_sae, k=cfg.k_max, aux_k=cfg.aux_k)
     h_cfg = htopk.HTopKConfig(tile=cfg.tile)
+    names = [f"htopk_k{cfg.k_max}"] + [f"topk_k{k}" for k in sorted(cfg.ks, reverse=True)]
+    if cfg.only and cfg.only not in names:
+        raise ValueError(f"only={cfg.only!r} is not one of {names}")
 
-    results, costs = {}, {}
-    params, costs["htopk"] = _train(f"htopk_k{cfg.k_max}", base, htopk.make_loss_fn(base, h_cfg), source, cfg)
-    results["htopk"] = {j: evaluate(params, dataclasses.replace(base, k=j)) for j in cfg.ks}
-    results["topk"], results["topk_truncated"] = {}, {}
-    for k in sorted(cfg.ks, reverse=True):
+    results, costs, missing = {"htopk": {}, "topk": {}, "topk_truncated": {}}, {}, []
+    for name in names:
+        if cfg.only and name != cfg.only:
+            continue
+        if cfg.cached_only and not (Path(cfg.out_dir) / name / "train_cost.json").is_file():
+            missing.append(name)
+            continue
+        k = int(name.rsplit("_k", 1)[1])
         sae_cfg = dataclasses.replace(base, k=k)
-        params, costs[f"topk_k{k}"] = _train(f"topk_k{k}", sae_cfg, None, source, cfg)
-        results["topk"][k] = evaluate(params, sae_cfg)
+        loss_fn = htopk.make_loss_fn(base, h_cfg) if name.startswith("htopk") else None
+        params, costs[name] = _train(name, sae_cfg, loss_fn, source, cfg)
+        if name.startswith("htopk"):
+            results["htopk"] = {j: evaluate(name, params, dataclasses.replace(base, k=j)) for j in cfg.ks}
+            continue
+        results["topk"][k] = evaluate(name, params, sae_cfg)
         if k == cfg.k_max:  # top_k is sorted, so truncating its code to j = re-encoding with k=j
-            results["topk_truncated"] = {j: (results["topk"][k] if j == k else
-                                             evaluate(params, dataclasses.replace(base, k=j)))
-                                         for j in cfg.ks}
-    return {"config": dataclasses.asdict(cfg), "d_in": source.d_in, "train_tokens_available": source.num_tokens,
-            "eval_tokens": results["htopk"][cfg.k_max]["eval_tokens"], "ce_tokens": None if tokens_NxT is None else int(tokens_NxT.size),
+            results["topk_truncated"] = {j: evaluate(name, params, dataclasses.replace(base, k=j)) for j in cfg.ks}
+    if cfg.only:
+        return None
+    missing += [f"CE of {family} j={j}" for family, rs in results.items() for j, r in rs.items()
+                if tokens_NxT is not None and "ce_delta" not in r]
+    return {"config": dataclasses.asdict(cfg), "d_in": source.d_in, "train_tokens": source.num_tokens,
+            "eval_tokens": next(r["eval_tokens"] for rs in results.values() for r in rs.values()), "missing": missing,
+            "ce_tokens": None if tokens_NxT is None else int(tokens_NxT[:, heldout.manifest["skip_first"] + 1:].size),
             "results": {m: {str(j): r for j, r in rs.items()} for m, rs in results.items()}, "train_cost": costs}
 
 
@@ -141,11 +178,11 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     res = summary["results"]
-    has_ce = all("ce_delta" in r for rs in res.values() for r in rs.values())
+    has_ce = any("ce_delta" in r for rs in res.values() for r in rs.values())
     fig, axes = plt.subplots(1, 2 if has_ce else 1, figsize=(10 if has_ce else 5.5, 4), squeeze=False)
     for metric, ax in zip(("ev", "ce_delta"), axes[0]):
         for (model, rs), marker in zip(res.items(), "os^"):
-            js = sorted(rs, key=int)
+            js = sorted((j for j in rs if metric in rs[j]), key=int)
             ax.plot([rs[j]["l0"] for j in js], [rs[j][metric] for j in js], marker=marker, label=LABELS[model])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("L0 (active latents per token)")
@@ -162,8 +199,9 @@ def plot(summary: dict, path: Path) -> None:
 def report(summary: dict) -> str:
     """report.md: the comparison table, the verdict on the paper's claim, and training cost."""
     cfg, res, costs = summary["config"], summary["results"], summary["train_cost"]
-    has_ce = all("ce_delta" in r for rs in res.values() for r in rs.values())
-    js = sorted(res["htopk"], key=int)
+    has_ce = any("ce_delta" in r for rs in res.values() for r in rs.values())
+    js = sorted({j for rs in res.values() for j in rs}, key=int)
+    both = [j for j in js if j in res["htopk"] and j in res["topk"]]
     source = ("synthetic sparse data (quick check; no model)" if cfg["synthetic"] else
               f"SmolLM2-135M, residual stream after block {cfg['layer']}, corpus `{cfg['corpus']}`")
     lines = [
@@ -184,25 +222,31 @@ def report(summary: dict) -> str:
     for j in js:
         cells = []
         for m in res:
-            r = res[m][j]
-            cells.append(f"{r['ev']:.4f}" + (f" / {r['ce_delta']:.4f}" if has_ce else "") + f" (L0 {r['l0']:.1f})")
+            r = res[m].get(j)
+            ce_cell = (f" / {r['ce_delta']:.4f}" if "ce_delta" in r else " / —") if has_ce and r else ""
+            cells.append("—" if r is None else f"{r['ev']:.4f}{ce_cell} (L0 {r['l0']:.1f})")
         lines.append(f"| {j} | " + " | ".join(cells) + " |")
     lines += ["", "Dead fraction (latents that never fire on the held-out tokens):", "",
               "| j | " + " | ".join(LABELS[m] for m in res) + " |", "|---|" + "---|" * len(res)]
     for j in js:
-        lines.append(f"| {j} | " + " | ".join(f"{res[m][j]['dead_frac']:.3f}" for m in res) + " |")
+        lines.append(f"| {j} | " + " | ".join(f"{res[m][j]['dead_frac']:.3f}" if j in res[m] else "—" for m in res) + " |")
+    if summary["missing"]:
+        lines += ["", f"**Missing (not finished in the time available): {', '.join(summary['missing'])}.**"]
 
-    wins = [j for j in js if res["htopk"][j]["ev"] >= res["topk"][j]["ev"]]
-    gaps = ", ".join(f"j={j}: {res['htopk'][j]['ev'] - res['topk'][j]['ev']:+.4f}" for j in js)
-    verdict = ("holds" if len(wins) == len(js) else "does not hold" if not wins else "holds only in part")
+    wins = [j for j in both if res["htopk"][j]["ev"] >= res["topk"][j]["ev"]]
+    gaps = ", ".join(f"j={j}: {res['htopk'][j]['ev'] - res['topk'][j]['ev']:+.4f}" for j in both)
+    verdict = ("cannot be judged (no sparsity has both models)" if not both else "holds" if len(wins) == len(both)
+               else "does not hold" if not wins else "holds only in part")
     lines += ["", "## Does one HierarchicalTopK SAE match separately trained TopK SAEs?", "",
               f"EV of HTopK minus EV of the TopK SAE trained at that k: {gaps}. "
               f"The paper's claim (HTopK matches or beats the separate TopK SAEs at every sparsity) "
-              f"**{verdict} here**: HTopK is at least as good at j ∈ {wins or 'none'} of {js}."]
-    if has_ce:
-        ce_gaps = ", ".join(f"j={j}: {res['htopk'][j]['ce_delta'] - res['topk'][j]['ce_delta']:+.4f}" for j in js)
+              f"**{verdict} here**: HTopK is at least as good at j ∈ {wins or 'none'} of {both}."]
+    ce_both = [j for j in both if "ce_delta" in res["htopk"][j] and "ce_delta" in res["topk"][j]]
+    if ce_both:
+        ce_gaps = ", ".join(f"j={j}: {res['htopk'][j]['ce_delta'] - res['topk'][j]['ce_delta']:+.4f}" for j in ce_both)
         lines.append(f"CE delta of HTopK minus CE delta of TopK (negative = HTopK better): {ce_gaps}.")
-    trunc = ", ".join(f"j={j}: {res['htopk'][j]['ev'] - res['topk_truncated'][j]['ev']:+.4f}" for j in js)
+    trunc = ", ".join(f"j={j}: {res['htopk'][j]['ev'] - res['topk_truncated'][j]['ev']:+.4f}"
+                      for j in js if j in res["htopk"] and j in res["topk_truncated"]) or "not available"
     lines += [f"Against the k_max TopK SAE simply truncated to j, HTopK's EV gain is {trunc}.", "",
               "## Training cost (this shared machine, compilation and data loading included)", "",
               "| model | steps | tokens | wall s | CPU s (all threads) | dead at end of training |",
@@ -211,7 +255,9 @@ def report(summary: dict) -> str:
         lines.append(f"| {name} | {c['steps']} | {c['tokens']:,} | {c['train_s']} | {c['train_cpu_s']} "
                      f"| {c['train_dead_frac']:.3f} |")
     topk_cpu = sum(c["train_cpu_s"] for n, c in costs.items() if n.startswith("topk"))
-    lines += ["", f"One HTopK SAE: {costs['htopk']['train_cpu_s']} CPU s; the {len(js)} separate TopK SAEs together: "
+    h_cpu = costs.get("htopk_k" + str(cfg["k_max"]), {}).get("train_cpu_s")
+    n_topk = sum(n.startswith("topk") for n in costs)
+    lines += ["", f"One HTopK SAE: {h_cpu} CPU s; the {n_topk} separate TopK SAEs together: "
               f"{topk_cpu:.1f} CPU s. Per-step cost at the benchmark size is in `benchmarks/README.md` (htopk_step)."]
     return "\n".join(lines) + "\n"
 
@@ -225,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.synthetic and cfg.results_dir == HTopKExperimentConfig.results_dir:
         raise ValueError(f"synthetic=true would overwrite the real results in {cfg.results_dir}; pass results_dir=...")
     summary = run(cfg)
+    if summary is None:
+        return 0
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot(summary, out / "ev_vs_l0.png")

@@ -20,7 +20,7 @@ def test_synthetic_run_writes_summary_report_and_plot(tmp_path):
             assert r["l0"] <= int(j) and -1.0 < r["ev"] <= 1.0 and 0.0 <= r["dead_frac"] <= 1.0
     # the k_max TopK SAE is its own truncation at j = k_max
     assert summary["results"]["topk_truncated"]["4"] == summary["results"]["topk"]["4"]
-    assert set(summary["train_cost"]) == {"htopk", "topk_k4", "topk_k2"}
+    assert set(summary["train_cost"]) == {"htopk_k4", "topk_k4", "topk_k2"}
     assert "holds" in (tmp_path / "res" / "report.md").read_text()
     assert (tmp_path / "res" / "ev_vs_l0.png").stat().st_size > 1000
 
