@@ -259,6 +259,15 @@ def report(summary: dict) -> str:
     n_topk = sum(n.startswith("topk") for n in costs)
     lines += ["", f"One HTopK SAE: {h_cpu} CPU s; the {n_topk} separate TopK SAEs together: "
               f"{topk_cpu:.1f} CPU s. Per-step cost at the benchmark size is in `benchmarks/README.md` (htopk_step)."]
+    epochs = cfg["num_steps"] * cfg["batch_size"] / summary["train_tokens"]
+    lines += ["", "## Caveats", "",
+              f"- Short training: {cfg['num_steps']} steps on {summary['train_tokens']:,} distinct tokens "
+              f"({epochs:.1f} passes). The paper trains on ~1B tokens at d_sae=65,536; this is a small-budget check "
+              "of the same comparison, and which way it comes out may change with longer training.",
+              f"- Training activations: `{cfg['train_cache'] or 'the shared ' + cfg['corpus'] + '_train cache'}` "
+              f"({summary['train_tokens']:,} tokens).",
+              "- One seed per model: differences of a few thousandths of EV are within seed noise (not measured here).",
+              "- Costs are CPU seconds on a 2-core machine shared with other jobs; wall seconds mostly reflect the load."]
     return "\n".join(lines) + "\n"
 
 
