@@ -43,7 +43,7 @@ def _compiled(model_cfg: config.LlamaConfig, train_cfg: train.TrainConfig, B: in
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="12,128,8,128", help="L,D,B,T: layers, d_model, sequences, positions")
+    ap.add_argument("--shape", default="12,64,8,128", help="L,D,B,T: layers, d_model, sequences, positions")
     ap.add_argument("--vocab", type=int, default=8192, help="vocabulary size (the experiment keeps 8192 tokens)")
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds (median reported)")
     ap.add_argument("--depths", default="2,4,8", help="depths for the compile-only memory scan ('' skips)")
