@@ -121,6 +121,8 @@ def evaluate_sae(params: dict, sae_cfg: sae.SAEConfig, normalizer: Normalizer | 
     if normalizer is None:
         normalizer = Normalizer(np.zeros(sae_cfg.d_in, np.float32), 1.0)
     n = acts.num_tokens if num_tokens is None else min(num_tokens, acts.num_tokens)
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"evaluate_sae needs num_tokens >= 1 and batch_size >= 1, got {num_tokens}, {batch_size}")
     batch_size = min(batch_size, n)
     stats, fires_M = metrics.ev_stats_init(sae_cfg.d_in), jnp.zeros((sae_cfg.d_sae,), jnp.int32)
     l0s = []

@@ -15,7 +15,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -40,7 +39,7 @@ HOOK = "resid_post"
 class HarvestConfig:
     corpus: str = "general"  # corpus name: general, code, russian or german
     split: str = "train"  # corpus split: train or heldout
-    num_tokens: int = 300_000  # activation rows to write per layer (rounded up to whole contexts)
+    num_tokens: int = 300_000  # activation rows per layer (rounded up to the end of a context)
     layers: tuple[int, ...] = (14,)  # residual stream after block l (0-based); one forward feeds every layer
     ctx_len: int = 256  # tokens per context
     skip_first: int = 4  # leading positions of every context left out of the cache
