@@ -193,3 +193,30 @@ def test_experiment_rejects_a_sweep_domain_it_does_not_train():
 
     with pytest.raises(ValueError, match="sweep_domain='german'"):
         exp.BoostExperimentConfig(sweep_domain="german")
+
+
+def _write_cache(root, corpus, split, n, layer=14):
+    from jaxsae import data, harvest
+
+    with data.CacheWriter(harvest.cache_dir(corpus, split, layer, str(root)), {"layer": layer, "skip_first": 4}, D) as w:
+        if n:
+            w.add(np.random.default_rng(n).standard_normal((n, D)).astype(np.float32))
+
+
+@pytest.mark.parametrize("code_train_tokens, code_layer, match", [
+    (0, 14, "is empty"), (10, 14, "holds 10 tokens, fewer than one batch"), (256, 7, "holds layer 7")])
+def test_experiment_rejects_bad_domain_caches(tmp_path, code_train_tokens, code_layer, match):
+    from experiments import boost as exp
+
+    for corpus, split in [("general", "train"), ("general", "heldout"), ("code", "heldout")]:
+        _write_cache(tmp_path, corpus, split, 256)
+    _write_cache(tmp_path, "code", "train", code_train_tokens, layer=14)
+    if code_layer != 14:  # a cache harvested at another layer, placed where layer 14's should be
+        import json
+        from jaxsae import harvest
+        m_path = harvest.cache_dir("code", "train", 14, str(tmp_path)) / "manifest.json"
+        m_path.write_text(json.dumps({**json.loads(m_path.read_text()), "layer": code_layer}))
+    cfg = exp.BoostExperimentConfig(domains=("code",), sweep_domain="code", root=str(tmp_path), batch_size=64,
+                                    budgets=(64,), ce_contexts=0)
+    with pytest.raises(ValueError, match=match):
+        exp._cache_corpora(cfg)
