@@ -12,7 +12,6 @@ with depth.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import time

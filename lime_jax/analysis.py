@@ -103,7 +103,8 @@ def router_weights(params: dict, cfg: LlamaConfig, tokens_BxT=None) -> np.ndarra
     out = np.zeros((L, L))
     for layer in range(L):
         h = embed if layer == 0 else np.asarray(hs[layer - 1], np.float64)
-        x = h / np.sqrt((h * h).mean(-1, keepdims=True) + cfg.norm_eps) * np.asarray(params["layers"]["attn_norm"][layer])
+        gain_D = np.asarray(params["layers"]["attn_norm"][layer])
+        x = h / np.sqrt((h * h).mean(-1, keepdims=True) + cfg.norm_eps) * gain_D
         logits = np.einsum("btd,dkj->btkj", x, router[layer][..., : layer + 1])
         out[layer, : layer + 1] = np.asarray(jax.nn.softmax(logits, axis=-1)).mean((0, 1, 2))
     return out

@@ -37,7 +37,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    preset: str = "tiny"  # model preset (tiny | paper_1b | smollm2_135m); LlamaConfig keys on the command line override it
+    preset: str = "tiny"  # model preset: tiny | paper_1b | smollm2_135m (LlamaConfig keys override its fields)
     corpus: str = "general"  # lime_jax.corpora name: trains on its train split, evaluates on its heldout split
     seq_len: int = 128  # tokens per training sequence (packed contexts); at most the model's max_len
     batch_size: int = 8  # sequences per step, over all devices
@@ -68,7 +68,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every % self.log_every:  # a resumed run then logs the same interval averages
-            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of log_every={self.log_every}")
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of "
+                             f"log_every={self.log_every}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
 
@@ -290,7 +291,8 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
     heldout_NxT = heldout_NxT[: cfg.eval_batches * cfg.batch_size]
     if not last:  # resumed a finished run: the log's last line holds the final training loss
         last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    summary = {"final_loss": last["loss"], "heldout_loss": evaluate(state.params, model_cfg, heldout_NxT, cfg.batch_size),
+    summary = {"final_loss": last["loss"],
+               "heldout_loss": evaluate(state.params, model_cfg, heldout_NxT, cfg.batch_size),
                "heldout_tokens": int(heldout_NxT.shape[0] * (heldout_NxT.shape[1] - 1)),
                "flops": cfg.num_steps * flops_per_step, "tokens": cfg.num_steps * cfg.batch_size * cfg.seq_len,
                "num_params": model_cfg.num_params, "routing": model_cfg.routing,

@@ -121,4 +121,5 @@ def test_bad_configs_and_inputs_raise(tmp_path):
     assert not (tmp_path / "config.json").exists()  # nothing written before the checks
     with pytest.raises(ValueError, match="unknown option 'colour'"):
         train.main(["colour=red"])
-    assert train._split_argv(["routing=v2", "num_steps=3", "n_layers=4"]) == (["num_steps=3"], ["routing=v2", "n_layers=4"])
+    split = train._split_argv(["routing=v2", "num_steps=3", "n_layers=4"])
+    assert split == (["num_steps=3"], ["routing=v2", "n_layers=4"])
