@@ -39,7 +39,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, 
 class TrainConfig:
     preset: str = "tiny"  # model preset: tiny | paper_1b | smollm2_135m (LlamaConfig keys override its fields)
     corpus: str = "general"  # lime_jax.corpora name: trains on its train split, evaluates on its heldout split
-    seq_len: int = 128  # tokens per training sequence (packed contexts); at most the model's max_len
+    seq_len: int = 256  # tokens per training sequence (packed contexts; 256 is cached already); at most max_len
     batch_size: int = 8  # sequences per step, over all devices
     num_steps: int = 300  # optimiser steps
     lr: float = 1e-3  # peak learning rate (paper: 1e-3)
