@@ -80,10 +80,12 @@ def _train(name: str, sae_cfg: sae.SAEConfig, loss_fn, source, cfg: HTopKExperim
                                   num_steps=cfg.num_steps, n_seeds=1, seed=cfg.seed,
                                   dead_after_tokens=cfg.dead_after_tokens, checkpoint_every=100,
                                   log_every=max(1, cfg.num_steps // 20), out_dir=str(out))
+    # A run resumed from a checkpoint is only timed from there on; record where that was.
+    resumed = max((int(p.name) for p in (out / "checkpoints").glob("[0-9]*")), default=0)
     t0, c0 = time.perf_counter(), time.process_time()
     state = train.fit(source, sae_cfg, train_cfg, loss_fn=loss_fn)
     cost = {"train_s": round(time.perf_counter() - t0, 1), "train_cpu_s": round(time.process_time() - c0, 1),
-            "steps": cfg.num_steps, "tokens": cfg.num_steps * cfg.batch_size,
+            "steps": cfg.num_steps, "tokens": cfg.num_steps * cfg.batch_size, "resumed_from_step": resumed,
             "train_dead_frac": float(np.mean(np.asarray(state.tokens_since_fired[0]) >= cfg.dead_after_tokens))}
     cost_file.write_text(json.dumps(cost))
     return jax.tree.map(lambda a: np.asarray(a[0]), jax.device_get(state.params)), cost
@@ -252,7 +254,8 @@ def report(summary: dict) -> str:
               "| model | steps | tokens | wall s | CPU s (all threads) | dead at end of training |",
               "|---|---|---|---|---|---|"]
     for name, c in costs.items():
-        lines.append(f"| {name} | {c['steps']} | {c['tokens']:,} | {c['train_s']} | {c['train_cpu_s']} "
+        resumed = f" (steps {c['resumed_from_step'] + 1}–{c['steps']} only: resumed)" if c.get("resumed_from_step") else ""
+        lines.append(f"| {name} | {c['steps']} | {c['tokens']:,} | {c['train_s']}{resumed} | {c['train_cpu_s']}{resumed} "
                      f"| {c['train_dead_frac']:.3f} |")
     topk_cpu = sum(c["train_cpu_s"] for n, c in costs.items() if n.startswith("topk"))
     h_cpu = costs.get("htopk_k" + str(cfg["k_max"]), {}).get("train_cpu_s")
