@@ -9,16 +9,18 @@ Loss convention: "mse" is the per-element mean, mean over tokens AND dimensions 
 sparsity penalties are divided by D as well, so `l1_coeff` and `l0_coeff` mean what they mean with a
 summed-over-D MSE (Anthropic's λ = 5, Gemma Scope's λ): loss = (1/D)·(‖x − x̂‖² + λ·penalty), per token.
 
-AuxK (Gao et al. 2024): among latents flagged dead (the first `aux_max_dead` of them by id, to bound the
-cost), the top `aux_k` pre-activations of each token
-reconstruct the stop-gradient residual e = x − x̂ without b_dec (b_dec is already in x̂). The loss is
-the FVU of that fit, Σ‖e − ê‖² / Σ‖e − ē‖² over the batch, scaled by min(#dead / aux_k, 1) as in
-sparsify, so it is exactly zero when nothing is dead.
+AuxK (Gao et al. 2024): among latents flagged dead (only the first `aux_max_dead` of them by id, to bound
+the cost), the top `aux_k` pre-activations of each token reconstruct the stop-gradient residual
+e = x − x̂ without b_dec (b_dec is already in x̂). The loss is the FVU of that fit, Σ‖e − ê‖² / Σ‖e − ē‖²
+over the batch, scaled by min(#dead / min(aux_k, aux_max_dead), 1) as in sparsify, so it is exactly zero
+when nothing is dead.
 
 Speed (TopK training): `loss` runs encode+decode through a `jax.custom_vjp` whose only dense work is the
 forward encoder matmul. The backward touches just the K selected latents of each token: dW_dec and dW_enc
-are scatter-adds of B·K rows, d(vals) a gather-dot, and d(b_dec) through the encoder input is
-−W_enc·d(b_enc) (a mat-vec) rather than a B×D×M product. No gradient w.r.t. x is formed unless asked for.
+are scatter-adds of B·K rows (in column blocks that stay in cache), d(vals) a gather-dot, and d(b_dec)
+through the encoder input is −W_enc·d(b_enc) (a mat-vec) rather than a B×D×M product. Under `jax.vmap`
+over seeds a `custom_vmap` rule keeps these plain per-seed row operations. No gradient w.r.t. x is formed
+unless asked for.
 """
 from __future__ import annotations
 
