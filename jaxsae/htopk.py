@@ -11,6 +11,8 @@ Two implementations of the per-prefix MSE vector `mse_K` give the same numbers:
   summing the residual gradients 2·c_j·r_j/(B·D) into a suffix sum G_i = Σ_{j≥i} …, which is the gradient of
   term i's contribution a_(i) d_(i).
 Both return the vector of prefix MSEs, so any prefix set J or weighting is one dot product outside them.
+`autoencode_prefix_mse` runs the encoder too and fuses the lean backward with TopK's sparse encoder backward
+(scatter-adds of the selected rows, no [B, M] gradient); it is what `make_loss_fn` gives the trainer.
 """
 from __future__ import annotations
 
