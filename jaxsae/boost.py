@@ -76,7 +76,7 @@ def residual_loss_fn(base_params: dict, base_cfg: sae.SAEConfig, res_cfg: sae.SA
         if dead_M is None or res_cfg.aux_k == 0:
             aux = jnp.zeros(())
         else:  # AuxK on the part of e the residual still misses, exactly as for a plain SAE
-            aux = sae._aux_loss(params, x_BxD, resid_BxD, dead_M, res_cfg)
+            aux = sae.aux_loss(params, x_BxD, resid_BxD, dead_M, res_cfg)
         total = mse + res_cfg.aux_coeff * aux
         var = jnp.sum((x_BxD - x_BxD.mean(0)) ** 2)
         metrics = {

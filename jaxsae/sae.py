@@ -343,7 +343,7 @@ def apply(params: dict, x_BxD: jax.Array, cfg: SAEConfig) -> jax.Array:
     return decode(params, encode(params, x_BxD, cfg), cfg)
 
 
-def _aux_loss(params, x_BxD, resid_BxD, dead_M, cfg):
+def aux_loss(params, x_BxD, resid_BxD, dead_M, cfg):
     """AuxK: FVU of the residual modelled by the top `aux_k` dead pre-activations, 0 if none dead.
 
     Only the first `aux_max_dead` dead latents (by id) are candidates, gathered into a dense [B, N]
@@ -396,7 +396,7 @@ def loss(params: dict, x_BxD: jax.Array, cfg: SAEConfig, dead_M: jax.Array | Non
     if dead_M is None or cfg.aux_k == 0:
         aux = jnp.zeros(())
     else:
-        aux = _aux_loss(params, x_BxD, resid_BxD, dead_M, cfg)
+        aux = aux_loss(params, x_BxD, resid_BxD, dead_M, cfg)
     total = mse + penalty + cfg.aux_coeff * aux
     var = jnp.sum((x_BxD - x_BxD.mean(0)) ** 2)
     fvu = jnp.sum(resid_BxD**2) / jnp.where(var > 0, var, 1.0)
