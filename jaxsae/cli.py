@@ -11,15 +11,20 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str] | None) -> int:
+    """Run `commands[argv[0]]`'s module `main(argv[1:])`; print usage for no or unknown command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: jaxsae {" + ",".join(COMMANDS) + "} [key=value ...]")
-        for name, (_, doc) in COMMANDS.items():
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(f"usage: {prog} {{" + ",".join(commands) + "} [key=value ...]")
+        for name, (_, doc) in commands.items():
             print(f"  {name:11s} {doc}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    module = importlib.import_module(commands[argv[0]][0])
     return module.main(argv[1:]) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch("jaxsae", COMMANDS, argv)
 
 
 if __name__ == "__main__":

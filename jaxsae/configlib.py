@@ -5,6 +5,7 @@ import dataclasses
 import inspect
 import json
 import re
+import types
 import typing
 from typing import Any, Sequence, TypeVar
 
@@ -27,7 +28,7 @@ def _coerce(name: str, raw: str, typ: Any) -> Any:
     """Parse a command-line string into the field's declared type."""
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
-    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+    if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
         if raw.lower() in ("none", "null"):
             return None

@@ -1,8 +1,9 @@
 """`lime_jax SUBCOMMAND [key=value ...]`: each subcommand lives in its own module's `main(argv)`."""
 from __future__ import annotations
 
-import importlib
 import sys
+
+from jaxsae.cli import dispatch
 
 COMMANDS = {
     "train": ("lime_jax.train", "train Llama or LIMe from scratch on the general corpus"),
@@ -12,14 +13,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: lime_jax {" + ",".join(COMMANDS) + "} [key=value ...]")
-        for name, (_, doc) in COMMANDS.items():
-            print(f"  {name:11s} {doc}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:]) or 0
+    return dispatch("lime_jax", COMMANDS, argv)
 
 
 if __name__ == "__main__":
