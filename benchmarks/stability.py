@@ -21,7 +21,7 @@ class BenchConfig:
     seeds: int = 8  # dictionaries in the ensemble (S)
     d_sae: int = 16384  # latents per dictionary (M)
     d_in: int = 576  # direction width (D), SmolLM2-135M's d_model
-    block: int = 1024  # rows of one seed per similarity tile
+    block: int = 512  # rows of one seed per similarity tile
     search_dtype: str = "bfloat16"  # dtype of the similarity search (partners are rescored in float32)
     use_encoder: bool = False  # also compare encoder directions (doubles the work)
     repeats: int = 1  # timed runs after one warm-up on a small ensemble

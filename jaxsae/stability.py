@@ -72,7 +72,7 @@ def _cross_best(a_MxD, b_NxD, ea_MxD, eb_NxD, block: int, search_dtype: str):
     return best_nbxb.reshape(-1)[:M], best_N
 
 
-def cross_best(a_MxD, b_NxD, enc_a_MxD=None, enc_b_NxD=None, *, block: int = 1024,
+def cross_best(a_MxD, b_NxD, enc_a_MxD=None, enc_b_NxD=None, *, block: int = 512,
                search_dtype: str = "bfloat16"):
     """Best |cos| of each row of a among the rows of b and vice versa: (best_M, best_N).
 
@@ -96,7 +96,7 @@ def cross_best(a_MxD, b_NxD, enc_a_MxD=None, enc_b_NxD=None, *, block: int = 102
     return _cross_best(unit_rows(a_MxD), unit_rows(b_NxD), enc_a_MxD, enc_b_NxD, block, search_dtype)
 
 
-def best_matches(dec_SxMxD, enc_SxMxD=None, *, block: int = 1024, search_dtype: str = "bfloat16",
+def best_matches(dec_SxMxD, enc_SxMxD=None, *, block: int = 512, search_dtype: str = "bfloat16",
                  progress: bool = False):
     """cos_SxSxM: `cos[s, s2, i]` is the best score of feature i of seed s among the features of seed s2.
 
@@ -130,7 +130,7 @@ def stability(cos_SxSxM: np.ndarray, tau: float = 0.7) -> np.ndarray:
 
 
 def stability_against(dec_MxD, refs_RxNxD, enc_MxD=None, enc_refs_RxNxD=None, *, tau: float = 0.7,
-                      block: int = 1024, search_dtype: str = "bfloat16") -> np.ndarray:
+                      block: int = 512, search_dtype: str = "bfloat16") -> np.ndarray:
     """p_M of one dictionary against R reference dictionaries (e.g. fresh seeds): fraction holding a match."""
     refs_RxNxD = jnp.asarray(refs_RxNxD)
     _check_dirs("refs_RxNxD", refs_RxNxD, 3)
@@ -156,7 +156,7 @@ def hungarian_match(a_MxD, b_NxD):
     return rows, cols, cos_MxN[rows, cols]
 
 
-def pw_mcc(a_MxD, b_NxD, *, block: int = 1024, search_dtype: str = "bfloat16") -> float:
+def pw_mcc(a_MxD, b_NxD, *, block: int = 512, search_dtype: str = "bfloat16") -> float:
     """Pairwise mean correlation coefficient: mean best |cos| of a's rows in b and of b's rows in a, averaged."""
     best_M, best_N = cross_best(a_MxD, b_NxD, block=block, search_dtype=search_dtype)
     return 0.5 * (float(jnp.mean(best_M)) + float(jnp.mean(best_N)))
