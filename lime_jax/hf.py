@@ -55,31 +55,48 @@ def load_hf(folder: str | os.PathLike, dtype=jnp.float32) -> tuple[LlamaConfig, 
     for f in _safetensors_files(folder):
         with safe_open(f, framework="numpy") as sf:
             tensors.update({k: sf.get_tensor(k) for k in sf.keys()})
-    N, K, H, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
 
     def w(name):
         if name not in tensors:
             raise ValueError(f"{folder}: tensor {name!r} missing from the checkpoint")
         return np.asarray(tensors[name], np.float32)
 
-    def stack(fn):
-        return np.stack([fn(f"model.layers.{i}.") for i in range(cfg.n_layers)])
+    return cfg, assemble(cfg, w, HF_NAMES, str(folder), dtype)
+
+
+# Tensor names of each weight in a HF Llama checkpoint; "{i}" is the layer index.
+HF_NAMES = {
+    "embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "unembed": "lm_head.weight",
+    "attn_norm": "model.layers.{i}.input_layernorm.weight", "wq": "model.layers.{i}.self_attn.q_proj.weight",
+    "wk": "model.layers.{i}.self_attn.k_proj.weight", "wv": "model.layers.{i}.self_attn.v_proj.weight",
+    "wo": "model.layers.{i}.self_attn.o_proj.weight", "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "w_gate": "model.layers.{i}.mlp.gate_proj.weight", "w_up": "model.layers.{i}.mlp.up_proj.weight",
+    "w_down": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+
+def assemble(cfg: LlamaConfig, w, names: dict[str, str], where: str, dtype) -> dict:
+    """lime_jax params from `w(name)` -> float32 weights in HF (out, in) layout, named by `names`."""
+    N, K, H, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+
+    def stack(role, fn=lambda a: a):
+        return np.stack([fn(w(names[role].format(i=i))) for i in range(cfg.n_layers)])
 
     # HF stores nn.Linear weights as (out, in); lime_jax keeps (in, out) with heads split out.
     layers = {
-        "attn_norm": stack(lambda p: w(p + "input_layernorm.weight")),
-        "wq": stack(lambda p: w(p + "self_attn.q_proj.weight").T.reshape(D, N, H)),
-        "wk": stack(lambda p: w(p + "self_attn.k_proj.weight").T.reshape(D, K, H)),
-        "wv": stack(lambda p: w(p + "self_attn.v_proj.weight").T.reshape(D, K, H)),
-        "wo": stack(lambda p: w(p + "self_attn.o_proj.weight").T.reshape(N, H, D)),
-        "mlp_norm": stack(lambda p: w(p + "post_attention_layernorm.weight")),
-        "w_gate": stack(lambda p: w(p + "mlp.gate_proj.weight").T),
-        "w_up": stack(lambda p: w(p + "mlp.up_proj.weight").T),
-        "w_down": stack(lambda p: w(p + "mlp.down_proj.weight").T),
+        "attn_norm": stack("attn_norm"),
+        "wq": stack("wq", lambda a: a.T.reshape(D, N, H)),
+        "wk": stack("wk", lambda a: a.T.reshape(D, K, H)),
+        "wv": stack("wv", lambda a: a.T.reshape(D, K, H)),
+        "wo": stack("wo", lambda a: a.T.reshape(N, H, D)),
+        "mlp_norm": stack("mlp_norm"),
+        "w_gate": stack("w_gate", np.transpose),
+        "w_up": stack("w_up", np.transpose),
+        "w_down": stack("w_down", np.transpose),
     }
-    params = {"embed": w("model.embed_tokens.weight"), "final_norm": w("model.norm.weight"), "layers": layers}
+    params = {"embed": w(names["embed"]), "final_norm": w(names["final_norm"]), "layers": layers}
     if not cfg.tie_embeddings:
-        params["unembed"] = w("lm_head.weight").T
+        params["unembed"] = w(names["unembed"]).T
     if params["embed"].shape != (cfg.vocab, D):
-        raise ValueError(f"{folder}: embed_tokens has shape {params['embed'].shape}, expected {(cfg.vocab, D)}")
-    return cfg, jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+        raise ValueError(f"{where}: {names['embed']} has shape {params['embed'].shape}, expected {(cfg.vocab, D)}")
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
