@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxsae import configlib, data, io, metrics, sae, sharding
+from jaxsae import checkpoint, configlib, data, io, metrics, sae, sharding
 
 # tokens_since_fired saturates here instead of overflowing int32 on long runs.
 _SINCE_MAX = 2**30
@@ -218,13 +217,6 @@ def _check_config(out: Path, sae_cfg, train_cfg, resuming: bool) -> None:
         path.write_text(json.dumps(cfg, indent=1))
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines past `step`, written by a run that died after its last checkpoint."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
-
-
 def _compute_part(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with the fields that do not change the step reset, so equal computations share one compile."""
     return dataclasses.replace(cfg, **{k: getattr(TrainConfig, k) for k in _RESUME_MAY_CHANGE | {"out_dir"}})
@@ -247,9 +239,7 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
     step_fn, init, state_sh = _compiled(sae_cfg, _compute_part(train_cfg), loss_fn, mesh)
     out = Path(train_cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manager = ocp.CheckpointManager(
-        (out / "checkpoints").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=train_cfg.keep_checkpoints)
-    )
+    manager = checkpoint.manager(out, train_cfg.keep_checkpoints)
     position = {"data_order": train_cfg.data_order, "data_seeds": train_cfg.data_seeds,
                 "batch_size": train_cfg.batch_size, "num_tokens_in_source": source.num_tokens}
     start = manager.latest_step()
@@ -258,15 +248,8 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
         start = 0
         state = init(jax.random.key(train_cfg.seed), b_dec_init)
     else:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              _abstract_state(sae_cfg, train_cfg), state_sh)
-        restored = manager.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-        state = restored.state
-        saved = {k: v for k, v in restored.data.items() if k in position}
-        if saved != position:
-            raise ValueError(f"checkpoint {start} in {out} was made on another data stream: {saved} != {position}")
-    _trim_log(out / "metrics.jsonl", start)
+        state = checkpoint.restore(manager, start, _abstract_state(sae_cfg, train_cfg), state_sh, position)
+    checkpoint.trim_log(out / "metrics.jsonl", start)
 
     if train_cfg.data_order == "same":
         batches = source.batches(train_cfg.batch_size, train_cfg.data_seeds[0], start)
@@ -291,8 +274,7 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
                     log.flush()
                     bar.set_postfix(loss=float(np.mean(m["loss"])), l0=float(np.mean(m["l0"])))
                 if save:
-                    manager.save(done, args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(position, step=done))))
+                    checkpoint.save(manager, done, state, position)
                 bar.update(1)
     finally:
         manager.wait_until_finished()

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxsae import configlib
+from jaxsae import checkpoint, configlib
 from lime_jax import config, model, sharding
 
 PRESETS = {"tiny": config.tiny, "paper_1b": config.paper_1b, "smollm2_135m": config.smollm2_135m}
@@ -202,13 +202,6 @@ def _check_config(out: Path, run: dict) -> None:
         raise ValueError(f"{out} holds a run with another configuration; use a new out_dir. Differences: {diff}")
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines past `step`, written by a run that died after its last checkpoint."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
-
-
 def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldout_NxT=None) -> TrainState:
     """Train on `tokens_NxT` (default: the corpus's packed train contexts), resuming from out_dir's checkpoint.
 
@@ -230,22 +223,14 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
     batch_sh = sharding.batch_sharding(mesh)
     position = {"corpus": cfg.corpus, "seed": cfg.seed, "batch_size": cfg.batch_size,
                 "num_contexts": len(tokens_NxT), "seq_len": cfg.seq_len}
-    manager = ocp.CheckpointManager((out / "checkpoints").absolute(),
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints))
+    manager = checkpoint.manager(out, cfg.keep_checkpoints)
     start = manager.latest_step()
     if start is None:
         start = 0
         state = init(jax.random.key(cfg.seed))
     else:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_state(model_cfg, cfg), state_sh)
-        restored = manager.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-        state = TrainState(*restored.state)
-        saved = {k: restored.data.get(k) for k in position}
-        if saved != position:
-            raise ValueError(f"checkpoint {start} in {out} was made on another data stream: {saved} != {position}")
-    _trim_log(out / "metrics.jsonl", start)
+        state = TrainState(*checkpoint.restore(manager, start, abstract_state(model_cfg, cfg), state_sh, position))
+    checkpoint.trim_log(out / "metrics.jsonl", start)
 
     seq_cfg = dataclasses.replace(model_cfg, max_len=cfg.seq_len)  # FLOPs at the trained length
     flops_per_step = seq_cfg.flops_per_token * cfg.batch_size * cfg.seq_len
@@ -278,8 +263,7 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
                     bar.set_postfix(loss=last["loss"], tok_s=last["tokens_per_s"])
                     losses, tic = [], time.perf_counter()
                 if save:
-                    manager.save(done, args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(position, step=done))))
+                    checkpoint.save(manager, done, state, position)
                 bar.update(1)
     finally:
         manager.wait_until_finished()
