@@ -63,15 +63,15 @@ class Config:
     heldout_cache: str = "cache/acts/smollm2-135m/L14/general_heldout"  # activation cache to evaluate on
     d_sae: int = 2048  # real: SAE latents (M)
     k: int = 32  # real: TopK k
-    batch_size: int = 2048  # real: tokens per step
+    batch_size: int = 1024  # real: tokens per step
     data_order: str = "same"  # real: same (every seed sees the same batches) or per_seed (own data order)
-    num_tokens: int = 600_000  # real: training tokens per seed (the cache is cycled when smaller)
-    lr: float = 1e-3  # real: peak learning rate
-    warmup_steps: int = 30  # real: linear learning-rate warm-up steps
+    num_tokens: int = 3_072_000  # real: training tokens per seed (the cache is cycled when smaller)
+    lr: float = 1e-2  # real: peak learning rate (pilots: 1e-3 leaves decoders near their inits)
+    warmup_steps: int = 100  # real: linear learning-rate warm-up steps
     aux_k: int = 256  # real: AuxK latents (0 disables; its top-k is a large share of a CPU step)
     dead_after_tokens: int = 200_000  # real: a latent silent for this many tokens feeds AuxK
     eval_tokens: int = 32768  # real: held-out tokens for EV, firing statistics and top contexts (at most the cache)
-    ce_contexts: int = 4  # real: held-out contexts (256 tokens) spliced for ΔCE
+    ce_contexts: int = 8  # real: held-out contexts (256 tokens) spliced for ΔCE
     hungarian_pairs: int = 3  # real: seed pairs (0, s) matched one-to-one with the Hungarian algorithm
     subspace_rank: int = 64  # real: rank r of each seed's unstable span
     n_random: int = 8  # real: draws per random baseline
@@ -275,7 +275,7 @@ def run_real(cfg: Config) -> dict:
     sae_cfg = sae.SAEConfig(d_in=source.d_in, d_sae=cfg.d_sae, k=cfg.k, aux_k=cfg.aux_k)
     train_cfg = train.TrainConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size,
                                   num_tokens=cfg.num_tokens, n_seeds=cfg.n_seeds, data_order=cfg.data_order,
-                                  dead_after_tokens=cfg.dead_after_tokens, checkpoint_every=50, log_every=10,
+                                  dead_after_tokens=cfg.dead_after_tokens, checkpoint_every=500, log_every=20,
                                   out_dir=f"{cfg.run_dir}/real")
     t_train = time.time()
     params = jax.device_get(train.fit(source, sae_cfg, train_cfg).params)
@@ -470,6 +470,34 @@ def _plots(real: dict, out: Path) -> list[str]:
     return made
 
 
+def _real_reading(real: dict) -> list[str]:
+    """Plain-language verdicts on the real-model comparisons, each computed from the numbers above."""
+    ab, sub, po, ba = real["ablation"], real["subspace"], real["pooled"], real["baseline"]
+    more = lambda a, b: "more" if a > b else "less"  # noqa: E731
+    bins = [b for b in real["freq_bins"] if b["stable_count"] and b["unstable_count"]]
+    n_larger = sum(b["stable_mean_act"] > b["unstable_mean_act"] for b in bins)
+    st_rand = max(ab["random_size_stable"]["d_ev"], ab["random_freq_stable"]["d_ev"])
+    un_rand = min(ab["random_size_unstable"]["d_ev"], ab["random_freq_unstable"]["d_ev"])
+    return [
+        f"- Stable features carry {more(ab['stable']['d_ev'], st_rand)} of the reconstruction than random groups "
+        f"matched in size or frequency (ΔEV {ab['stable']['d_ev']:.3f} vs at most {st_rand:.3f}; ΔCE "
+        f"{ab['stable']['d_ce_seed0']:.2f} vs {ab['random_size_stable']['d_ce_seed0']:.2f} / "
+        f"{ab['random_freq_stable']['d_ce_seed0']:.2f} nats), and unstable ones {more(ab['unstable']['d_ev'], un_rand)} "
+        f"(ΔEV {ab['unstable']['d_ev']:.3f} vs at least {un_rand:.3f}). Within frequency bins, stable latents fire "
+        f"with larger activations than unstable ones in {n_larger} of {len(bins)} bins, so rarity alone does not "
+        "explain the split.",
+        f"- Unstable spans overlap across seeds far above random subspaces ({sub['overlap']:.3f} vs "
+        f"{sub['random_subspace']:.3f}), but only {sub['overlap'] - sub['random_feature_subset']:+.3f} above spans of "
+        f"random latent subsets of the same size ({sub['random_feature_subset']:.3f}), which also inherit the data's "
+        "dominant directions. So the unstable latents do live in a reproducible subspace, yet at this scale most of that "
+        "reproducibility is shared by any equally large set of latents; the paper's subspace claim holds only weakly here.",
+        f"- Pooling unique features from {len(po['from_seed'])} seeds gives an SAE that is more stable against fresh seeds "
+        f"than a single seed (τ=0.7: {po['mean_stability']:.3f} vs {ba['mean_stability']:.3f}) at a cost in "
+        f"reconstruction (EV {po['ev']:.3f} vs {ba['ev']:.3f}; ΔCE {po['ce_delta']:.3f} vs {ba['ce_delta']:.3f} nats) "
+        "after only a short encoder refit.",
+    ]
+
+
 def write_report(summary: dict, cfg: Config, out: Path) -> None:
     """report.md from summary.json (and the plots next to it)."""
     L = ["# Feature stability across seeds (Paper A reproduction)", "",
@@ -597,7 +625,10 @@ def write_report(summary: dict, cfg: Config, out: Path) -> None:
                   f"{syn['lowrank_subspace_containment']:.3f} of the true subspace, as those latents also point outside it."]
         L += [
               f"- Seed-to-seed PW-MCC is {mcc:.3f}, against {chance:.3f} for two independent random dictionaries "
-              f"of the same shape (M={sc['d_sae']}, D={sc['d_in']}). {verdict}", ""]
+              f"of the same shape (M={sc['d_sae']}, D={sc['d_in']}). {verdict}"]
+        if real["frac_stable"] >= 0.05:
+            L += _real_reading(real)
+        L += [""]
         n_cache = json.loads((Path(st["train_cache"]) / data.MANIFEST).read_text())["num_tokens"]
         L += ["## Scale and limits", "",
               f"- Training data: {n_cache:,} tokens (`{st['train_cache']}`), so {st['train_tokens_per_seed']:,} tokens "
