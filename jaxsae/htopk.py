@@ -11,8 +11,9 @@ Two implementations of the per-prefix MSE vector `mse_K` give the same numbers:
   summing the residual gradients 2·c_j·r_j/(B·D) into a suffix sum G_i = Σ_{j≥i} …, which is the gradient of
   term i's contribution a_(i) d_(i).
 Both return the vector of prefix MSEs, so any prefix set J or weighting is one dot product outside them.
-`autoencode_prefix_mse` runs the encoder too and fuses the lean backward with TopK's sparse encoder backward
-(scatter-adds of the selected rows, no [B, M] gradient); it is what `make_loss_fn` gives the trainer.
+`autoencode_prefix_mse` runs the encoder too and joins the lean backward to TopK's sparse encoder backward
+(scatter-adds of the selected rows, no [B, M] gradient), both walked in column blocks as `sae.py`'s TopK
+backward is; it is what `make_loss_fn` gives the trainer.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from jaxsae import sae
 class HTopKConfig:
     prefixes: tuple[int, ...] = ()  # prefix lengths j (1..k) averaged by the loss, uniform weights; empty = all of 1..k
     lean: bool = True  # memory-lean custom_vjp loss; False = the B×K×D cumulative-sum reference
-    tile: int = 256  # lean loss: rows of the batch processed together (its T×D working set should fit in cache)
+    tile: int = 256  # lean loss: rows per tile of the forward walk (its T×D working set should fit in cache)
 
 
 def prefix_weights(k: int, prefixes: tuple[int, ...] = ()) -> jax.Array:
@@ -85,7 +86,7 @@ def prefix_mse(vals_BxK, idx_BxK, W_dec_MxD, b_dec_D, x_BxD, tile=256):
     return _lean_fwd(vals_BxK, idx_BxK, W_dec_MxD, b_dec_D, x_BxD, tile)[0]
 
 
-# Both passes walk the batch in tiles of T rows and, inside a tile, the K prefixes: the T×D running
+# The forward walks the batch in tiles of T rows and, inside a tile, the K prefixes: the T×D running
 # tensors stay in cache while the decoder rows stream past, which is what makes the lean loss fast on CPU.
 def _lean_fwd(vals_BxK, idx_BxK, W_dec_MxD, b_dec_D, x_BxD, tile):
     vals_BxK, idx_BxK, W_dec_MxD, b_dec_D, x_BxD = _check(vals_BxK, idx_BxK, W_dec_MxD, b_dec_D, x_BxD)
@@ -112,52 +113,64 @@ def _lean_fwd(vals_BxK, idx_BxK, W_dec_MxD, b_dec_D, x_BxD, tile):
 def _lean_bwd(tile, res, cts):
     vals_BxK, idx_BxK, W_dec_MxD, b_dec_D, x_BxD, rK_BxD = res
     ct_K, ct_r_BxD = cts
-    dvals_BxK, dW_dec_MxD, G_BxD, _ = _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD, tile)
+    dvals_BxK, dW_dec_MxD, G_BxD = _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD)
     # b_dec and −x sit in every prefix, so their gradient is the full suffix sum G_1.
     return (dvals_BxK.astype(vals_BxK.dtype), None, dW_dec_MxD.astype(W_dec_MxD.dtype),
             jnp.sum(G_BxD, axis=0).astype(b_dec_D.dtype), (-G_BxD).astype(x_BxD.dtype))
 
 
-def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD, tile, ct_vals_BxK=None, x_in_BxD=None):
-    """(dvals, dW_dec, G_1 = dL/dr_0, dW_enc|b_enc) by walking the prefixes backwards, tile by tile.
+def _column_blocks(D: int):
+    """(to_blocks, from_blocks) for [R, D] <-> [D // c, R, c] column blocks of cache-sized width c."""
+    c = sae._chunk_width(D)
+    to_blocks = lambda a_RxD: a_RxD.reshape(a_RxD.shape[0], D // c, c).transpose(1, 0, 2)  # noqa: E731
+    from_blocks = lambda a_CxRxc: a_CxRxc.transpose(1, 0, 2).reshape(a_CxRxc.shape[1], D)  # noqa: E731
+    return to_blocks, from_blocks
 
-    With `x_in_BxD` (the encoder input) it also does TopK's sparse encoder backward in the same loop:
-    d(pre) of each selected latent is scatter-added times [x_in, 1] into rows of an [M, D+1] buffer
-    holding dW_encᵀ and d(b_enc).
-    """
+
+# The suffix sum G and the residual r are column-wise recurrences, so the backward walks column blocks of
+# width c, each over all rows at once, with [M, c] scatter targets that stay in cache (as TopK's backward
+# in `sae.py` does); d(val) is summed over the blocks.
+def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD):
+    """(dvals, dW_dec, G_1 = dL/dr_0) by walking the prefixes backwards, column block by column block."""
     (B, K), (M, D) = vals_BxK.shape, W_dec_MxD.shape
-    T, N = _row_tile(B, tile), B // _row_tile(B, tile)
+    to_blocks, from_blocks = _column_blocks(D)
     coef_K = 2.0 * ct_K / (B * D)  # dL/dr_j = coef_j · r_j
-    ct_vals_BxK = jnp.zeros((B, K), jnp.float32) if ct_vals_BxK is None else ct_vals_BxK
-    enc = x_in_BxD is not None
-    x_in1_BxE = jnp.concatenate([x_in_BxD, jnp.ones((B, 1), x_in_BxD.dtype)], 1) if enc else jnp.zeros((B, 0))
 
-    def one_tile(carry, tile_in):
-        v_TxK, i_TxK, r_TxD, G_TxD, ctv_TxK, x_in1_TxE = tile_in  # r starts as r_K; G as ct_r
+    def walk_block(a):
+        W_Mxc, r_Bxc, G_Bxc = a  # r starts as r_K; G as ct_r
 
-        def sub_prefix(kk, inner):
-            r_TxD, G_TxD, (dW_dec_MxD, dW_enc1_MxE), dv_TxK = inner
+        def sub_prefix(kk, carry):
+            r_Bxc, G_Bxc, dW_Mxc, dv_BxK = carry
             k = K - 1 - kk
-            i_T, v_T = _col(i_TxK, k), _col(v_TxK, k)
-            d_TxD = _rows(W_dec_MxD, i_T)
-            G_TxD = G_TxD + coef_K[k] * r_TxD
-            dv_T = jnp.einsum("td,td->t", G_TxD, d_TxD) + _col(ctv_TxK, k)
-            dW_dec_MxD = dW_dec_MxD.at[i_T].add(v_T[:, None] * G_TxD, mode="promise_in_bounds")
-            if enc:  # the ReLU after top_k passes the gradient only where the value is positive
-                dpre_T = jnp.where(v_T > 0, dv_T, 0.0)
-                dW_enc1_MxE = dW_enc1_MxE.at[i_T].add(dpre_T[:, None] * x_in1_TxE, mode="promise_in_bounds")
-            dv_TxK = jax.lax.dynamic_update_index_in_dim(dv_TxK, dv_T, k, 1)
-            return r_TxD - v_T[:, None] * d_TxD, G_TxD, (dW_dec_MxD, dW_enc1_MxE), dv_TxK
+            i_B, v_B = _col(idx_BxK, k), _col(vals_BxK, k)
+            d_Bxc = _rows(W_Mxc, i_B)
+            G_Bxc = G_Bxc + coef_K[k] * r_Bxc
+            dv_BxK = jax.lax.dynamic_update_index_in_dim(dv_BxK, jnp.einsum("bc,bc->b", G_Bxc, d_Bxc), k, 1)
+            dW_Mxc = dW_Mxc.at[i_B].add(v_B[:, None] * G_Bxc, mode="promise_in_bounds")
+            return r_Bxc - v_B[:, None] * d_Bxc, G_Bxc, dW_Mxc, dv_BxK
 
-        _, G_TxD, carry, dv_TxK = jax.lax.fori_loop(
-            0, K, sub_prefix, (r_TxD, G_TxD, carry, jnp.zeros((T, K), jnp.float32)), unroll=min(K, 4))
-        return carry, (dv_TxK, G_TxD)
+        init = (r_Bxc, G_Bxc, jnp.zeros(W_Mxc.shape, jnp.float32), jnp.zeros((B, K), jnp.float32))
+        _, G_Bxc, dW_Mxc, dv_BxK = jax.lax.fori_loop(0, K, sub_prefix, init, unroll=min(K, 4))
+        return dW_Mxc, dv_BxK, G_Bxc
 
-    tile_rows = lambda a: a.reshape(N, T, *a.shape[1:])  # noqa: E731
-    tiles = tuple(map(tile_rows, (vals_BxK, idx_BxK, rK_BxD, ct_r_BxD.astype(jnp.float32), ct_vals_BxK, x_in1_BxE)))
-    init = (jnp.zeros((M, D), jnp.float32), jnp.zeros((M, D + 1) if enc else (0, 0), jnp.float32))
-    (dW_dec_MxD, dW_enc1_MxE), (dv_NxTxK, G_NxTxD) = jax.lax.scan(one_tile, init, tiles)
-    return dv_NxTxK.reshape(B, K), dW_dec_MxD, G_NxTxD.reshape(B, D), dW_enc1_MxE
+    dW_dec_CxMxc, dv_CxBxK, G_CxBxc = jax.lax.map(
+        walk_block, (to_blocks(W_dec_MxD), to_blocks(rK_BxD), to_blocks(ct_r_BxD.astype(jnp.float32))))
+    return dv_CxBxK.sum(0), from_blocks(dW_dec_CxMxc), from_blocks(G_CxBxc)
+
+
+def _encoder_scatter(idx_BxK, dpre_BxK, x_in_BxD, M: int):
+    """(dW_enc [D, M], d(b_enc) [M]) of a TopK encoder: scatter-adds of dpre · x_in, in column blocks."""
+    K, D = idx_BxK.shape[1], x_in_BxD.shape[1]
+    to_blocks, _ = _column_blocks(D)
+
+    def enc_block(x_Bxc):
+        def one_k(k, acc_Mxc):
+            return acc_Mxc.at[_col(idx_BxK, k)].add(_col(dpre_BxK, k)[:, None] * x_Bxc, mode="promise_in_bounds")
+        return jax.lax.fori_loop(0, K, one_k, jnp.zeros((M, x_Bxc.shape[1]), jnp.float32), unroll=min(K, 4))
+
+    dW_enc_CxMxc = jax.lax.map(enc_block, to_blocks(x_in_BxD))
+    db_enc_M = jnp.zeros((M,), jnp.float32).at[idx_BxK.reshape(-1)].add(dpre_BxK.reshape(-1))
+    return dW_enc_CxMxc.transpose(0, 2, 1).reshape(D, M), db_enc_M
 
 
 prefix_mse.defvjp(_lean_fwd, _lean_bwd)
@@ -165,10 +178,10 @@ prefix_mse.defvjp(_lean_fwd, _lean_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def autoencode_prefix_mse(params: dict, x_BxD, sae_cfg: sae.SAEConfig, tile: int = 256):
-    """(mse_K, r_BxD, Code) of a TopK SAE on x, lean like `prefix_mse`, its backward fused with the encoder's.
+    """(mse_K, r_BxD, Code) of a TopK SAE on x, lean like `prefix_mse`, its backward joined to the encoder's.
 
-    The forward is `sae.encode` then `prefix_mse`'s walk. The backward walks the prefixes once and, for each
-    selected latent, scatter-adds into dW_dec and dW_enc: no [B, M] or [B, K, D] tensor in either pass.
+    The forward is `sae.encode` then `prefix_mse`'s walk. The backward is `prefix_mse`'s walk, then the
+    encoder's scatter-adds: no [B, M] or [B, K, D] tensor in either pass.
     """
     return _ae_fwd(params, x_BxD, sae_cfg, tile)[0]
 
@@ -183,15 +196,14 @@ def _ae_bwd(sae_cfg, tile, res, cts):
     params, x_BxD, code, rK_BxD = res
     ct_K, ct_r_BxD, (ct_vals_BxK, _) = cts
     W_enc_DxM, D = params["W_enc"], x_BxD.shape[1]
-    dvals_BxK, dW_dec_MxD, G_BxD, dW_enc1_MxE = _walk_back(
-        *code, params["W_dec"], rK_BxD, ct_K, ct_r_BxD, tile, ct_vals_BxK, x_BxD - params["b_dec"])
-    db_enc_M = dW_enc1_MxE[:, D]
-    dpre_BxK = jnp.where(code.vals_BxK > 0, dvals_BxK, 0.0)
+    dvals_BxK, dW_dec_MxD, G_BxD = _walk_back(*code, params["W_dec"], rK_BxD, ct_K, ct_r_BxD)
+    dpre_BxK = jnp.where(code.vals_BxK > 0, dvals_BxK + ct_vals_BxK, 0.0)  # the ReLU after top_k
+    dW_enc_DxM, db_enc_M = _encoder_scatter(code.idx_BxK, dpre_BxK, x_BxD - params["b_dec"], sae_cfg.d_sae)
     # The encoder reads x − b_dec: through it, dx = Σ_k dpre_k W_enc[:, idx_k] (formed only if x's gradient
     # is used) and d(b_dec) = −Σ_b dx = −W_enc·d(b_enc).
     enc_as_dec = {"W_dec": W_enc_DxM.T, "b_dec": jnp.zeros((D,), x_BxD.dtype)}
     dx_enc_BxD = sae.decode(enc_as_dec, sae.Code(dpre_BxK, code.idx_BxK), sae_cfg)
-    grads = {**jax.tree.map(jnp.zeros_like, params), "W_enc": dW_enc1_MxE[:, :D].T, "b_enc": db_enc_M,
+    grads = {**jax.tree.map(jnp.zeros_like, params), "W_enc": dW_enc_DxM, "b_enc": db_enc_M,
              "W_dec": dW_dec_MxD, "b_dec": jnp.sum(G_BxD, axis=0) - W_enc_DxM @ db_enc_M}
     grads = {name: g.astype(params[name].dtype) for name, g in grads.items()}
     return grads, (dx_enc_BxD - G_BxD).astype(x_BxD.dtype)
