@@ -119,11 +119,9 @@ def measure(cfg: BenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(configlib.help_text(BenchConfig()))
+    cfg = configlib.parse(BenchConfig(), argv)
+    if cfg is None:
         return 0
-    cfg = configlib.override(BenchConfig(), argv)
     unknown = [i for i in cfg.impls if i not in IMPLS]
     if unknown:
         raise ValueError(f"unknown impls {unknown}; expected a subset of {IMPLS}")

@@ -481,11 +481,9 @@ def report(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(configlib.help_text(BoostExperimentConfig()))
+    cfg = configlib.parse(BoostExperimentConfig(), argv)
+    if cfg is None:
         return 0
-    cfg = configlib.override(BoostExperimentConfig(), argv)
     summary = run(cfg)
     results = Path(cfg.results_dir)
     results.mkdir(parents=True, exist_ok=True)

@@ -108,11 +108,9 @@ def run(dcfg: DiagnoseConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(configlib.help_text(DiagnoseConfig()))
+    dcfg = configlib.parse(DiagnoseConfig(), argv)
+    if dcfg is None:
         return 0
-    dcfg = configlib.override(DiagnoseConfig(), argv)
     summary = run(dcfg)
     results = Path(dcfg.results_dir)
     (results / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -275,11 +275,9 @@ def report(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(configlib.help_text(HTopKExperimentConfig()))
+    cfg = configlib.parse(HTopKExperimentConfig(), argv)
+    if cfg is None:
         return 0
-    cfg = configlib.override(HTopKExperimentConfig(), argv)
     if cfg.synthetic and cfg.results_dir == HTopKExperimentConfig.results_dir:
         raise ValueError(f"synthetic=true would overwrite the real results in {cfg.results_dir}; pass results_dir=...")
     summary = run(cfg)

@@ -247,11 +247,9 @@ def report_only(cfg: LimeExperimentConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(configlib.help_text(LimeExperimentConfig()))
+    cfg = configlib.parse(LimeExperimentConfig(), argv)
+    if cfg is None:
         return 0
-    cfg = configlib.override(LimeExperimentConfig(), argv)
     report_only(cfg) if cfg.report_only else run(cfg)
     return 0
 

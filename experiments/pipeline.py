@@ -211,11 +211,10 @@ def run(cfg: PipelineConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print("usage: python -m experiments.pipeline [key=value ...]\n" + configlib.help_text(PipelineConfig()))
+    cfg = configlib.parse(PipelineConfig(), argv, "usage: python -m experiments.pipeline [key=value ...]\n")
+    if cfg is None:
         return 0
-    run(configlib.override(PipelineConfig(), argv))
+    run(cfg)
     return 0
 
 

@@ -644,11 +644,9 @@ def write_report(summary: dict, cfg: Config, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(configlib.help_text(Config()))
+    cfg = configlib.parse(Config(), argv)
+    if cfg is None:
         return 0
-    cfg = configlib.override(Config(), argv)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "summary.json"

@@ -5,6 +5,7 @@ import dataclasses
 import inspect
 import json
 import re
+import sys
 import types
 import typing
 from typing import Any, Sequence, TypeVar
@@ -74,6 +75,16 @@ def help_text(cfg: Any) -> str:
     for f in dataclasses.fields(cfg):
         lines.append(f"  {f.name}={getattr(cfg, f.name)!r}  # {docs.get(f.name, '')}")
     return "\n".join(lines)
+
+
+def parse(default: T, argv: Sequence[str] | None = None, usage: str = "") -> T | None:
+    """`default` with the command line's key=value overrides (sys.argv[1:] when argv is None); None after
+    printing `usage` and the field help when -h, --help or help is among the arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(usage + help_text(default))
+        return None
+    return override(default, argv)
 
 
 def to_dict(cfg: Any) -> dict:

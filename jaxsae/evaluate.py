@@ -186,11 +186,9 @@ def evaluate_run(cfg: EvalConfig) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print("usage: jaxsae eval sae=PATH [key=value ...]\n" + configlib.help_text(EvalConfig()))
+    cfg = configlib.parse(EvalConfig(), argv, "usage: jaxsae eval sae=PATH [key=value ...]\n")
+    if cfg is None:
         return 0
-    cfg = configlib.override(EvalConfig(), argv)
     if not cfg.sae:
         raise ValueError("jaxsae eval needs sae=PATH (an SAE folder or a run folder)")
     rows = evaluate_run(cfg)

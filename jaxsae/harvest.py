@@ -204,11 +204,9 @@ def ensure_cache(corpus: str, split: str, num_tokens: int, layer: int = 14, **ov
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print("usage: jaxsae harvest [key=value ...]\n" + configlib.help_text(HarvestConfig()))
+    cfg = configlib.parse(HarvestConfig(), argv, "usage: jaxsae harvest [key=value ...]\n")
+    if cfg is None:
         return 0
-    cfg = configlib.override(HarvestConfig(), argv)
     from lime_jax.corpora import token_contexts
 
     tokens_NxT = token_contexts(cfg.corpus, cfg.split, cfg.ctx_len)

@@ -23,6 +23,19 @@ def test_override_coerces_each_field_type():
     assert configlib.override(Cfg(), ["extra=4"]).extra == 4
 
 
+@pytest.mark.parametrize("flag", ["-h", "--help", "help"])
+def test_parse_prints_usage_and_field_help_instead_of_a_config(flag, capsys):
+    assert configlib.parse(Cfg(), ["steps=5", flag], "usage: prog\n") is None
+    out = capsys.readouterr().out
+    assert out.startswith("usage: prog\nCfg fields") and "steps=10  # how many steps" in out
+
+
+def test_parse_applies_overrides_like_override():
+    assert configlib.parse(Cfg(), ["steps=5", "name=b"]) == Cfg(steps=5, name="b")
+    with pytest.raises(ValueError, match="unknown config field 'nope'"):
+        configlib.parse(Cfg(), ["nope=1"])
+
+
 @pytest.mark.parametrize("bad, msg", [("nope=1", "unknown config field 'nope'"), ("steps", "key=value"),
                                       ("steps=abc", "expected int"), ("flag=maybe", "expected a boolean")])
 def test_override_rejects_bad_input_naming_it(bad, msg):
