@@ -119,21 +119,13 @@ def _lean_bwd(tile, res, cts):
             jnp.sum(G_BxD, axis=0).astype(b_dec_D.dtype), (-G_BxD).astype(x_BxD.dtype))
 
 
-def _column_blocks(D: int):
-    """(to_blocks, from_blocks) for [R, D] <-> [D // c, R, c] column blocks of cache-sized width c."""
-    c = sae._chunk_width(D)
-    to_blocks = lambda a_RxD: a_RxD.reshape(a_RxD.shape[0], D // c, c).transpose(1, 0, 2)  # noqa: E731
-    from_blocks = lambda a_CxRxc: a_CxRxc.transpose(1, 0, 2).reshape(a_CxRxc.shape[1], D)  # noqa: E731
-    return to_blocks, from_blocks
-
-
 # The suffix sum G and the residual r are column-wise recurrences, so the backward walks column blocks of
 # width c, each over all rows at once, with [M, c] scatter targets that stay in cache (as TopK's backward
 # in `sae.py` does); d(val) is summed over the blocks.
 def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD):
     """(dvals, dW_dec, G_1 = dL/dr_0) by walking the prefixes backwards, column block by column block."""
     (B, K), (M, D) = vals_BxK.shape, W_dec_MxD.shape
-    to_blocks, from_blocks = _column_blocks(D)
+    to_blocks, from_blocks = sae._column_blocks(D)
     coef_K = 2.0 * ct_K / (B * D)  # dL/dr_j = coef_j · r_j
 
     def walk_block(a):
@@ -161,7 +153,7 @@ def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD):
 def _encoder_scatter(idx_BxK, dpre_BxK, x_in_BxD, M: int):
     """(dW_enc [D, M], d(b_enc) [M]) of a TopK encoder: scatter-adds of dpre · x_in, in column blocks."""
     K, D = idx_BxK.shape[1], x_in_BxD.shape[1]
-    to_blocks, _ = _column_blocks(D)
+    to_blocks, _ = sae._column_blocks(D)
 
     def enc_block(x_Bxc):
         def one_k(k, acc_Mxc):

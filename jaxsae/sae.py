@@ -178,6 +178,14 @@ def _chunk_width(D: int) -> int:
     return min((c for c in range(1, D + 1) if D % c == 0), key=lambda c: abs(c - 144))
 
 
+def _column_blocks(D: int):
+    """(to_blocks, from_blocks): [R, D] <-> [D // c, R, c] column blocks of width c = `_chunk_width(D)`."""
+    c = _chunk_width(D)
+    to_blocks = lambda a_RxD: a_RxD.reshape(a_RxD.shape[0], D // c, c).transpose(1, 0, 2)  # noqa: E731
+    from_blocks = lambda a_CxRxc: a_CxRxc.transpose(1, 0, 2).reshape(a_CxRxc.shape[1], D)  # noqa: E731
+    return to_blocks, from_blocks
+
+
 def _bwd_one_seed(k, W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
     """(dW_dec [M, D], dW_enc [D, M], d(b_enc) [M]) of one seed.
 
@@ -186,8 +194,7 @@ def _bwd_one_seed(k, W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
     """
     M, D = W_dec_MxD.shape
     B = g_BxD.shape[0]
-    c = _chunk_width(D)
-    blocks = lambda a_RxD: a_RxD.reshape(a_RxD.shape[0], D // c, c).transpose(1, 0, 2)  # noqa: E731
+    blocks, unblock = _column_blocks(D)
     g_CxBxc, x_CxBxc, W_dec_CxMxc = blocks(g_BxD), blocks(x_in_BxD), blocks(W_dec_MxD)
 
     def dvals_block(a):  # the block's share of d(val)[b, k] = g_b · W_dec[idx[b, k]]
@@ -210,12 +217,12 @@ def _bwd_one_seed(k, W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
             return (dW_dec_Mxc.at[i_B].add(_col(vals_BxK, kk)[:, None] * g_Bxc, mode="promise_in_bounds"),
                     dW_enc_Mxc.at[i_B].add(_col(dpre_BxK, kk)[:, None] * x_Bxc, mode="promise_in_bounds"))
 
-        zeros = jnp.zeros((M, c), g_BxD.dtype)
+        zeros = jnp.zeros((M, g_Bxc.shape[1]), g_BxD.dtype)
         return jax.lax.fori_loop(0, k, one_k, (zeros, zeros))
 
     dW_dec_CxMxc, dW_enc_CxMxc = jax.lax.map(scatter_block, (g_CxBxc, x_CxBxc))
     db_enc_M = jnp.zeros((M,), g_BxD.dtype).at[idx_BxK.reshape(-1)].add(dpre_BxK.reshape(-1))
-    return (dW_dec_CxMxc.transpose(1, 0, 2).reshape(M, D), dW_enc_CxMxc.transpose(0, 2, 1).reshape(D, M),
+    return (unblock(dW_dec_CxMxc), dW_enc_CxMxc.transpose(0, 2, 1).reshape(D, M),
             db_enc_M)
 
 
