@@ -173,8 +173,7 @@ def _evaluate(params, sae_cfg, corpus: dict, normalizer, cfg: BoostExperimentCon
     from jaxsae import evaluate
 
     heldout, tokens = corpus["heldout"], corpus["tokens"] if model is not None else None
-    return evaluate.evaluate_sae(params, sae_cfg, normalizer, heldout, tokens, layer=cfg.layer,
-                                 skip_first=corpus["skip_first"], num_tokens=cfg.eval_tokens,
+    return evaluate.evaluate_sae(params, sae_cfg, normalizer, heldout, tokens, num_tokens=cfg.eval_tokens,
                                  batch_size=min(4096, cfg.eval_tokens), ce_batch_size=cfg.ce_batch_size,
                                  model=model, baseline=baseline)
 

@@ -114,7 +114,9 @@ def _evaluator(cfg: HTopKExperimentConfig, heldout, tokens_NxT, normalizer):
             model.append(evaluate.load_model())
         baseline = json.loads(baseline_file.read_text()) if baseline_file.is_file() else None
         recon = evaluate.sae_recon_fn(params, sae_cfg, normalizer)
-        r = evaluate.ce_metrics(model[0][1], model[0][0], tokens_NxT, cfg.layer, recon, skip_first, baseline=baseline)
+        m = heldout.manifest
+        r = evaluate.ce_metrics(model[0], tokens_NxT, m["layer"], recon, baseline=baseline, skip_first=m["skip_first"],
+                                exclude_tokens=m["exclude_tokens"])
         if baseline is None:
             baseline_file.write_text(json.dumps({"clean_loss": r["clean_loss"], "zero_loss": r["zero_loss"]}))
         return r

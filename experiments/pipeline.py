@@ -62,10 +62,8 @@ def _evaluate(cfg: PipelineConfig, caches: dict[str, Path], seed_dirs: list[Path
         baseline = None
         for s, folder in enumerate(seed_dirs):
             params, sae_cfg, normalizer = io.load_saelens(folder)
-            r = evaluate.evaluate_sae(params, sae_cfg, normalizer, acts, tokens, layer=cfg.layer,
-                                      skip_first=acts.manifest["skip_first"], num_tokens=cfg.heldout_tokens,
-                                      batch_size=cfg.eval_batch_size, model=model, baseline=baseline,
-                                      exclude_tokens=acts.manifest["exclude_tokens"])
+            r = evaluate.evaluate_sae(params, sae_cfg, normalizer, acts, tokens, num_tokens=cfg.heldout_tokens,
+                                      batch_size=cfg.eval_batch_size, model=model, baseline=baseline)
             baseline = r
             rows.append({"corpus": corpus, "seed": s, "ce_contexts": len(tokens), **r})
             print(json.dumps(rows[-1]), flush=True)

@@ -305,7 +305,8 @@ def run_real(cfg: Config) -> dict:
                      "pw_mcc": stability.pw_mcc(dec[0], dec[t], search_dtype=cfg.search_dtype)})
 
     # 2. ablations: ΔEV on every seed, ΔCE on seed 0
-    model_cfg, model_params = evaluate.load_model()
+    model = evaluate.load_model(heldout.manifest["model"])
+    layer = int(heldout.manifest["layer"])  # splice where the caches were harvested
     ctx = harvest.cache_contexts(cfg.heldout_cache)
     skip_first = int(heldout.manifest["skip_first"])
     p0 = jax.tree.map(lambda a: jnp.asarray(a[0]), params)
@@ -313,8 +314,8 @@ def run_real(cfg: Config) -> dict:
     ce_batch = min(8, cfg.ce_contexts)  # ce_metrics pads the last batch: no wasted contexts
     for g, name in enumerate(tqdm(names, desc="CE per ablation")):
         fn = _masked_recon_fn(p0, sae_cfg, norm, keep[0, g])
-        ce[name] = evaluate.ce_metrics(model_params, model_cfg, ctx[:cfg.ce_contexts], 14, fn, skip_first,
-                                       ce_batch, baseline=base)
+        ce[name] = evaluate.ce_metrics(model, ctx[:cfg.ce_contexts], layer, fn, ce_batch, baseline=base,
+                                       skip_first=skip_first)
         base = base or ce[name]
     ablation = {}
     for g, name in enumerate(names[1:], start=1):
@@ -388,8 +389,8 @@ def run_real(cfg: Config) -> dict:
     pooled_ev, _, _ = _ev_and_stats(pooled, pool_cfg, x, np.ones((1, 1, width), bool))
     fresh = dec[P:]
     pooled0 = jax.tree.map(lambda a: jnp.asarray(a[0]), pooled)
-    ce_pool = evaluate.ce_metrics(model_params, model_cfg, ctx[:cfg.ce_contexts], 14,
-                                  evaluate.sae_recon_fn(pooled0, pool_cfg, norm), skip_first, ce_batch, baseline=base)
+    ce_pool = evaluate.ce_metrics(model, ctx[:cfg.ce_contexts], layer, evaluate.sae_recon_fn(pooled0, pool_cfg, norm),
+                                  ce_batch, baseline=base, skip_first=skip_first)
     pooled_p = {t: stability.stability_against(pooled0["W_dec"], fresh, tau=t, search_dtype=cfg.search_dtype)
                 for t in p_by_tau}
     base_p = {t: np.stack([stability.stability_against(dec[s], fresh, tau=t, search_dtype=cfg.search_dtype)

@@ -1,4 +1,6 @@
-"""`jaxsae eval`: EV, L0, dead fraction, and the LM-loss cost of splicing an SAE into SmolLM2.
+"""`jaxsae eval`: EV, L0, dead fraction, and the LM-loss cost of splicing an SAE into its language model.
+
+The model is any `jaxsae.adapter.ModelAdapter`; by default the one a cache's manifest names.
 
 Reconstruction metrics run over an activation cache; the CE metrics replace the residual after block
 `layer` by the SAE's reconstruction only at the positions a cache keeps (>= skip_first and not an excluded
@@ -20,17 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxsae import configlib, harvest, io, metrics, sae
+from jaxsae import adapter, configlib, harvest, io, metrics, sae
+from jaxsae.adapter import ModelAdapter, kept_positions
 from jaxsae.data import CacheSource, Normalizer
-from lime_jax import model as lm
-from lime_jax.config import LlamaConfig
 
 RECON_FN = Callable[[jax.Array], jax.Array]
 
 
-def load_model() -> tuple[LlamaConfig, dict]:
-    """SmolLM2-135M as (cfg, params), loaded once per process."""
-    return harvest.load_model("smollm2-135m")
+def load_model(name: str = "smollm2-135m") -> ModelAdapter:
+    """The adapter of a registered model (default SmolLM2-135M) or a "module:factory" spec."""
+    return adapter.load(name)
 
 
 def _identity(h_BxTxD):
@@ -41,14 +42,19 @@ def _zeros(h_BxTxD):
     return jnp.zeros_like(h_BxTxD)
 
 
-def ce_metrics(model_params: dict, model_cfg: LlamaConfig, tokens_NxT, layer: int, recon_fn: RECON_FN,
-               skip_first: int = 4, batch_size: int = 8, baseline: dict | None = None,
-               exclude_tokens: Sequence[int] = (0,)) -> dict:
+def ce_metrics(model: ModelAdapter, tokens_NxT, layer: int, recon_fn: RECON_FN, batch_size: int = 8,
+               baseline: dict | None = None, skip_first: int | None = None,
+               exclude_tokens: Sequence[int] | None = None) -> dict:
     """Clean, spliced and zero-ablated LM loss (nats/token over the kept positions), ce_delta, loss_recovered.
 
     `baseline`, the result of an earlier call on the same tokens and layer, supplies clean and zero losses
-    so that evaluating several SAEs runs the model once per SAE instead of three times.
+    so that evaluating several SAEs runs the model once per SAE instead of three times. Kept positions are
+    the model's own (`model.skip_first`, `model.exclude_tokens`) unless given.
     """
+    skip_first = model.skip_first if skip_first is None else skip_first
+    exclude_tokens = model.exclude_tokens if exclude_tokens is None else exclude_tokens
+    if not 0 <= layer < model.n_layers:
+        raise ValueError(f"layer={layer} is not a block of {model.name} (0..{model.n_layers - 1})")
     tokens_NxT = np.asarray(tokens_NxT)
     N, T = tokens_NxT.shape if tokens_NxT.ndim == 2 else (0, 0)
     if N == 0 or not 0 <= skip_first < T - 1:
@@ -62,14 +68,14 @@ def ce_metrics(model_params: dict, model_cfg: LlamaConfig, tokens_NxT, layer: in
         real = len(batch_BxT)
         if real < batch_size:  # pad with copies (then drop them): one compiled shape for every batch
             batch_BxT = np.concatenate([batch_BxT, np.repeat(batch_BxT[:1], batch_size - real, 0)])
-        keep_BxT = harvest.kept_positions(batch_BxT, skip_first, exclude_tokens)
+        keep_BxT = kept_positions(batch_BxT, skip_first, exclude_tokens)
         keep_BxTx1 = jnp.asarray(keep_BxT)[..., None]
         loss_mask_BxT1 = keep_BxT[:real, :-1]  # position t predicts token t + 1
         count += int(loss_mask_BxT1.sum())
         for name, fn in fns.items():
             spliced = lambda h, fn=fn: jnp.where(keep_BxTx1, fn(h), h)  # noqa: E731
-            logits_BxTxV = lm.splice(model_params, batch_BxT, model_cfg, layer, spliced)
-            nll_BxT1 = np.asarray(lm.token_nll(logits_BxTxV, batch_BxT))
+            logits_BxTxV = model.splice(model.params, batch_BxT, layer, spliced)
+            nll_BxT1 = np.asarray(adapter.token_nll(logits_BxTxV, batch_BxT))
             sums[name] += float(np.sum(nll_BxT1[:real].astype(np.float64) * loss_mask_BxT1))
     if count == 0:
         raise ValueError(f"no position of tokens {tokens_NxT.shape} is >= skip_first={skip_first} and not excluded")
@@ -111,11 +117,11 @@ def _recon_step(params, normalizer, x_BxD, stats, fires_M, sae_cfg):
 
 
 def evaluate_sae(params: dict, sae_cfg: sae.SAEConfig, normalizer: Normalizer | None, acts: CacheSource,
-                 tokens_NxT=None, *, layer: int = 14, skip_first: int = 4, num_tokens: int | None = None,
-                 batch_size: int = 4096, ce_batch_size: int = 8, model: tuple | None = None,
-                 baseline: dict | None = None, exclude_tokens: Sequence[int] = (0,)) -> dict:
-    """{"ev", "l0", "dead_frac"} over the first epoch of `acts` (num_tokens rows at most, whole batches),
-    and with `tokens_NxT` also the CE metrics of `ce_metrics` (model = (cfg, params), default SmolLM2)."""
+                 tokens_NxT=None, *, num_tokens: int | None = None, batch_size: int = 4096, ce_batch_size: int = 8,
+                 model: ModelAdapter | None = None, baseline: dict | None = None) -> dict:
+    """{"ev", "l0", "dead_frac"} over the first epoch of `acts` (num_tokens rows at most, whole batches), and
+    with `tokens_NxT` also the CE metrics of `ce_metrics`, spliced at the cache's layer with its kept positions
+    (model: default the one the cache's manifest names; another model's cache is an error)."""
     if acts.d_in != sae_cfg.d_in:
         raise ValueError(f"activations have d_in={acts.d_in}, the SAE expects {sae_cfg.d_in}")
     if normalizer is None:
@@ -133,9 +139,12 @@ def evaluate_sae(params: dict, sae_cfg: sae.SAEConfig, normalizer: Normalizer | 
     out = {"ev": float(1.0 - metrics.ev_stats_fvu(stats)), "l0": float(np.mean(l0s)),
            "dead_frac": float(metrics.dead_fraction(fires_M)), "eval_tokens": int(stats.n)}
     if tokens_NxT is not None:
-        model_cfg, model_params = model if model is not None else load_model()
-        out.update(ce_metrics(model_params, model_cfg, tokens_NxT, layer, sae_recon_fn(params, sae_cfg, normalizer),
-                              skip_first, ce_batch_size, baseline, exclude_tokens))
+        m = acts.manifest
+        model = model if model is not None else load_model(m["model"])
+        if model.name != m["model"]:
+            raise ValueError(f"cache {acts.path} holds activations of model {m['model']!r}, not {model.name!r}")
+        out.update(ce_metrics(model, tokens_NxT, m["layer"], sae_recon_fn(params, sae_cfg, normalizer), ce_batch_size,
+                              baseline, m["skip_first"], m["exclude_tokens"]))
     return out
 
 
@@ -154,31 +163,31 @@ def find_saes(path: str | Path) -> list[Path]:
 class EvalConfig:
     sae: str = ""  # an SAE folder (SAELens layout) or a run folder holding one per seed
     layer: int = 14  # residual stream the SAEs read (after block l)
+    model: str = "smollm2-135m"  # the model the caches were harvested from (a registered name or "module:factory")
     corpora: tuple[str, ...] = ("general", "code")  # held-out caches {corpus}_heldout to evaluate on
     num_tokens: int = 20_000  # held-out activation rows for EV / L0 / dead, per corpus
     ce_contexts: int = 16  # held-out contexts (the cache's own first ones) for the CE splice; 0 skips CE
     batch_size: int = 4096  # activation rows per EV batch
     ce_batch_size: int = 8  # contexts per spliced forward
-    root: str = "cache/acts"  # activation caches live under {root}/smollm2-135m/L{layer}/
+    root: str = "cache/acts"  # activation caches live under {root}/{model}/L{layer}/
     out: str = ""  # also write the results to this JSON file
 
 
 def evaluate_run(cfg: EvalConfig) -> list[dict]:
     """One result row per (SAE folder, corpus)."""
     saes = find_saes(cfg.sae)
-    model = load_model() if cfg.ce_contexts else None
+    model = load_model(cfg.model) if cfg.ce_contexts else None
     rows = []
     for corpus in cfg.corpora:
-        path = harvest.cache_dir(corpus, "heldout", cfg.layer, cfg.root)
+        path = harvest.cache_dir(corpus, "heldout", cfg.layer, cfg.root, cfg.model)
         acts = CacheSource(path)
         tokens = harvest.cache_contexts(path)[: cfg.ce_contexts] if cfg.ce_contexts else None
         baseline = None
         for folder in saes:
             params, sae_cfg, normalizer = io.load_saelens(folder)
-            r = evaluate_sae(params, sae_cfg, normalizer, acts, tokens, layer=cfg.layer,
-                             skip_first=acts.manifest["skip_first"], num_tokens=cfg.num_tokens,
+            r = evaluate_sae(params, sae_cfg, normalizer, acts, tokens, num_tokens=cfg.num_tokens,
                              batch_size=cfg.batch_size, ce_batch_size=cfg.ce_batch_size, model=model,
-                             baseline=baseline, exclude_tokens=acts.manifest["exclude_tokens"])
+                             baseline=baseline)
             baseline = r if tokens is not None else None
             rows.append({"sae": str(folder), "corpus": corpus, **r})
             print(json.dumps(rows[-1]), flush=True)

@@ -1,4 +1,6 @@
-"""`jaxsae harvest`: run SmolLM2 over a corpus and write one resumable activation cache per layer.
+"""`jaxsae harvest`: run a language model over a corpus and write one resumable activation cache per layer.
+
+The model is any `jaxsae.adapter.ModelAdapter` (`model=smollm2-135m`, the default, or `model=pkg.mod:factory`).
 
 Contexts are harvested in order, so a cache holds the rows of contexts [0, n) of
 `token_contexts(corpus, split, ctx_len)`; it keeps those contexts beside its shards (`contexts.npy`), so
@@ -25,12 +27,10 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxsae import configlib
+from jaxsae import adapter, configlib
+from jaxsae.adapter import ModelAdapter, kept_positions
 from jaxsae.data import MANIFEST, CacheWriter
-from lime_jax import model as lm
-from lime_jax.config import LlamaConfig
 
-MODEL_NAMES = ("smollm2-135m", "tiny")
 CONTEXTS = "contexts.npy"
 HOOK = "resid_post"
 
@@ -42,12 +42,12 @@ class HarvestConfig:
     num_tokens: int = 300_000  # activation rows per layer (rounded up to the end of a context)
     layers: tuple[int, ...] = (14,)  # residual stream after block l (0-based); one forward feeds every layer
     ctx_len: int = 256  # tokens per context
-    skip_first: int = 4  # leading positions of every context left out of the cache
-    exclude_tokens: tuple[int, ...] = (0,)  # token ids whose rows are left out (0 = <|endoftext|>)
+    skip_first: int | None = None  # leading positions of every context left out; None: the model's own (4 for SmolLM2)
+    exclude_tokens: tuple[int, ...] | None = None  # token ids whose rows are left out; None: the model's own ((0,))
     batch_size: int = 16  # contexts per model forward
     shard_tokens: int = 32_768  # rows per .npy shard (a killed harvest loses at most one shard's work)
     dtype: str = "float16"  # storage dtype: float16 or bfloat16
-    model: str = "smollm2-135m"  # smollm2-135m (the GGUF) or tiny (random weights, seed 0: for tests)
+    model: str = "smollm2-135m"  # a model registered with jaxsae (smollm2-135m, tiny) or a "module:factory" spec
     root: str = "cache/acts"  # caches go to {root}/{model}/L{layer}/{corpus}_{split}/
 
 
@@ -61,40 +61,32 @@ def tokens_sha256(tokens_NxT: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(tokens_NxT, np.int32).tobytes()).hexdigest()
 
 
-def load_model(name: str) -> tuple[LlamaConfig, dict]:
-    """(cfg, params) of a model named in MODEL_NAMES."""
-    if name == "smollm2-135m":
-        from lime_jax.gguf import load_smollm2
-
-        return load_smollm2()
-    if name == "tiny":
-        from lime_jax.config import tiny
-
-        cfg = tiny()
-        return cfg, lm.init(jax.random.key(0), cfg)
-    raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+def load_model(name: str) -> ModelAdapter:
+    """The adapter of a registered model name or "module:factory" spec (see `jaxsae.adapter.load`)."""
+    return adapter.load(name)
 
 
-def kept_positions(tokens_NxT: np.ndarray, skip_first: int, exclude_tokens: Sequence[int]) -> np.ndarray:
-    """bool [N, T]: the positions whose residuals a cache holds (and a CE splice replaces)."""
-    keep_NxT = ~np.isin(tokens_NxT, np.asarray(exclude_tokens, dtype=np.int64))
-    keep_NxT[:, :skip_first] = False
-    return keep_NxT
+def _masking(cfg: HarvestConfig, model: ModelAdapter) -> tuple[int, tuple[int, ...]]:
+    """(skip_first, exclude_tokens): the config's overrides, else the model's own."""
+    skip = model.skip_first if cfg.skip_first is None else cfg.skip_first
+    exclude = model.exclude_tokens if cfg.exclude_tokens is None else cfg.exclude_tokens
+    return skip, tuple(exclude)
 
 
-def _check(cfg: HarvestConfig, model_cfg: LlamaConfig, tokens_NxT: np.ndarray) -> np.ndarray:
+def _check(cfg: HarvestConfig, model: ModelAdapter, tokens_NxT: np.ndarray) -> np.ndarray:
     """Validate everything before a file is touched; returns the cumulative kept rows [N + 1] per context."""
-    bad = [l for l in cfg.layers if not 0 <= l < model_cfg.n_layers]
+    bad = [l for l in cfg.layers if not 0 <= l < model.n_layers]
     if not cfg.layers or bad:
-        raise ValueError(f"layers {list(cfg.layers)} must be non-empty and in [0, {model_cfg.n_layers})")
-    if not 0 <= cfg.skip_first < cfg.ctx_len:
-        raise ValueError(f"skip_first={cfg.skip_first} must be in [0, ctx_len={cfg.ctx_len})")
+        raise ValueError(f"layers {list(cfg.layers)} must be non-empty and in [0, {model.n_layers})")
+    skip_first, exclude_tokens = _masking(cfg, model)
+    if not 0 <= skip_first < cfg.ctx_len:
+        raise ValueError(f"skip_first={skip_first} must be in [0, ctx_len={cfg.ctx_len})")
     if cfg.num_tokens < 1 or cfg.batch_size < 1 or cfg.shard_tokens < 1:
         raise ValueError(f"num_tokens, batch_size and shard_tokens must be >= 1, got {cfg}")
     if tokens_NxT.ndim != 2 or tokens_NxT.shape[0] == 0 or tokens_NxT.shape[1] != cfg.ctx_len:
         raise ValueError(f"corpus {cfg.corpus}/{cfg.split}: need int tokens [N >= 1, {cfg.ctx_len}], "
                          f"got shape {tokens_NxT.shape}")
-    kept_N = kept_positions(np.asarray(tokens_NxT), cfg.skip_first, cfg.exclude_tokens).sum(1)
+    kept_N = kept_positions(np.asarray(tokens_NxT), skip_first, exclude_tokens).sum(1)
     cum_rows = np.concatenate([[0], np.cumsum(kept_N)])
     if cum_rows[-1] < cfg.num_tokens:
         raise ValueError(f"corpus {cfg.corpus}/{cfg.split} has {cum_rows[-1]} usable rows in {len(tokens_NxT)} "
@@ -114,25 +106,26 @@ def _lock(path: Path):
     return f
 
 
-def harvest(model_params: dict, model_cfg: LlamaConfig, tokens_NxT: np.ndarray, cfg: HarvestConfig,
+def harvest(model: ModelAdapter, tokens_NxT: np.ndarray, cfg: HarvestConfig,
             out_dirs: Mapping[int, str | os.PathLike] | None = None) -> dict[int, dict]:
     """Write (or resume, or extend) the kept rows of the fewest first contexts that give num_tokens rows.
 
     Returns {layer: manifest}. Every layer's cache resumes from its own committed row count.
     """
-    cum_rows = _check(cfg, model_cfg, tokens_NxT)
+    cum_rows = _check(cfg, model, tokens_NxT)
+    skip_first, exclude_tokens = _masking(cfg, model)
     n_ctx = int(np.searchsorted(cum_rows, cfg.num_tokens))  # first n with cum_rows[n] >= num_tokens
     layers = tuple(sorted(set(cfg.layers)))
     if out_dirs is None:
-        out_dirs = {l: cache_dir(cfg.corpus, cfg.split, l, cfg.root, cfg.model) for l in layers}
+        out_dirs = {l: cache_dir(cfg.corpus, cfg.split, l, cfg.root, model.name) for l in layers}
     if set(out_dirs) != set(layers):
         raise ValueError(f"out_dirs names layers {sorted(out_dirs)}, config asks for {list(layers)}")
-    fields = {"model": cfg.model, "hook": HOOK, "corpus": cfg.corpus, "split": cfg.split, "ctx_len": cfg.ctx_len,
-              "skip_first": cfg.skip_first, "exclude_tokens": list(cfg.exclude_tokens),
+    fields = {"model": model.name, "hook": HOOK, "corpus": cfg.corpus, "split": cfg.split, "ctx_len": cfg.ctx_len,
+              "skip_first": skip_first, "exclude_tokens": list(exclude_tokens),
               "contexts": "the kept rows of the first contexts, in order (see jaxsae.harvest.cache_contexts)",
               "tokens_sha256": tokens_sha256(tokens_NxT)}
     locks = [_lock(Path(out_dirs[l])) for l in layers]
-    writers = {l: CacheWriter(out_dirs[l], dict(fields, layer=l), model_cfg.d_model, cfg.dtype, cfg.shard_tokens)
+    writers = {l: CacheWriter(out_dirs[l], dict(fields, layer=l), model.d_model, cfg.dtype, cfg.shard_tokens)
                for l in layers}
     for l in layers:  # the contexts this harvest covers, written before any of their rows
         old = Path(out_dirs[l]) / CONTEXTS
@@ -146,16 +139,17 @@ def harvest(model_params: dict, model_cfg: LlamaConfig, tokens_NxT: np.ndarray, 
         if rows > cum_rows[-1]:
             raise ValueError(f"{out_dirs[l]} holds {rows} rows, more than these tokens give ({cum_rows[-1]})")
     start = int(np.searchsorted(cum_rows, min(done.values()), side="right")) - 1
+    forward = jax.jit(lambda params, tokens_BxT: model.residuals(params, tokens_BxT, layers))
     t0 = time.time()
     bar = tqdm(total=int(cum_rows[n_ctx]), initial=int(min(min(done.values()), cum_rows[n_ctx])), unit="tok",
                unit_scale=True, desc=f"harvest {cfg.corpus}/{cfg.split} L{','.join(map(str, layers))}", mininterval=5)
     for c0 in range(start, n_ctx, cfg.batch_size):
         c1 = min(c0 + cfg.batch_size, n_ctx)
         batch_BxT = np.asarray(tokens_NxT[c0:c1], np.int32)
-        keep_BxT = kept_positions(batch_BxT, cfg.skip_first, cfg.exclude_tokens)
+        keep_BxT = kept_positions(batch_BxT, skip_first, exclude_tokens)
         if len(batch_BxT) < cfg.batch_size:  # pad the last batch: one compiled shape for the whole run
             batch_BxT = np.concatenate([batch_BxT, np.repeat(batch_BxT[:1], cfg.batch_size - len(batch_BxT), 0)])
-        h = lm.residuals(model_params, batch_BxT, model_cfg, layers)
+        h = forward(model.params, batch_BxT)
         for l, w in writers.items():
             skip = done[l] - cum_rows[c0]  # rows of this batch a layer's cache got before a kill
             if skip < cum_rows[c1] - cum_rows[c0]:
@@ -196,22 +190,24 @@ def ensure_cache(corpus: str, split: str, num_tokens: int, layer: int = 14, **ov
     cfg = HarvestConfig(corpus=corpus, split=split, num_tokens=num_tokens, layers=(layer,), **overrides)
     path = cache_dir(corpus, split, layer, cfg.root, cfg.model)
     if cache_tokens(path) < num_tokens:
-        from lime_jax.corpora import token_contexts
-
-        model_cfg, model_params = load_model(cfg.model)
-        harvest(model_params, model_cfg, token_contexts(corpus, split, cfg.ctx_len), cfg)
+        model = load_model(cfg.model)
+        harvest(model, corpus_tokens(model, cfg), cfg, {layer: path})
     return path
+
+
+def corpus_tokens(model: ModelAdapter, cfg: HarvestConfig) -> np.ndarray:
+    """The model's token contexts of cfg.corpus/cfg.split; an error for a model that ships no corpora."""
+    if model.token_contexts is None:
+        raise ValueError(f"model {model.name!r} has no named corpora; call harvest() with your own tokens")
+    return model.token_contexts(cfg.corpus, cfg.split, cfg.ctx_len)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = configlib.parse(HarvestConfig(), argv, "usage: jaxsae harvest [key=value ...]\n")
     if cfg is None:
         return 0
-    from lime_jax.corpora import token_contexts
-
-    tokens_NxT = token_contexts(cfg.corpus, cfg.split, cfg.ctx_len)
-    model_cfg, model_params = load_model(cfg.model)
-    harvest(model_params, model_cfg, tokens_NxT, cfg)
+    model = load_model(cfg.model)
+    harvest(model, corpus_tokens(model, cfg), cfg)
     return 0
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsae.adapter import token_nll  # noqa: F401  (the LM loss lives once, with the adapter contract)
 from lime_jax.config import LlamaConfig
 
 Params = dict
@@ -264,13 +265,3 @@ def values(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig) -> jax.Array
     """Every layer's attention values V (after LIMe routing), [L, B, T, K, H]."""
     _check_tokens(tokens_BxT, cfg)
     return _values(params, tokens_BxT, cfg)
-
-
-def token_nll(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
-    """Negative log-likelihood [B, T-1] of each next token (position t predicts token t+1)."""
-    if logits_BxTxV.ndim != 3 or logits_BxTxV.shape[:2] != jnp.shape(tokens_BxT):
-        raise ValueError(f"logits {logits_BxTxV.shape} do not match tokens {jnp.shape(tokens_BxT)}: "
-                         "expected [B, T, V] and [B, T]")
-    logits = logits_BxTxV[:, :-1].astype(jnp.float32)
-    target = jnp.take_along_axis(logits, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target

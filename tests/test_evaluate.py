@@ -9,10 +9,12 @@ from jaxsae import evaluate as ev
 from jaxsae import sae
 from jaxsae.data import CacheSource, CacheWriter, Normalizer
 from lime_jax import model as lm
+from lime_jax.adapter import from_llama
 from lime_jax.config import tiny
 
 CFG = tiny(vocab=300, n_layers=4, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64, max_len=32)
 PARAMS = lm.init(jax.random.key(1), CFG)
+MODEL = from_llama("tiny", CFG, PARAMS)
 TOKENS = np.random.default_rng(0).integers(1, CFG.vocab, (5, 16)).astype(np.int32)
 TOKENS[1, 9] = TOKENS[3, 12] = TOKENS[4, 2] = 0  # <|endoftext|>: never spliced, its prediction not counted
 SAE_CFG = sae.SAEConfig(d_in=32, d_sae=64, k=4)
@@ -46,7 +48,7 @@ def _np_sae(params, x_NxD, k):
 
 
 def test_identity_splice_costs_nothing_and_clean_loss_matches_numpy():
-    r = ev.ce_metrics(PARAMS, CFG, TOKENS, layer=2, recon_fn=lambda h: h, skip_first=4, batch_size=2)
+    r = ev.ce_metrics(MODEL, TOKENS, layer=2, recon_fn=lambda h: h, skip_first=4, batch_size=2)
     assert r["ce_delta"] == 0.0 and r["loss_recovered"] == 1.0
     np.testing.assert_allclose(r["clean_loss"], _np_loss(lm.apply(PARAMS, TOKENS, CFG), 4), rtol=1e-5)
 
@@ -56,7 +58,7 @@ def test_zero_and_spliced_losses_match_numpy():
     rng = np.random.default_rng(2)
     noise = rng.standard_normal((1, 16, 32)).astype(np.float32)
     recon = lambda h: h + noise  # noqa: E731
-    r = ev.ce_metrics(PARAMS, CFG, TOKENS, layer=1, recon_fn=recon, skip_first=skip, batch_size=2)
+    r = ev.ce_metrics(MODEL, TOKENS, layer=1, recon_fn=recon, skip_first=skip, batch_size=2)
     late = _late(skip)[..., None]
 
     def np_run(fn):
@@ -65,7 +67,7 @@ def test_zero_and_spliced_losses_match_numpy():
     clean, zero, spliced = np_run(lambda h: h), np_run(np.zeros_like), np_run(recon)
     np.testing.assert_allclose([r["clean_loss"], r["zero_loss"], r["spliced_loss"]], [clean, zero, spliced], rtol=1e-5)
     np.testing.assert_allclose(r["loss_recovered"], (zero - spliced) / (zero - clean), rtol=1e-4)
-    again = ev.ce_metrics(PARAMS, CFG, TOKENS, 1, recon, skip_first=skip, batch_size=3, baseline=r)
+    again = ev.ce_metrics(MODEL, TOKENS, 1, recon, skip_first=skip, batch_size=3, baseline=r)
     np.testing.assert_allclose(again["spliced_loss"], r["spliced_loss"], rtol=1e-6)
 
 
@@ -75,7 +77,7 @@ def test_first_positions_and_endoftext_are_never_spliced():
     def wreck_unspliced(h):  # garbage exactly where the splice must keep the model's own residual
         return np.where(~((np.arange(16)[None, :] >= 4) & (padded != 0))[..., None], 1e4, np.asarray(h))
 
-    r = ev.ce_metrics(PARAMS, CFG, TOKENS, 2, wreck_unspliced, skip_first=4, batch_size=8)
+    r = ev.ce_metrics(MODEL, TOKENS, 2, wreck_unspliced, skip_first=4, batch_size=8)
     assert r["ce_delta"] == 0.0
 
 
@@ -110,7 +112,7 @@ def test_evaluate_sae_ev_l0_dead_match_numpy(tmp_path):
 
 def test_bad_input_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="skip_first"):
-        ev.ce_metrics(PARAMS, CFG, TOKENS[:, :5], 1, lambda h: h, skip_first=4)
+        ev.ce_metrics(MODEL, TOKENS[:, :5], 1, lambda h: h, skip_first=4)
     with pytest.raises(FileNotFoundError, match="no SAE folder"):
         ev.find_saes(tmp_path)
 

@@ -9,10 +9,12 @@ import pytest
 from jaxsae import harvest as hv
 from jaxsae.data import CacheSource, CacheWriter
 from lime_jax import model as lm
+from lime_jax.adapter import from_llama
 from lime_jax.config import tiny
 
 CFG = tiny(vocab=300, n_layers=4, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64, max_len=32)
 PARAMS = lm.init(jax.random.key(1), CFG)
+MODEL = from_llama("tiny", CFG, PARAMS)
 TOKENS = np.random.default_rng(0).integers(1, CFG.vocab, (12, 16)).astype(np.int32)
 TOKENS[2, 7] = TOKENS[5, 3] = TOKENS[8, 10] = TOKENS[8, 11] = 0  # <|endoftext|>: its row is left out
 # shard_tokens=20 does not divide the 12 (or fewer) rows of a context: shards end mid-context.
@@ -56,7 +58,7 @@ def _dirs(tmp_path, name="c"):
 
 def test_cache_holds_first_contexts_and_normalizer(tmp_path):
     dirs = _dirs(tmp_path)
-    hv.harvest(PARAMS, CFG, TOKENS, HCFG, dirs)
+    hv.harvest(MODEL, TOKENS, HCFG, dirs)
     n_ctx = _contexts_for(100)
     assert n_ctx == 9 and sum(_kept_rows(n_ctx)) == 105  # contexts 2 and 8 lose 1 and 2 rows
     for layer, path in dirs.items():
@@ -90,10 +92,10 @@ def test_killed_harvest_resumes_without_duplicates(tmp_path, monkeypatch, kill_a
 
     monkeypatch.setattr(CacheWriter, "_write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        hv.harvest(PARAMS, CFG, TOKENS, HCFG, dirs)
+        hv.harvest(MODEL, TOKENS, HCFG, dirs)
     assert all(hv.cache_tokens(p) < 105 for p in dirs.values())
     monkeypatch.setattr(CacheWriter, "_write_shard", real_write)
-    hv.harvest(PARAMS, CFG, TOKENS, HCFG, dirs)
+    hv.harvest(MODEL, TOKENS, HCFG, dirs)
     for layer, path in dirs.items():
         m, x = _read(path)
         _assert_cache_equals(x, _reference(layer, 9))
@@ -104,8 +106,8 @@ def test_killed_harvest_resumes_without_duplicates(tmp_path, monkeypatch, kill_a
 
 def test_extending_a_cache_appends_the_next_contexts(tmp_path):
     dirs = _dirs(tmp_path)
-    hv.harvest(PARAMS, CFG, TOKENS, HCFG, dirs)
-    hv.harvest(PARAMS, CFG, TOKENS, dataclasses.replace(HCFG, num_tokens=130), dirs)
+    hv.harvest(MODEL, TOKENS, HCFG, dirs)
+    hv.harvest(MODEL, TOKENS, dataclasses.replace(HCFG, num_tokens=130), dirs)
     _assert_cache_equals(_read(dirs[3])[1], _reference(3, _contexts_for(130)))
 
 
@@ -118,20 +120,18 @@ def test_extending_a_cache_appends_the_next_contexts(tmp_path):
 def test_bad_config_fails_before_writing(tmp_path, change, match):
     cfg = dataclasses.replace(HCFG, **change)
     with pytest.raises(ValueError, match=match):
-        hv.harvest(PARAMS, CFG, TOKENS, cfg, {l: tmp_path / str(l) for l in cfg.layers})
+        hv.harvest(MODEL, TOKENS, cfg, {l: tmp_path / str(l) for l in cfg.layers})
     assert not any(tmp_path.iterdir())
 
 
 def test_empty_corpus_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="toy/train"):
-        hv.harvest(PARAMS, CFG, TOKENS[:0], HCFG, _dirs(tmp_path))
+        hv.harvest(MODEL, TOKENS[:0], HCFG, _dirs(tmp_path))
 
 
 def test_ensure_cache_reuses_a_big_enough_cache(tmp_path, monkeypatch):
-    import lime_jax.corpora
-
-    monkeypatch.setattr(lime_jax.corpora, "token_contexts", lambda name, split, ctx_len: TOKENS)
-    monkeypatch.setattr(hv, "load_model", lambda name: (CFG, PARAMS))
+    model = MODEL._replace(token_contexts=lambda name, split, ctx_len: TOKENS)
+    monkeypatch.setattr(hv, "load_model", lambda name: model)
     kw = dict(root=str(tmp_path), model="tiny", ctx_len=16, batch_size=4)
     path = hv.ensure_cache("toy", "heldout", 30, layer=2, **kw)
     assert hv.cache_tokens(path) == 35  # 12 + 12 + 11 rows
@@ -153,12 +153,12 @@ def test_real_model_left_out_rows_are_the_attention_sinks(tmp_path):
         find_smollm2_gguf()
     except FileNotFoundError:
         pytest.skip("SmolLM2 GGUF not installed")
-    model_cfg, params = hv.load_model("smollm2-135m")
+    model = hv.load_model("smollm2-135m")
     tokens = np.random.default_rng(9).integers(1000, 20000, (2, 64)).astype(np.int32)
     tokens[0, 30] = tokens[1, 50] = 0
     cfg = hv.HarvestConfig(corpus="toy", split="train", num_tokens=100, ctx_len=64, batch_size=2)
-    hv.harvest(params, model_cfg, tokens, cfg, {14: tmp_path})
+    hv.harvest(model, tokens, cfg, {14: tmp_path})
     _, x = _read(tmp_path)
-    h = np.asarray(lm.residuals(params, tokens, model_cfg, 14)[14])
+    h = np.asarray(model.residuals(model.params, tokens, (14,))[14])
     assert len(x) == 2 * 60 - 2 and np.linalg.norm(x.astype(np.float32), axis=1).max() < 1000
     assert min(np.linalg.norm(h[0, 0]), np.linalg.norm(h[0, 30]), np.linalg.norm(h[1, 50])) > 3000
