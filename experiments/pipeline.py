@@ -217,4 +217,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(configlib.run(main, prog="python -m experiments.pipeline"))

@@ -4,15 +4,17 @@ from __future__ import annotations
 import importlib
 import sys
 
+from jaxsae import configlib
+
 COMMANDS = {
     "train": ("jaxsae.train", "train a seed ensemble of SAEs on an activation source"),
-    "harvest": ("jaxsae.harvest", "run SmolLM2 over a corpus and write an activation cache"),
+    "harvest": ("jaxsae.harvest", "run a model (default SmolLM2) over a corpus and write an activation cache"),
     "eval": ("jaxsae.evaluate", "EV, L0, dead fraction, CE delta and loss recovered of saved SAEs"),
 }
 
 
 def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str] | None) -> int:
-    """Run `commands[argv[0]]`'s module `main(argv[1:])`; print usage for no or unknown command."""
+    """Run `commands[argv[0]]`'s module `main(argv[1:])` (user errors: one line, exit 2); usage otherwise."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(f"usage: {prog} {{" + ",".join(commands) + "} [key=value ...]")
@@ -20,7 +22,7 @@ def dispatch(prog: str, commands: dict[str, tuple[str, str]], argv: list[str] | 
             print(f"  {name:11s} {doc}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(commands[argv[0]][0])
-    return module.main(argv[1:]) or 0
+    return configlib.run(module.main, argv[1:], prog=f"{prog} {argv[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:

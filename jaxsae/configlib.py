@@ -1,4 +1,4 @@
-"""Dataclass configs with `key=value` command-line overrides, shared by every CLI here."""
+"""Dataclass configs with `key=value` command-line overrides, and the error handling every CLI here shares."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,7 @@ import re
 import sys
 import types
 import typing
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -89,3 +89,24 @@ def parse(default: T, argv: Sequence[str] | None = None, usage: str = "") -> T |
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# What a user can cause: a bad value, a missing or damaged file (JSONDecodeError is a ValueError), a full disk.
+USER_ERRORS = (ValueError, OSError)
+DEBUG_FLAG = "--debug"
+
+
+def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """`main(argv)` as a command: a user error prints one line `prog: error: ...` and returns 2; `--debug`
+    anywhere in argv re-raises it with its traceback instead. Bugs (any other exception) always propagate."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    try:
+        return main(argv) or 0
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"{prog or 'error'}: error: {msg} ({DEBUG_FLAG} shows the traceback)", file=sys.stderr, flush=True)
+        return 2
