@@ -166,7 +166,7 @@ def make_train_step(sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Cal
 
     if mesh is None:
         return jax.jit(train_step, donate_argnums=0)
-    sharding.check_divides(mesh, S, sae_cfg.d_sae, B)
+    sharding.check_sae_divides(mesh, S, sae_cfg.d_sae, B)
     state_sh = sharding.state_shardings(mesh, _abstract_state(sae_cfg, train_cfg))
     batch_sh = sharding.batch_sharding(mesh, per_seed)
     return jax.jit(train_step, in_shardings=(state_sh, batch_sh),

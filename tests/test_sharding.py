@@ -51,7 +51,7 @@ def test_sizes_that_do_not_divide_are_named():
         train.make_train_step(SAE, dataclasses.replace(TRAIN, n_seeds=3), mesh=mesh)
     with pytest.raises(ValueError, match="d_sae=15 does not divide over mesh axis 'model' of size 2"):
         train.make_train_step(dataclasses.replace(SAE, d_sae=15), TRAIN, mesh=mesh)
-    with pytest.raises(ValueError, match="batch_size=31 does not divide over mesh axis 'data' of size 2"):
+    with pytest.raises(ValueError, match=r"batch_size=31 does not divide over mesh axes \('data', 'fsdp'\) of size 2"):
         train.make_train_step(SAE, dataclasses.replace(TRAIN, batch_size=31), mesh=mesh)
 
 
