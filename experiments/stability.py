@@ -13,11 +13,12 @@ Real part: train S seeds (one vmapped ensemble, same data order) on SmolLM2-135M
   4. principal angles between the seeds' unstable spans (rank r by SVD) against random baselines;
   5. pooling: unique features of the first half of the seeds, refit encoder, judged against the other half.
 Writes results/stability/{summary.json, report.md, *.png}; trained SAEs go under runs/stability/.
+The analysis itself (groups, ablations, top contexts, pooling) is `jaxsae.analysis` and `jaxsae.stability`;
+this script wires it to the caches and the model, and writes the report.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import sys
 import time
@@ -25,12 +26,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import scipy.stats
 from tqdm import tqdm
 
-from jaxsae import configlib, data, metrics, sae, stability, synthetic, train
+from jaxsae import analysis, configlib, data, harvest, sae, stability, synthetic, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,128 +135,21 @@ def run_synthetic(cfg: Config) -> dict:
 # ---------------------------------------------------------------- real model
 
 
-def _ordered_rows(src: data.CacheSource, n: int) -> np.ndarray:
-    """The first n rows (or all, if fewer) of a cache in stored order: row r is position skip_first + r % (T − skip_first) of
-    context r // (T − skip_first)."""
-    dtype = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[src.manifest["dtype"]]
-    rows, have = [], 0
-    for shard in src.shards:
-        take = min(len(shard), n - have)
-        rows.append(np.asarray(shard[:take]).view(dtype).astype(np.float32))
-        have += take
-        if have == n:
-            break
-    return np.concatenate(rows)
-
-
-@functools.partial(jax.jit, static_argnames=("sae_cfg",))
-def _seed_pass(params, x_BxD, keep_GxM, sae_cfg):
-    """One batch, one seed: squared error with each keep-mask applied to the code, firing counts, activation sums."""
-    code = sae.encode(params, x_BxD, sae_cfg)
-    M = sae_cfg.d_sae
-
-    def err(keep_M):
-        ablated = sae.Code(code.vals_BxK * keep_M[code.idx_BxK], code.idx_BxK)
-        return jnp.sum((x_BxD - sae.decode(params, ablated, sae_cfg)) ** 2)
-
-    fired_M = jnp.zeros((M,)).at[code.idx_BxK].add((code.vals_BxK > 0).astype(jnp.float32))
-    act_M = jnp.zeros((M,)).at[code.idx_BxK].add(code.vals_BxK)
-    return jax.lax.map(err, keep_GxM), fired_M, act_M
-
-
-def _ev_and_stats(params_S, sae_cfg, x_NxD, keep_SxGxM, chunk=4096):
-    """Per seed: EV with each keep-mask [S, G], firing frequency [S, M], mean activation when firing [S, M]."""
-    S, G, M = keep_SxGxM.shape
-    var = float(np.sum((x_NxD - x_NxD.mean(0)) ** 2, dtype=np.float64))
-    err, fired, act = np.zeros((S, G)), np.zeros((S, M)), np.zeros((S, M))
-    for s in tqdm(range(S), desc="EV per seed"):
-        p = jax.tree.map(lambda a: a[s], params_S)
-        for i in range(0, len(x_NxD), chunk):
-            e, f, a = _seed_pass(p, jnp.asarray(x_NxD[i:i + chunk]), jnp.asarray(keep_SxGxM[s]), sae_cfg)
-            err[s] += np.asarray(e)
-            fired[s] += np.asarray(f)
-            act[s] += np.asarray(a)
-    return 1.0 - err / var, fired / len(x_NxD), act / np.maximum(fired, 1)
-
-
-def _masked_recon_fn(params, sae_cfg, normalizer, keep_M):
-    """h_BxTxD -> the SAE reconstruction with latents outside keep_M zeroed, in the model's scale."""
-    keep_M = jnp.asarray(keep_M, jnp.float32)
-
-    @jax.jit
-    def fn(h_BxTxD):
-        B, T, D = h_BxTxD.shape
-        code = sae.encode(params, normalizer(h_BxTxD.reshape(B * T, D).astype(jnp.float32)), sae_cfg)
-        code = sae.Code(code.vals_BxK * keep_M[code.idx_BxK], code.idx_BxK)
-        return normalizer.invert(sae.decode(params, code, sae_cfg)).reshape(B, T, D).astype(h_BxTxD.dtype)
-
-    return fn
-
-
-def _groups(rng, p_SxM, freq_SxM, cfg: Config) -> dict[str, np.ndarray]:
-    """Ablation groups as bool [S, M]: stable, unstable, and random alive latents matched to each in size
-    and, separately, in firing frequency (same count per log-frequency bin)."""
-    alive = freq_SxM > 0
-    stable = alive & (p_SxM >= cfg.stable_min)
-    unstable = alive & (p_SxM < cfg.stable_min)
-    edges = np.quantile(np.log10(freq_SxM[alive]), np.linspace(0, 1, cfg.freq_bins + 1))
-    bin_SxM = np.clip(np.searchsorted(edges, np.log10(np.maximum(freq_SxM, 1e-12)), side="right") - 1,
-                      0, cfg.freq_bins - 1)
-    out = {"stable": stable, "unstable": unstable}
-    for name, grp in (("stable", stable), ("unstable", unstable)):
-        size, freq = np.zeros_like(grp), np.zeros_like(grp)
-        for s in range(len(grp)):
-            size[s, rng.choice(np.flatnonzero(alive[s]), grp[s].sum(), replace=False)] = True
-            for b in range(cfg.freq_bins):
-                pool = np.flatnonzero(alive[s] & (bin_SxM[s] == b))
-                freq[s, rng.choice(pool, (grp[s] & (bin_SxM[s] == b)).sum(), replace=False)] = True
-        out[f"random_size_{name}"], out[f"random_freq_{name}"] = size, freq
-    return out, edges, bin_SxM
-
-
-def _top_contexts(params, sae_cfg, x_NxD, tokens_NxT, skip_first, latents, tokenizer, cfg: Config) -> list[dict]:
-    """The 3 highest activations of each latent on the eval rows, with `window` tokens either side."""
-    idx = jnp.asarray(latents)
-
-    @jax.jit
-    def acts(x_BxD):
-        code = sae.encode(params, x_BxD, sae_cfg)
-        return jnp.sum(jnp.where(code.idx_BxK[..., None] == idx, code.vals_BxK[..., None], 0.0), axis=1)
-
-    a_NxE = np.concatenate([np.asarray(acts(jnp.asarray(x_NxD[i:i + 4096]))) for i in range(0, len(x_NxD), 4096)])
-    per_ctx = tokens_NxT.shape[1] - skip_first
+def _examples(params0, sae_cfg, x_NxD, rows, latents, tokenizer, cfg: Config) -> list[dict]:
+    """The 3 highest activations of each latent on the eval rows, as text with `window` tokens either side."""
+    tokens_CxT, ctx_R, pos_R = rows
+    n = min(len(x_NxD), len(ctx_R))  # rows past the cache's last full context have no context to show
+    acts_NxE = analysis.latent_acts(params0, sae_cfg, x_NxD[:n], latents)
     out = []
-    for e, latent in enumerate(latents):
+    for feat in analysis.top_contexts(acts_NxE, tokens_CxT, ctx_R, pos_R, k=3, window=cfg.window, latents=latents):
         examples = []
-        for r in np.argsort(-a_NxE[:, e])[:3]:
-            if a_NxE[r, e] <= 0:
-                break
-            c, t = divmod(int(r), per_ctx)
-            t += skip_first
-            left = tokenizer.decode(tokens_NxT[c, max(0, t - cfg.window):t].tolist())
-            mid = tokenizer.decode([int(tokens_NxT[c, t])])
-            right = tokenizer.decode(tokens_NxT[c, t + 1:t + 1 + cfg.window].tolist())
-            examples.append({"act": round(float(a_NxE[r, e]), 3), "text": f"{left}[[{mid}]]{right}"})
-        out.append({"latent": int(latent), "examples": examples})
+        for ex in feat["examples"]:
+            ids, i = ex["tokens"], ex["max_pos"]
+            text = f"{tokenizer.decode(ids[:i])}[[{tokenizer.decode(ids[i:i + 1])}]]{tokenizer.decode(ids[i + 1:])}"
+            examples.append({"act": round(ex["act"], 3), "text": text, "context": ex["context"],
+                             "position": ex["position"]})
+        out.append({"latent": feat["latent"], "examples": examples})
     return out
-
-
-def _refit_encoder(init_params, sae_cfg, source, cfg: Config) -> dict:
-    """A few hundred steps of the shared train step with the decoder frozen (stop_gradient)."""
-    train_cfg = train.TrainConfig(lr=cfg.lr, warmup_steps=min(50, cfg.refit_steps), batch_size=cfg.batch_size,
-                                  num_steps=cfg.refit_steps, n_seeds=1, seed=1)
-
-    def frozen_decoder_loss(params, x_BxD, dead_M):
-        return sae.loss({**params, "W_dec": jax.lax.stop_gradient(params["W_dec"])}, x_BxD, sae_cfg, dead_M)
-
-    params = jax.tree.map(lambda a: jnp.asarray(a)[None], init_params)
-    state = train.TrainState(params, jax.vmap(train.optimizer(train_cfg).init)(params), jnp.zeros((1,), jnp.int32),
-                             jnp.zeros((1, sae_cfg.d_sae), jnp.int32), jnp.zeros((1, sae_cfg.d_sae), jnp.float32))
-    step = train.make_train_step(sae_cfg, train_cfg, frozen_decoder_loss)
-    batches = source.batches(cfg.batch_size, seed=987)
-    for _ in tqdm(range(cfg.refit_steps), desc="refit encoder"):
-        state, _ = step(state, source.normalizer(next(batches)))
-    return jax.device_get(state.params)
 
 
 def _spearman(a, b) -> float | None:
@@ -265,7 +158,7 @@ def _spearman(a, b) -> float | None:
 
 
 def run_real(cfg: Config) -> dict:
-    from jaxsae import evaluate, harvest
+    from jaxsae import evaluate
     from lime_jax.tokenizer import load_tokenizer
 
     rng = np.random.default_rng(0)
@@ -282,7 +175,7 @@ def run_real(cfg: Config) -> dict:
     t_train = time.time() - t_train
     S, M = cfg.n_seeds, cfg.d_sae
     dec, enc = _dirs(params)
-    x = np.asarray(norm(_ordered_rows(heldout, cfg.eval_tokens)), np.float32)
+    x = np.asarray(norm(analysis.cache_rows(heldout, cfg.eval_tokens)), np.float32)
 
     # 1. stability
     t_stab = time.time()
@@ -290,12 +183,14 @@ def run_real(cfg: Config) -> dict:
     t_stab = time.time() - t_stab
     p_by_tau = {t: stability.stability(cos, t) for t in sorted({*cfg.taus, cfg.tau})}
     p = p_by_tau[cfg.tau]
-    _, freq, _ = _ev_and_stats(params, sae_cfg, x[:4096], np.ones((S, 1, M), bool))
-    groups, edges, bin_SxM = _groups(rng, p, freq, cfg)
+    freq = analysis.ablated_ev(params, sae_cfg, x[:4096], np.ones((S, 1, M), bool)).freq_SxM
+    groups, edges, bin_SxM = analysis.ablation_groups(rng, p, freq, cfg.stable_min, cfg.freq_bins)
     # Group statistics come from the full eval set below; the groups themselves from the first 4096 rows.
+    # Latents silent on those rows but not on the full set are counted in the lowest-frequency bin.
+    bin_SxM = np.maximum(bin_SxM, 0)
     names = ["none", *groups]
     keep = np.stack([np.ones((S, M), bool)] + [~g for g in groups.values()], axis=1)
-    ev, freq, mean_act = _ev_and_stats(params, sae_cfg, x, keep)
+    ev, freq, mean_act = analysis.ablated_ev(params, sae_cfg, x, keep)
     alive = freq > 0
     hung = []
     for t in range(1, min(cfg.hungarian_pairs, S - 1) + 1):
@@ -307,15 +202,16 @@ def run_real(cfg: Config) -> dict:
     # 2. ablations: ΔEV on every seed, ΔCE on seed 0
     model = evaluate.load_model(heldout.manifest["model"])
     layer = int(heldout.manifest["layer"])  # splice where the caches were harvested
-    ctx = harvest.cache_contexts(cfg.heldout_cache)
-    skip_first = int(heldout.manifest["skip_first"])
+    rows = analysis.cache_row_positions(cfg.heldout_cache)  # (contexts, context of each row, position of each row)
+    ctx = rows[0]
+    skip_first, exclude = int(heldout.manifest["skip_first"]), tuple(heldout.manifest["exclude_tokens"])
     p0 = jax.tree.map(lambda a: jnp.asarray(a[0]), params)
     ce, base = {}, None
     ce_batch = min(8, cfg.ce_contexts)  # ce_metrics pads the last batch: no wasted contexts
     for g, name in enumerate(tqdm(names, desc="CE per ablation")):
-        fn = _masked_recon_fn(p0, sae_cfg, norm, keep[0, g])
+        fn = analysis.ablated_recon_fn(p0, sae_cfg, norm, keep[0, g])
         ce[name] = evaluate.ce_metrics(model, ctx[:cfg.ce_contexts], layer, fn, ce_batch, baseline=base,
-                                       skip_first=skip_first)
+                                       skip_first=skip_first, exclude_tokens=exclude)
         base = base or ce[name]
     ablation = {}
     for g, name in enumerate(names[1:], start=1):
@@ -342,9 +238,8 @@ def run_real(cfg: Config) -> dict:
             row[f"{name}_mean_act"] = float(mean_act[mask].mean()) if mask.any() else None
         bins.append(row)
     tok = load_tokenizer()
-    ctx_rows = ctx[: -(-cfg.eval_tokens // (ctx.shape[1] - skip_first))]
     pick = lambda m: rng.choice(np.flatnonzero(m[0]), min(cfg.n_examples, int(m[0].sum())), replace=False)  # noqa: E731
-    examples = {name: _top_contexts(p0, sae_cfg, x, ctx_rows, skip_first, pick(mask), tok, cfg)
+    examples = {name: _examples(p0, sae_cfg, x, rows, pick(mask).tolist(), tok, cfg)
                 for name, mask in (("stable", stable & (p == 1)), ("unstable", unstable & (p == 0)))}
 
     # 4. subspaces of the unstable features
@@ -377,20 +272,17 @@ def run_real(cfg: Config) -> dict:
     # 5. pooled SAE: unique features of seeds [0, P), judged against the fresh seeds [P, S)
     P = cfg.pool_seeds
     p_pool = stability.stability(cos[:P, :P], cfg.tau)
-    order = np.lexsort((-freq[:P].ravel(), -p_pool.ravel()))
-    order = order[freq[:P].ravel()[order] > 0]
-    kept = stability.pool_unique(dec[:P].reshape(P * M, -1), order, M, cfg.tau)
-    seed_of, latent_of = np.divmod(kept, M)
-    width = len(kept)
+    init, seed_of, _ = analysis.pooled_sae(jax.tree.map(lambda a: a[:P], params), p_pool, freq[:P], M, cfg.tau)
+    width = len(seed_of)
     pool_cfg = dataclasses.replace(sae_cfg, d_sae=width, aux_k=0)  # nothing is dead after pooling
-    init = {"W_dec": dec[seed_of, latent_of], "W_enc": np.asarray(params["W_enc"])[seed_of, :, latent_of].T,
-            "b_enc": np.asarray(params["b_enc"])[seed_of, latent_of], "b_dec": np.asarray(params["b_dec"][:P]).mean(0)}
-    pooled = _refit_encoder(init, pool_cfg, source, cfg)
-    pooled_ev, _, _ = _ev_and_stats(pooled, pool_cfg, x, np.ones((1, 1, width), bool))
+    refit_cfg = train.TrainConfig(lr=cfg.lr, warmup_steps=min(50, cfg.refit_steps), batch_size=cfg.batch_size,
+                                  num_steps=cfg.refit_steps, n_seeds=1, seed=1)
+    pooled0 = analysis.refit_encoder(init, pool_cfg, source.batches(cfg.batch_size, seed=987), refit_cfg, norm)
+    pooled_ev = analysis.ablated_ev(jax.tree.map(lambda a: a[None], pooled0), pool_cfg, x,
+                                    np.ones((1, 1, width), bool)).ev_SxG
     fresh = dec[P:]
-    pooled0 = jax.tree.map(lambda a: jnp.asarray(a[0]), pooled)
     ce_pool = evaluate.ce_metrics(model, ctx[:cfg.ce_contexts], layer, evaluate.sae_recon_fn(pooled0, pool_cfg, norm),
-                                  ce_batch, baseline=base, skip_first=skip_first)
+                                  ce_batch, baseline=base, skip_first=skip_first, exclude_tokens=exclude)
     pooled_p = {t: stability.stability_against(pooled0["W_dec"], fresh, tau=t, search_dtype=cfg.search_dtype)
                 for t in p_by_tau}
     base_p = {t: np.stack([stability.stability_against(dec[s], fresh, tau=t, search_dtype=cfg.search_dtype)
@@ -418,7 +310,9 @@ def run_real(cfg: Config) -> dict:
         "pooled": pooled_sum, "baseline": baseline,
         "setup": {"sae": dataclasses.asdict(sae_cfg), "train_tokens_per_seed": train_cfg.total_steps * cfg.batch_size,
                   "n_seeds": S, "data_order": cfg.data_order, "train_cache": cfg.train_cache, "heldout_cache": cfg.heldout_cache,
-                  "eval_tokens": len(x), "ce_tokens": int(cfg.ce_contexts * (ctx.shape[1] - 1 - skip_first)),
+                  "eval_tokens": len(x),
+                  "ce_tokens": int(harvest.kept_positions(ctx[:cfg.ce_contexts], skip_first, exclude)[:, :-1].sum()),
+                  "train_cache_tokens": source.num_tokens,
                   "train_seconds": round(t_train, 1), "stability_seconds": round(t_stab, 1)},
     }
 
@@ -630,10 +524,12 @@ def write_report(summary: dict, cfg: Config, out: Path) -> None:
         if real["frac_stable"] >= 0.05:
             L += _real_reading(real)
         L += [""]
-        n_cache = json.loads((Path(st["train_cache"]) / data.MANIFEST).read_text())["num_tokens"]
+        # Older summaries lack the cache size; then it is read from the cache, if it is still there.
+        n_cache = st.get("train_cache_tokens") or harvest.cache_tokens(st["train_cache"])
+        size, passes = (f"{n_cache:,}", f"{st['train_tokens_per_seed'] / n_cache:.1f}") if n_cache else ("?", "?")
         L += ["## Scale and limits", "",
-              f"- Training data: {n_cache:,} tokens (`{st['train_cache']}`), so {st['train_tokens_per_seed']:,} tokens "
-              f"per seed are {st['train_tokens_per_seed'] / n_cache:.1f} passes over it. This is orders of magnitude "
+              f"- Training data: {size} tokens (`{st['train_cache']}`), so {st['train_tokens_per_seed']:,} tokens "
+              f"per seed are {passes} passes over it. This is orders of magnitude "
               "below the paper's setting (the shared caches were built at this size for a 2-core CPU); absolute "
               "stability and EV are those of small, briefly trained SAEs and should not be compared with published "
               "numbers. The comparisons between groups, against random baselines, and pooled vs single are the result.",
