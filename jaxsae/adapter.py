@@ -5,7 +5,7 @@ two pure functions of them:
   residuals(params, tokens_BxT, layers) -> {layer: h_BxTxD}     the residual stream after each block
   splice(params, tokens_BxT, layer, fn) -> logits_BxTxV          the same forward with h replaced by fn(h)
 plus which positions an SAE should see (`skip_first`, `exclude_tokens`: attention sinks with huge norms) and,
-optionally, how the model tokenises the named corpora it ships with. Both functions must be traceable
+optionally, how the model tokenises the named corpora it ships with and how a token reads as text. Both functions must be traceable
 (harvest and streaming call them under `jax.jit`), so parameters are an argument, never a closure.
 
 Adapters are found by name: `load("smollm2-135m")` looks the name up in the `jaxsae.models` entry-point
@@ -37,6 +37,7 @@ class ModelAdapter(NamedTuple):
     skip_first: int = 0  # leading positions of every context an SAE never sees
     exclude_tokens: tuple[int, ...] = ()  # token ids whose positions an SAE never sees
     token_contexts: Callable | None = None  # (corpus, split, ctx_len) -> int32 [N, ctx_len], if the model has corpora
+    token_strings: Callable | None = None  # (ids) -> list[str], each token's text on its own, for displays
 
 
 def kept_positions(tokens_NxT: np.ndarray, skip_first: int, exclude_tokens: Sequence[int]) -> np.ndarray:

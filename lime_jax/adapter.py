@@ -23,7 +23,16 @@ def from_llama(name: str, cfg: config.LlamaConfig, params: dict) -> ModelAdapter
         name=name, d_model=cfg.d_model, n_layers=cfg.n_layers, params=params,
         residuals=lambda p, tokens_BxT, layers: model.residuals(p, tokens_BxT, cfg, layers),
         splice=lambda p, tokens_BxT, layer, fn: model.splice(p, tokens_BxT, cfg, layer, fn),
-        skip_first=SKIP_FIRST, exclude_tokens=EXCLUDE_TOKENS, token_contexts=corpora.token_contexts)
+        skip_first=SKIP_FIRST, exclude_tokens=EXCLUDE_TOKENS, token_contexts=corpora.token_contexts,
+        token_strings=token_strings)
+
+
+def token_strings(ids) -> list[str]:
+    """The text of each SmolLM2 token on its own (byte-level BPE decoded one token at a time)."""
+    from lime_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    return [tok.decode([int(i)], skip_special_tokens=False) for i in ids]
 
 
 @functools.cache
