@@ -213,16 +213,7 @@ def cache_row_positions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
 
 def cache_rows(source: data.CacheSource, n: int) -> np.ndarray:
     """float32 [min(n, rows), D]: the first n rows of a cache in stored order (row r is `cache_row_positions`' r)."""
-    if n < 1:
-        raise ValueError(f"cache_rows needs n >= 1, got {n}")
-    rows, have = [], 0
-    for shard, x in enumerate(source.shards):
-        take = min(len(x), n - have)
-        rows.append(source._read(shard, 0, take).astype(np.float32))  # _read: the stored dtype, checked finite
-        have += take
-        if have == n:
-            break
-    return np.concatenate(rows)
+    return source.head(n)
 
 
 @functools.partial(jax.jit, static_argnames=("sae_cfg",))

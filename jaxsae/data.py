@@ -86,19 +86,29 @@ class ArraySource:
     def num_tokens(self) -> int:
         return self.x_NxD.shape[0]
 
-    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[np.ndarray]:
-        """Endless [B, D] float32 batches; `start` is the index of the first batch to yield."""
+    def batches(self, batch_size: int, seed: int, start: int = 0, rows: tuple[int, int] | None = None
+                ) -> Iterator[np.ndarray]:
+        """Endless [B, D] float32 batches from batch `start` on; `rows=(lo, hi)`: only those rows of each."""
         n = self.num_tokens
+        lo, hi = _check_rows(rows, batch_size)
         perm = functools.lru_cache(maxsize=2)(lambda epoch: np.random.default_rng([seed, epoch]).permutation(n))
         pos = start * batch_size
         while True:
-            rows, end = [], pos + batch_size
+            idx, end = [], pos + batch_size
             while pos < end:  # a batch may run into the next epoch(s)
                 epoch, offset = divmod(pos, n)
                 take = min(n - offset, end - pos)
-                rows.append(perm(epoch)[offset : offset + take])
+                idx.append(perm(epoch)[offset : offset + take])
                 pos += take
-            yield np.asarray(self.x_NxD[np.concatenate(rows)], np.float32)
+            yield np.asarray(self.x_NxD[np.concatenate(idx)[lo:hi]], np.float32)
+
+
+def _check_rows(rows: tuple[int, int] | None, batch_size: int) -> tuple[int, int]:
+    """(lo, hi) of the rows of each batch a process reads; all of them when rows is None."""
+    lo, hi = (0, batch_size) if rows is None else rows
+    if not 0 <= lo < hi <= batch_size:
+        raise ValueError(f"rows={rows} is not a non-empty range inside a batch of {batch_size}")
+    return lo, hi
 
 
 class CacheSource:
@@ -157,15 +167,12 @@ class CacheSource:
     def num_tokens(self) -> int:
         return sum(len(s) for s in self.shards)
 
-    def _read(self, shard: int, begin: int, end: int) -> np.ndarray:
-        x = np.asarray(self.shards[shard][begin:end]).view(_DTYPES[self.manifest["dtype"]])
-        bad = x.size - int(np.count_nonzero(np.isfinite(x.astype(np.float32))))
-        if bad:
-            raise ValueError(
-                f"activation cache {self.path}: shard {self.manifest['shards'][shard]['file']} rows "
-                f"[{begin}, {end}) hold {bad} non-finite values (NaN/inf)"
-            )
-        return x
+    def head(self, n: int) -> np.ndarray:
+        """float32 [min(n, rows), D]: the first n rows in stored order (row r of the cache is row r here)."""
+        if n < 1:
+            raise ValueError(f"head needs n >= 1, got {n}")
+        where = np.concatenate([np.stack([np.full(len(x), s), np.arange(len(x))], 1) for s, x in enumerate(self.shards)])
+        return self._gather(where[:n])
 
     def _epoch_buffers(self, seed: int, epoch: int) -> list[np.ndarray]:
         """The chunks of each buffer of one epoch, in stream order."""
@@ -173,32 +180,56 @@ class CacheSource:
         per_buffer = max(1, self.buffer_tokens // self.chunk_tokens)
         return [chunks[i : i + per_buffer] for i in range(0, len(chunks), per_buffer)]
 
-    def _buffer(self, seed: int, epoch: int, index: int, chunks: np.ndarray) -> np.ndarray:
-        x = np.concatenate([self._read(*c) for c in chunks])
-        return x[np.random.default_rng([seed, epoch, index, 1]).permutation(len(x))]
+    def _buffer_rows(self, seed: int, epoch: int, index: int, chunks: np.ndarray) -> np.ndarray:
+        """int64 [n, 2]: the (shard, row) of each row of one shuffled buffer, in stream order (nothing is read)."""
+        where = np.concatenate([np.stack([np.full(e - b, s), np.arange(b, e)], 1) for s, b, e in chunks])
+        return where[np.random.default_rng([seed, epoch, index, 1]).permutation(len(where))]
 
-    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[np.ndarray]:
-        """Endless [B, D] float32 batches; `start` is the index of the first batch to yield."""
+    def _gather(self, where_Nx2: np.ndarray) -> np.ndarray:
+        """The rows at (shard, row) pairs, in that order, as float32 (read shard by shard, rows sorted)."""
+        out = np.empty((len(where_Nx2), self.d_in), np.float32)
+        for shard in np.unique(where_Nx2[:, 0]):
+            at = np.flatnonzero(where_Nx2[:, 0] == shard)
+            order = np.argsort(where_Nx2[at, 1], kind="stable")
+            rows = where_Nx2[at[order], 1]
+            x = np.asarray(self.shards[shard][rows]).view(_DTYPES[self.manifest["dtype"]]).astype(np.float32)
+            bad_N = ~np.isfinite(x).all(1)
+            if bad_N.any():
+                raise ValueError(f"activation cache {self.path}: shard {self.manifest['shards'][shard]['file']} row "
+                                 f"{rows[bad_N][0]} holds {int((~np.isfinite(x[bad_N])).sum())} non-finite values "
+                                 f"(NaN/inf)")
+            out[at[order]] = x
+        return out
+
+    def batches(self, batch_size: int, seed: int, start: int = 0, rows: tuple[int, int] | None = None
+                ) -> Iterator[np.ndarray]:
+        """Endless [B, D] float32 batches from batch `start` on; `rows=(lo, hi)`: only those rows of each.
+
+        The stream is decided on row indices alone, so a process asking for its rows of every batch reads
+        those rows and nothing else, and the global batch is the same for any number of processes.
+        """
+        lo, hi = _check_rows(rows, batch_size)
         epoch, skip = divmod(start * batch_size, self.num_tokens)
-        carry = np.zeros((0, self.d_in), _DTYPES[self.manifest["dtype"]])  # the last buffer's tail, < B rows
+        carry = np.zeros((0, 2), np.int64)  # the last buffer's tail, < B rows
         while True:
             for index, chunks in enumerate(self._epoch_buffers(seed, epoch)):
                 n = int(np.sum(chunks[:, 2] - chunks[:, 1]))
-                if skip >= n:  # resuming: whole buffers before the start position are never read
+                if skip >= n:  # resuming: whole buffers before the start position are skipped
                     skip -= n
                     continue
-                buf = np.concatenate([carry, self._buffer(seed, epoch, index, chunks)[skip:]])
+                where = np.concatenate([carry, self._buffer_rows(seed, epoch, index, chunks)[skip:]])
                 skip = 0
-                full = len(buf) - len(buf) % batch_size
+                full = len(where) - len(where) % batch_size
                 for i in range(0, full, batch_size):
-                    yield buf[i : i + batch_size].astype(np.float32)
-                carry = buf[full:]
+                    yield self._gather(where[i + lo : i + hi])
+                carry = where[full:]
             epoch += 1
 
 
-def stacked_batches(source, batch_size: int, seeds: Sequence[int], start: int = 0) -> Iterator[np.ndarray]:
-    """Per-seed data orders: [S, B, D] batches, seed s drawing from `source.batches(B, seeds[s], start)`."""
-    streams = [source.batches(batch_size, s, start) for s in seeds]
+def stacked_batches(source, batch_size: int, seeds: Sequence[int], start: int = 0,
+                    rows: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+    """Per-seed data orders: [S, B, D] batches, seed s drawing from `source.batches(B, seeds[s], start, rows)`."""
+    streams = [source.batches(batch_size, s, start, rows) for s in seeds]
     while True:
         yield np.stack([next(it) for it in streams])
 

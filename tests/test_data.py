@@ -104,7 +104,7 @@ def test_truncated_missing_and_nan_shards_are_named(tmp_path):
     bad[3, 2] = np.nan
     bad.flush()
     del bad
-    with pytest.raises(ValueError, match=r"shard_000001.npy rows \[\d+, \d+\) hold 1 non-finite"):
+    with pytest.raises(ValueError, match=r"shard_000001.npy row \d+ holds 1 non-finite"):
         list(zip(range(10), data.CacheSource(tmp_path).batches(7, seed=0)))
     shard.unlink()
     with pytest.raises(FileNotFoundError, match="shard_000001.npy is missing"):
@@ -145,3 +145,20 @@ def test_interrupted_writer_resumes_without_half_shards(tmp_path):
     assert src.num_tokens == 30
     got = next(src.batches(30, seed=0))
     np.testing.assert_array_equal(_rows(got), _rows(x.astype(np.float16).astype(np.float32)))
+
+
+@pytest.mark.parametrize("kind", ["cache", "array"])
+def test_row_ranges_tile_the_global_batch(tmp_path, kind):
+    """Processes reading rows [lo, hi) of every batch together read exactly the one-process stream."""
+    x = np.random.default_rng(4).standard_normal((95, 6)).astype(np.float16)
+    _write_cache(tmp_path / "c", x)
+    src = data.CacheSource(tmp_path / "c", chunk_tokens=8, buffer_tokens=24) if kind == "cache" \
+        else data.ArraySource(x.astype(np.float32))
+    B, start, steps = 12, 5, 20  # 20 batches of 12 run over two epochs of 95 rows
+    whole = [b for _, b in zip(range(steps), src.batches(B, seed=3, start=start))]
+    for cuts in ([0, 6, 12], [0, 3, 6, 9, 12], [0, 1, 12]):
+        parts = [src.batches(B, seed=3, start=start, rows=(lo, hi)) for lo, hi in zip(cuts, cuts[1:])]
+        for want in whole:
+            np.testing.assert_array_equal(np.concatenate([next(p) for p in parts]), want)
+    with pytest.raises(ValueError, match=r"rows=\(4, 4\)"):
+        next(src.batches(B, seed=3, rows=(4, 4)))
