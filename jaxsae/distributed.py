@@ -1,0 +1,90 @@
+"""Several processes, one program: JAX's multi-controller runtime and per-process data.
+
+Every process runs the same command; `initialize(cfg)` joins them with `jax.distributed.initialize`, after
+which `jax.devices()` lists the devices of all processes and a mesh spans them. Each process then reads only
+the rows of each global batch its devices hold (`process_rows`) and `global_array` assembles the global
+jax.Array with `jax.make_array_from_process_local_data`. Files a run writes once (logs, summaries, SAE folders)
+are written by process 0 (`is_main`); orbax checkpoints are written by all processes together.
+
+On CPU (tests, and a laptop standing in for a pod) processes talk through gloo, and `cpu_devices` sets how many
+devices each process has (`jax_num_cpu_devices`). `python -m jaxsae.launch -n N -- CMD ...` starts N local
+processes with the right flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DistConfig:
+    coordinator: str = ""  # HOST:PORT of process 0's coordination service; empty: one process (or distributed=auto)
+    num_processes: int = 1  # processes in the job (with coordinator)
+    process_id: int = 0  # this process's id in [0, num_processes) (with coordinator)
+    distributed: str = "off"  # off | auto: let jax.distributed.initialize() detect TPU pods, SLURM or Open MPI
+    cpu_devices: int = 0  # CPU only: devices per process (jax_num_cpu_devices); 0 keeps JAX's default
+    init_timeout_s: int = 60  # give up when the coordinator does not answer within this many seconds
+    heartbeat_timeout_s: int = 30  # a peer silent this long is declared lost and every process stops
+
+
+def check(cfg: DistConfig) -> None:
+    """One-line errors for an impossible setting, before anything starts."""
+    if cfg.distributed not in ("off", "auto"):
+        raise ValueError(f"distributed must be off or auto, got {cfg.distributed!r}")
+    if cfg.num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {cfg.num_processes}")
+    if not 0 <= cfg.process_id < cfg.num_processes:
+        raise ValueError(f"process_id={cfg.process_id} is out of range for num_processes={cfg.num_processes}")
+    if cfg.num_processes > 1 and not cfg.coordinator:
+        raise ValueError(f"num_processes={cfg.num_processes} needs coordinator=HOST:PORT (or distributed=auto)")
+    if cfg.coordinator and not re.fullmatch(r"[^\s:]+:\d{1,5}", cfg.coordinator):
+        raise ValueError(f"coordinator must be HOST:PORT, got {cfg.coordinator!r}")
+    if cfg.cpu_devices < 0 or cfg.init_timeout_s < 1 or cfg.heartbeat_timeout_s < 1:
+        raise ValueError(f"cpu_devices must be >= 0 and the timeouts >= 1 s, got {cfg}")
+
+
+def initialize(cfg: DistConfig) -> None:
+    """Join the job described by `cfg` (a no-op for one process); call before any JAX computation."""
+    check(cfg)
+    if cfg.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", cfg.cpu_devices)
+    if cfg.distributed == "off" and not cfg.coordinator:
+        return
+    if jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only CPU clients read it
+    kwargs = dict(initialization_timeout=cfg.init_timeout_s, heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
+    if cfg.coordinator:
+        kwargs.update(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes, process_id=cfg.process_id)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # XLA reports a missing coordinator as a generic runtime error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConnectionError(f"could not join the job at coordinator {cfg.coordinator or '(auto)'} within "
+                              f"{cfg.init_timeout_s} s as process {cfg.process_id} of {cfg.num_processes}: "
+                              f"{first}") from None
+
+
+def is_main() -> bool:
+    """True in the one process that writes shared files (process 0)."""
+    return jax.process_index() == 0
+
+
+def process_box(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The block of a global array of `shape` that this process's devices hold, as one slice per axis."""
+    blocks = {tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+              for index in sharding.addressable_devices_indices_map(shape).values()}
+    box = tuple(slice(min(b[a][0] for b in blocks), max(b[a][1] for b in blocks)) for a in range(len(shape)))
+    if sum(int(np.prod([stop - start for start, stop in b])) for b in blocks) != \
+            int(np.prod([s.stop - s.start for s in box])):
+        raise ValueError(f"this process's devices do not hold one block of the global array {shape} under "
+                         f"{sharding}; order the mesh so that each process's devices are contiguous")
+    return box
+
+
+def global_array(sharding: jax.sharding.Sharding, local: np.ndarray, shape: tuple[int, ...]) -> jax.Array:
+    """The global array of `shape` from this process's block (`process_box`) of it."""
+    return jax.make_array_from_process_local_data(sharding, local, shape)

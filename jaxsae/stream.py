@@ -1,0 +1,94 @@
+"""Activations streamed from a language model while the SAEs train: no cache on disk.
+
+`ModelSource(model, tokens_NxT, layer)` is an activation source like `data.CacheSource`: `batches(B, seed,
+start, rows)` yields raw [B, D] float32 rows, a pure function of (seed, batch index), so a killed run resumes
+exactly and every process can ask for only its rows of each global batch. The stream: each epoch visits the
+token contexts in a seeded random order; a context contributes its kept positions (the adapter's
+`skip_first`/`exclude_tokens`) in order. The model runs on fixed-size chunks of `ctx_batch` contexts (one
+compiled shape), and only on the chunks that hold rows somebody asked for, so N processes share the forward
+passes. With `data_order=same` one forward feeds every seed of the ensemble.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from jaxsae.adapter import ModelAdapter, kept_positions
+from jaxsae.data import Normalizer, _check_rows
+
+
+class ModelSource:
+    """Raw residuals after block `layer` of `model` on `tokens_NxT`, streamed in a seeded context order."""
+
+    def __init__(self, model: ModelAdapter, tokens_NxT: np.ndarray, layer: int, ctx_batch: int = 16,
+                 normalizer: Normalizer | None = None, normalizer_tokens: int = 65_536):
+        tokens_NxT = np.asarray(tokens_NxT)
+        if tokens_NxT.ndim != 2 or len(tokens_NxT) == 0 or not np.issubdtype(tokens_NxT.dtype, np.integer):
+            raise ValueError(f"tokens must be integer ids [N >= 1, T], got {tokens_NxT.dtype}{list(tokens_NxT.shape)}")
+        if not 0 <= layer < model.n_layers:
+            raise ValueError(f"layer={layer} is not a block of {model.name} (0..{model.n_layers - 1})")
+        if ctx_batch < 1 or normalizer_tokens < 1:
+            raise ValueError(f"ctx_batch and normalizer_tokens must be >= 1, got {ctx_batch}, {normalizer_tokens}")
+        self.model, self.tokens_NxT, self.layer, self.ctx_batch = model, tokens_NxT, layer, ctx_batch
+        self.keep_NxT = kept_positions(tokens_NxT, model.skip_first, model.exclude_tokens)
+        self.kept_N = self.keep_NxT.sum(1)
+        if self.kept_N.sum() == 0:
+            raise ValueError(f"no position of tokens {tokens_NxT.shape} is kept by {model.name}'s mask")
+        self._forward = jax.jit(lambda params, t_BxT: model.residuals(params, t_BxT, (layer,))[layer])
+        self.normalizer = normalizer or Normalizer.fit(self._rows(np.arange(len(tokens_NxT)), 0, normalizer_tokens))
+
+    @property
+    def d_in(self) -> int:
+        return self.model.d_model
+
+    @property
+    def num_tokens(self) -> int:
+        """Kept rows in one pass over the contexts."""
+        return int(self.kept_N.sum())
+
+    def _chunk(self, order_N: np.ndarray, j: int) -> np.ndarray:
+        """float32 [rows, D]: the kept rows of contexts order_N[j*C : (j+1)*C], in order."""
+        ids = order_N[j * self.ctx_batch : (j + 1) * self.ctx_batch]
+        t_CxT = self.tokens_NxT[ids]
+        if len(ids) < self.ctx_batch:  # pad the last chunk with copies: one compiled shape
+            t_CxT = np.concatenate([t_CxT, np.repeat(t_CxT[:1], self.ctx_batch - len(ids), 0)])
+        h_CxTxD = np.asarray(self._forward(self.model.params, t_CxT), np.float32)
+        return h_CxTxD[: len(ids)][self.keep_NxT[ids]]
+
+    def _rows(self, order_N: np.ndarray, r0: int, r1: int, chunk=None) -> np.ndarray:
+        """Rows [r0, r1) of the kept-row stream of contexts in `order_N` (r1 clipped to its end)."""
+        C = self.ctx_batch
+        cum = np.concatenate([[0], np.cumsum(self.kept_N[order_N])])
+        starts = cum[::C]  # first row of each chunk
+        r1 = min(r1, int(cum[-1]))
+        chunk = chunk or (lambda j: self._chunk(order_N, j))
+        out = []
+        j = int(np.searchsorted(starts, r0, side="right")) - 1
+        while r0 < r1:
+            x = chunk(j)
+            take = min(r1, int(starts[j]) + len(x)) - r0
+            out.append(x[r0 - int(starts[j]) : r0 - int(starts[j]) + take])
+            r0, j = r0 + take, j + 1
+        return np.concatenate(out) if out else np.zeros((0, self.d_in), np.float32)
+
+    def batches(self, batch_size: int, seed: int, start: int = 0, rows: tuple[int, int] | None = None
+                ) -> Iterator[np.ndarray]:
+        """Endless [B, D] float32 batches from batch `start` on; `rows=(lo, hi)`: only those rows of each."""
+        lo, hi = _check_rows(rows, batch_size)
+        n = self.num_tokens
+        order = functools.lru_cache(maxsize=2)(
+            lambda epoch: np.random.default_rng([seed, epoch]).permutation(len(self.tokens_NxT)))
+        chunks = functools.lru_cache(maxsize=4)(lambda epoch, j: self._chunk(order(epoch), j))
+        pos = start * batch_size
+        while True:
+            a, b, parts = pos + lo, pos + hi, []
+            while a < b:  # the rows may run into the next epoch(s)
+                epoch, offset = divmod(a, n)
+                take = min(n - offset, b - a)
+                parts.append(self._rows(order(epoch), offset, offset + take, functools.partial(chunks, epoch)))
+                a += take
+            yield np.concatenate(parts)
+            pos += batch_size

@@ -1,0 +1,58 @@
+"""Streaming from the model: the batches equal a brute-force stream built from one forward over every context."""
+import jax
+import numpy as np
+import pytest
+
+from jaxsae import adapter, data, stream
+from lime_jax import model as lm
+from lime_jax.adapter import from_llama
+from lime_jax.config import tiny
+
+CFG = tiny(vocab=300, n_layers=3, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64, max_len=16)
+MODEL = from_llama("tiny", CFG, lm.init(jax.random.key(2), CFG))
+TOKENS = np.random.default_rng(0).integers(1, CFG.vocab, (11, 16)).astype(np.int32)
+TOKENS[2, 7] = TOKENS[5, 3] = TOKENS[8, 10] = TOKENS[8, 11] = 0  # dropped where >= skip_first: contexts give 12, 11 or 10 rows
+LAYER = 1
+
+
+def _reference_stream(seed, epochs):
+    """Every context through the model at once, then a plain loop: epoch e visits contexts in rng([seed, e])'s order."""
+    h = np.asarray(lm.residuals(MODEL.params, TOKENS, CFG, LAYER)[LAYER])
+    keep = adapter.kept_positions(TOKENS, MODEL.skip_first, MODEL.exclude_tokens)
+    rows = []
+    for e in range(epochs):
+        for c in np.random.default_rng([seed, e]).permutation(len(TOKENS)):
+            rows += [h[c, t] for t in range(16) if keep[c, t]]
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("ctx_batch", [1, 3, 16])
+def test_batches_equal_the_brute_force_stream(ctx_batch):
+    src = stream.ModelSource(MODEL, TOKENS, LAYER, ctx_batch=ctx_batch)
+    assert src.num_tokens == 11 * 12 - 3  # position 3 is skipped anyway
+    want = _reference_stream(seed=5, epochs=3)
+    B, start = 40, 2  # batches 2..8 (rows 80..360) cross the epoch boundaries at 129 and 258
+    got = [b for _, b in zip(range(7), src.batches(B, seed=5, start=start))]
+    np.testing.assert_allclose(np.concatenate(got), want[start * B : (start + 7) * B], rtol=1e-5, atol=1e-5)
+
+
+def test_row_ranges_tile_the_batch_and_normalizer_fits_the_first_rows():
+    src = stream.ModelSource(MODEL, TOKENS, LAYER, ctx_batch=4, normalizer_tokens=50)
+    whole = [b for _, b in zip(range(5), src.batches(24, seed=1))]
+    parts = [src.batches(24, seed=1, rows=r) for r in ((0, 5), (5, 17), (17, 24))]
+    for want in whole:
+        np.testing.assert_array_equal(np.concatenate([next(p) for p in parts]), want)
+    h = np.asarray(lm.residuals(MODEL.params, TOKENS, CFG, LAYER)[LAYER])
+    first = h[adapter.kept_positions(TOKENS, 4, (0,))][:50]  # corpus order: context 0's rows first
+    ref = data.Normalizer.fit(first)
+    np.testing.assert_allclose(src.normalizer.mean_D, ref.mean_D, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(src.normalizer.scale, ref.scale, rtol=1e-5)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="layer=7"):
+        stream.ModelSource(MODEL, TOKENS, 7)
+    with pytest.raises(ValueError, match="integer ids"):
+        stream.ModelSource(MODEL, TOKENS.astype(np.float32), LAYER)
+    with pytest.raises(ValueError, match="no position"):
+        stream.ModelSource(MODEL, TOKENS[:, :4], LAYER)
