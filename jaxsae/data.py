@@ -229,7 +229,7 @@ class CacheSource:
 def stacked_batches(source, batch_size: int, seeds: Sequence[int], start: int = 0,
                     rows: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
     """Per-seed data orders: [S, B, D] batches, seed s drawing from `source.batches(B, seeds[s], start, rows)`."""
-    streams = [source.batches(batch_size, s, start, rows) for s in seeds]
+    streams = [source.batches(batch_size, s, start, **({"rows": rows} if rows else {})) for s in seeds]
     while True:
         yield np.stack([next(it) for it in streams])
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
+import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,8 @@ def initialize(cfg: DistConfig) -> None:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only CPU clients read it
     kwargs = dict(initialization_timeout=cfg.init_timeout_s, heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
+    if cfg.coordinator and cfg.process_id != 0:
+        _wait_for(cfg.coordinator, cfg.init_timeout_s)
     if cfg.coordinator:
         kwargs.update(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes, process_id=cfg.process_id)
     try:
@@ -66,6 +71,20 @@ def initialize(cfg: DistConfig) -> None:
         raise ConnectionError(f"could not join the job at coordinator {cfg.coordinator or '(auto)'} within "
                               f"{cfg.init_timeout_s} s as process {cfg.process_id} of {cfg.num_processes}: "
                               f"{first}") from None
+
+
+def _wait_for(address: str, timeout_s: float) -> None:
+    """Return once `address` accepts TCP connections; a one-line error after `timeout_s` (XLA would abort)."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"coordinator {address} did not answer within {timeout_s} s") from None
+            time.sleep(0.2)
 
 
 def is_main() -> bool:
@@ -88,3 +107,10 @@ def process_box(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tupl
 def global_array(sharding: jax.sharding.Sharding, local: np.ndarray, shape: tuple[int, ...]) -> jax.Array:
     """The global array of `shape` from this process's block (`process_box`) of it."""
     return jax.make_array_from_process_local_data(sharding, local, shape)
+
+
+def to_host(tree):
+    """A pytree of (possibly multi-process sharded) arrays as numpy on every process (a collective: all call it)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -23,7 +24,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxsae import checkpoint, configlib, data, io, metrics, sae, sharding
+from jaxsae import checkpoint, configlib, data, distributed, io, metrics, sae, sharding
 
 # tokens_since_fired saturates here instead of overflowing int32 on long runs.
 _SINCE_MAX = 2**30
@@ -200,7 +201,8 @@ def evaluate(params: dict, sae_cfg: sae.SAEConfig, x_NxD: np.ndarray, chunk: int
 
 
 # Fields that do not change what is computed (the mesh only reorders float reductions).
-_RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "keep_checkpoints", "mesh_seed", "mesh_data", "mesh_model"}
+_RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "keep_checkpoints", "mesh_seed", "mesh_data", "mesh_model",
+                      "out_dir"}  # a run folder may be moved
 
 
 def _check_config(out: Path, sae_cfg, train_cfg, resuming: bool) -> None:
@@ -243,28 +245,39 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
     position = {"data_order": train_cfg.data_order, "data_seeds": train_cfg.data_seeds,
                 "batch_size": train_cfg.batch_size, "num_tokens_in_source": source.num_tokens}
     start = manager.latest_step()
-    _check_config(out, sae_cfg, train_cfg, resuming=start is not None)
+    main_process = distributed.is_main()  # files written once are written by process 0
+    if main_process:
+        _check_config(out, sae_cfg, train_cfg, resuming=start is not None)
     if start is None:
         start = 0
         state = init(jax.random.key(train_cfg.seed), b_dec_init)
     else:
         state = checkpoint.restore(manager, start, _abstract_state(sae_cfg, train_cfg), state_sh, position)
-    checkpoint.trim_log(out / "metrics.jsonl", start)
+    if main_process:
+        checkpoint.trim_log(out / "metrics.jsonl", start)
 
-    if train_cfg.data_order == "same":
-        batches = source.batches(train_cfg.batch_size, train_cfg.data_seeds[0], start)
-    else:
-        batches = data.stacked_batches(source, train_cfg.batch_size, train_cfg.data_seeds, start)
+    # Each process reads only its block of every global batch: rows over (data, fsdp), seeds over seed.
+    per_seed, S, B = train_cfg.data_order == "per_seed", train_cfg.n_seeds, train_cfg.batch_size
+    shape = (S, B, sae_cfg.d_in) if per_seed else (B, sae_cfg.d_in)
+    batch_sh = sharding.batch_sharding(mesh, per_seed)
+    box = distributed.process_box(batch_sh, shape)
+    rows = None if (box[-2].start, box[-2].stop) == (0, B) else (box[-2].start, box[-2].stop)
+    if per_seed:
+        batches = data.stacked_batches(source, B, train_cfg.data_seeds[box[0]], start, rows)
+    else:  # a source of one's own needs `rows` only under several processes
+        batches = source.batches(B, train_cfg.data_seeds[0], start, **({"rows": rows} if rows else {}))
     normalize = source.normalizer or (lambda x: x)
     total = train_cfg.total_steps
     try:
-        with open(out / "metrics.jsonl", "a") as log, tqdm(total=total, initial=start, desc="train") as bar:
+        with open(out / "metrics.jsonl", "a") if main_process else open(os.devnull, "w") as log, \
+                tqdm(total=total, initial=start, desc="train", disable=not main_process) as bar:
             for step in range(start, total):
-                state, m = step_fn(state, normalize(next(batches)))
+                x = distributed.global_array(batch_sh, np.asarray(normalize(next(batches)), np.float32), shape)
+                state, m = step_fn(state, x)
                 done = step + 1
                 save = (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0) or done == total
                 if save or done % train_cfg.log_every == 0:
-                    m = jax.device_get(m)
+                    m = distributed.to_host(m)
                     if not np.all(np.isfinite(m["loss"])):  # never checkpoint a diverged state
                         raise FloatingPointError(f"non-finite loss at step {done}, per seed: {m['loss'].tolist()}")
                 if done % train_cfg.log_every == 0 or done == total:
@@ -280,8 +293,8 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
         manager.wait_until_finished()
         manager.close()
 
-    params = jax.device_get(state.params)
-    for s in range(train_cfg.n_seeds):
+    params = distributed.to_host(state.params)
+    for s in range(train_cfg.n_seeds if main_process else 0):
         io.save_saelens(out / f"seed_{s}", jax.tree.map(lambda a: a[s], params), sae_cfg, source.normalizer,
                         extra={"seed": s, "steps": total, "train_cfg": dataclasses.asdict(train_cfg)}, overwrite=True)
     return state
@@ -289,12 +302,17 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    source: str = "synthetic"  # activation cache folder, or "synthetic" (sparse sums of random directions)
+    source: str = "synthetic"  # activation cache folder, "model" (stream from `model`, no cache) or "synthetic"
     heldout: str = ""  # cache folder for the final summary; empty: a fresh synthetic sample / the training source
     eval_tokens: int = 16384  # tokens in the final summary's evaluation slice
     synthetic_tokens: int = 65536  # synthetic source: number of training tokens
     synthetic_features: int = 256  # synthetic source: number of ground-truth directions
     synthetic_k: int = 8  # synthetic source: directions summed per token
+    model: str = "smollm2-135m"  # source=model: a registered model name or a "module:factory" spec
+    layer: int = 14  # source=model: residual stream after this block
+    corpus: str = "general"  # source=model: the model's named corpus (its train split) to stream
+    ctx_len: int = 256  # source=model: tokens per context
+    ctx_batch: int = 16  # source=model: contexts per model forward
 
 
 def _split_argv(argv: list[str], cfgs: list) -> list[list[str]]:
@@ -313,14 +331,22 @@ def _split_argv(argv: list[str], cfgs: list) -> list[list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """`jaxsae train [key=value ...]`: fields of SAEConfig, TrainConfig and RunConfig."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    defaults = [sae.SAEConfig(), TrainConfig(), RunConfig()]
+    defaults = [sae.SAEConfig(), TrainConfig(), RunConfig(), distributed.DistConfig()]
     if any(a in ("-h", "--help", "help") for a in argv):
         print("\n\n".join(configlib.help_text(c) for c in defaults))
         return 0
-    sae_argv, train_argv, run_argv = _split_argv(argv, defaults)
+    sae_argv, train_argv, run_argv, dist_argv = _split_argv(argv, defaults)
     run = configlib.override(RunConfig(), run_argv)
     train_cfg = configlib.override(TrainConfig(), train_argv)
-    if run.source == "synthetic":
+    distributed.initialize(configlib.override(distributed.DistConfig(), dist_argv))
+    if run.source == "model":
+        from jaxsae import adapter, harvest, stream
+
+        model = adapter.load(run.model)
+        tokens = harvest.corpus_tokens(model, harvest.HarvestConfig(corpus=run.corpus, ctx_len=run.ctx_len))
+        source = stream.ModelSource(model, tokens, run.layer, run.ctx_batch)
+        d_in = source.d_in
+    elif run.source == "synthetic":
         d_in = configlib.override(sae.SAEConfig(), sae_argv).d_in
         make = functools.partial(data.synthetic_source, d_in, n_features=run.synthetic_features, k=run.synthetic_k)
         source = make(run.synthetic_tokens, seed=train_cfg.seed)
@@ -340,13 +366,15 @@ def main(argv: list[str] | None = None) -> int:
         eval_source, eval_on = source, f"{run.source} (training source, not held out)"
     x = next(eval_source.batches(run.eval_tokens, seed=12345))
     x = (source.normalizer or (lambda a: a))(x)
-    summary = evaluate(jax.device_get(state.params), sae_cfg, x)
+    summary = evaluate(distributed.to_host(state.params), sae_cfg, x)
     summary.update(
-        dead_frac_train=np.mean(np.asarray(state.tokens_since_fired) >= train_cfg.dead_after_tokens, axis=1).tolist(),
+        dead_frac_train=np.mean(distributed.to_host(state.tokens_since_fired) >= train_cfg.dead_after_tokens,
+                                axis=1).tolist(),
         eval_on=eval_on, eval_tokens=len(x), steps=train_cfg.total_steps, out_dir=train_cfg.out_dir,
     )
-    print(json.dumps(summary))
-    (Path(train_cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    if distributed.is_main():
+        print(json.dumps(summary))
+        (Path(train_cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     return 0
 
 

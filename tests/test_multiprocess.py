@@ -1,0 +1,120 @@
+"""Several processes (jax.distributed over gloo on this CPU) train exactly what one process trains.
+
+Each run is a real command: `python -m jaxsae.launch -n 2 --cpu-devices 2 -- jaxsae train ...` against
+`jaxsae train ... cpu_devices=4`, the same 4-device mesh split over 2 processes or held by 1.
+"""
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxsae import io
+from jaxsae.data import CacheWriter
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
+pytestmark = pytest.mark.slow
+
+
+def _train_args(cache, out, **kw):
+    args = dict(source=cache, d_sae=16, k=2, n_seeds=2, batch_size=32, num_steps=30, log_every=10,
+                checkpoint_every=10, keep_checkpoints=3, eval_tokens=64, warmup_steps=5, lr=3e-3, out_dir=out)
+    args.update(kw)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def _run(cmd, timeout=300):
+    r = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _one(args):
+    return _run(["jaxsae.cli", "train", *args, "cpu_devices=4"])
+
+
+def _two(args):
+    return _run(["jaxsae.launch", "-n", "2", "--cpu-devices", "2", "--", "jaxsae", "train", *args])
+
+
+def _params(out):
+    return [io.load_saelens(pathlib.Path(out) / f"seed_{s}")[0] for s in range(2)]
+
+
+def _assert_same(a, b):
+    for pa, pb in zip(_params(a), _params(b)):
+        for name in pa:
+            np.testing.assert_allclose(pa[name], pb[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mp") / "cache"
+    x = np.random.default_rng(0).standard_normal((600, 8)) * 3 + 1
+    with CacheWriter(path, {"model": "toy", "layer": 0}, d_in=8, shard_tokens=128) as w:
+        w.add(x.astype(np.float16))
+    return str(path)
+
+
+@pytest.mark.parametrize("mesh", [dict(mesh_data=4), dict(mesh_seed=2, mesh_data=2, data_order="per_seed")],
+                         ids=["rows-split", "seeds-split-per-seed-orders"])
+def test_two_processes_train_what_one_process_trains(cache, tmp_path, mesh):
+    _one(_train_args(cache, tmp_path / "one", **mesh))
+    r = _two(_train_args(cache, tmp_path / "two", **mesh))
+    _assert_same(tmp_path / "one", tmp_path / "two")
+    assert "[0] " in r.stdout and "[1] " in r.stdout  # both processes' output, prefixed
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3  # written once, by process 0
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(cache, tmp_path):
+    args = dict(mesh_data=4)
+    _two(_train_args(cache, tmp_path / "two", **args))
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    for step in (20, 30):  # as if the job died right after the checkpoint of step 10
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(step))
+    _one(_train_args(cache, tmp_path / "resumed", **args))
+    _assert_same(tmp_path / "two", tmp_path / "resumed")
+
+
+def test_a_lost_process_is_detected_and_named(cache, tmp_path):
+    """Kill process 1 mid-run: process 0 stops with an error within a bounded time instead of hanging."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = _train_args(cache, tmp_path / "run", num_steps=100_000, checkpoint_every=0, log_every=10, mesh_data=4)
+    common = [f"coordinator=127.0.0.1:{port}", "num_processes=2", "cpu_devices=2", "heartbeat_timeout_s=5"]
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxsae.cli", "train", *args, *common, f"process_id={i}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+             for i in range(2)]
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (log.is_file() and log.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.5)
+    assert log.is_file(), "the job never started training"
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.time()
+    out, _ = procs[0].communicate(timeout=90)
+    assert procs[0].returncode != 0 and time.time() - t0 < 90
+    assert any(s in out for s in ("peer", "heartbeat", "Task 1")), out[-2000:]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["num_processes=2", "process_id=2", "coordinator=127.0.0.1:1"], "process_id=2 is out of range"),
+    (["num_processes=2"], "needs coordinator=HOST:PORT"),
+    (["num_processes=2", "process_id=1", "coordinator=127.0.0.1:9", "init_timeout_s=3"], "did not answer within 3 s"),
+])
+def test_bad_distributed_settings_are_one_line(cache, tmp_path, extra, message):
+    r = subprocess.run([sys.executable, "-m", "jaxsae.cli", "train", *_train_args(cache, tmp_path / "run"), *extra],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("jaxsae train: error:")]
+    assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
