@@ -1,4 +1,4 @@
-"""SAE folders on disk: ours, SAELens's and sparsify's, with the Normalizer folded in so both libraries read raw activations.
+"""SAE folders on disk: ours, SAELens's and sparsify's; exports fold the Normalizer in, so they read raw activations.
 
 Layouts (weights in safetensors, float32, SAELens orientation W_enc [D, M], W_dec [M, D] unless said):
 - jaxsae = a SAELens folder: `sae_weights.safetensors` (W_enc, b_enc, W_dec, b_dec, + threshold for JumpReLU) and
@@ -12,7 +12,7 @@ Layouts (weights in safetensors, float32, SAELens orientation W_enc [D, M], W_de
 The fold. jaxsae trains on x_n = (x − μ)/s (μ the mean, s a scalar) and reconstructs x̂ = s·x̂_n + μ. With
 pre = (x_n − b_dec) W_enc + b_enc, multiplying by s gives s·pre = (x − b_dec') W_enc + b_enc' where
 b_dec' = s·b_dec + μ and b_enc' = s·b_enc. ReLU, TopK, BatchTopK and JumpReLU with θ' = s·θ all commute with a
-positive scale (the same latents fire, each s times larger), so acts' = s·acts and acts' W_dec + b_dec' = s·x̂_n + μ.
+positive scale (the same latents fire, each s times larger): acts' = s·acts and acts' W_dec + b_dec' = s·x̂_n + μ.
 Both matrices stay as trained, bit for bit and with unit-norm decoder rows; only the three vectors change. Those are
 also written unfolded to `jaxsae_exact.safetensors` so that loading gives back exactly the trained params (a base's
 hash in jaxsae.boost must survive a round trip); without that file the vectors are unfolded arithmetically.
@@ -92,7 +92,8 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
 
         tensors = load_jax(str(path))
     except Exception as e:  # a truncated or foreign file: name it, one line
-        raise ValueError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"cannot read {path}: {type(e).__name__}: {first}") from None
     return {n: np.asarray(a).astype(np.float32) for n, a in tensors.items()}
 
 
@@ -141,8 +142,8 @@ def _prepare(path: Path, weights_file: str, overwrite: bool) -> None:
 
 
 def _ours(sae_cfg: sae.SAEConfig, normalizer: Normalizer | None, extra: dict | None) -> dict:
-    return {"sae_cfg": dataclasses.asdict(sae_cfg), "normalizer": normalizer.to_dict() if normalizer is not None else None,
-            "folded": True, **(extra or {})}
+    return {"sae_cfg": dataclasses.asdict(sae_cfg),
+            "normalizer": normalizer.to_dict() if normalizer is not None else None, "folded": True, **(extra or {})}
 
 
 def _unfold_ours(path: Path, raw: dict, ours: dict, sae_cfg: sae.SAEConfig) -> tuple[dict, Normalizer | None]:
@@ -156,7 +157,8 @@ def _unfold_ours(path: Path, raw: dict, ours: dict, sae_cfg: sae.SAEConfig) -> t
     params = {**raw, **{n: exact[n] for n in _VECTORS if n in raw and n in exact}}
     refold = fold_normalizer(params, sae_cfg, normalizer)
     for n in _VECTORS:
-        if n in raw and not (n in exact and np.allclose(refold[n], raw[n], rtol=1e-6, atol=1e-6 * (np.abs(raw[n]).max() + 1e-30))):
+        tol = 1e-6 * (np.abs(raw[n]).max() + 1e-30) if n in raw else 0.0
+        if n in raw and not (n in exact and np.allclose(refold[n], raw[n], rtol=1e-6, atol=tol)):
             raise ValueError(f"{path / EXACT} does not match the weights beside it ({n}); was one of them replaced?")
     return params, normalizer
 
@@ -293,15 +295,16 @@ def _from_saelens(cfg: dict, w: dict, path: Path) -> tuple[dict, sae.SAEConfig]:
     if activation in ("topk", "batchtopk"):
         k = cfg.get("k", kwargs_k)
         if k is None or float(k) != int(float(k)):
-            raise ValueError(f"{where}: a {arch} SAE needs an integer k (top-level or in activation_fn_kwargs), got {k!r}")
+            raise ValueError(f"{where}: a {arch} SAE needs an integer k (top-level or in activation_fn_kwargs), "
+                             f"got {k!r}")
         fields["k"] = int(float(k))
     W_enc, b_enc, W_dec, b_dec = (w[n].astype(np.float64) for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
     if not cfg.get("apply_b_dec_to_input", True):
         # Our encoder sees x − b_dec: x W_enc + b_enc = (x − b_dec) W_enc + (b_enc + b_dec W_enc).
         b_enc = b_enc + b_dec @ W_enc
     if cfg.get("rescale_acts_by_decoder_norm") and activation in ("topk", "batchtopk"):
-        # SAELens ranks pre·‖W_dec‖ and decodes acts/‖W_dec‖ · W_dec: the same as scaling the encoder's columns
-        # by the norms and the decoder's rows by their inverse (what its own `fold_W_dec_norm` does).
+        # SAELens ranks pre·‖W_dec‖ and decodes acts/‖W_dec‖ · W_dec: the same as scaling the encoder's
+        # columns by the norms and the decoder's rows by their inverse (what its own `fold_W_dec_norm` does).
         norm_M = np.maximum(np.linalg.norm(W_dec, axis=1), 1e-8)
         W_enc, b_enc, W_dec = W_enc * norm_M, b_enc * norm_M, W_dec / norm_M[:, None]
     params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
@@ -398,5 +401,5 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def load_any(path: str | os.PathLike) -> tuple[dict, sae.SAEConfig, Normalizer | None]:
-    """(params, SAEConfig, Normalizer or None) of a jaxsae, SAELens or sparsify folder; feed x through the Normalizer."""
+    """(params, SAEConfig, Normalizer or None) of a jaxsae, SAELens or sparsify folder."""
     return load_sparsify(path) if detect_format(path) == "sparsify" else load_saelens(path)
