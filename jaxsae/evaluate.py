@@ -153,15 +153,16 @@ def find_saes(path: str | Path) -> list[Path]:
     path = Path(path)
     if (path / io.CFG).is_file():
         return [path]
-    found = sorted(p.parent for p in path.rglob(io.CFG) if (p.parent / io.WEIGHTS).is_file())
+    found = sorted(p.parent for p in path.rglob(io.CFG)
+                   if (p.parent / io.WEIGHTS).is_file() or (p.parent / io.SPARSIFY_WEIGHTS).is_file())
     if not found:
-        raise FileNotFoundError(f"no SAE folder ({io.CFG} + {io.WEIGHTS}) at or below {path}")
+        raise FileNotFoundError(f"no SAE folder ({io.CFG} + {io.WEIGHTS} or {io.SPARSIFY_WEIGHTS}) at or below {path}")
     return found
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    sae: str = ""  # an SAE folder (SAELens layout) or a run folder holding one per seed
+    sae: str = ""  # an SAE folder (jaxsae, SAELens or sparsify) or a run folder holding several
     layer: int = 14  # residual stream the SAEs read (after block l)
     model: str = "smollm2-135m"  # the model the caches were harvested from (a registered name or "module:factory")
     corpora: tuple[str, ...] = ("general", "code")  # held-out caches {corpus}_heldout to evaluate on
@@ -184,7 +185,7 @@ def evaluate_run(cfg: EvalConfig) -> list[dict]:
         tokens = harvest.cache_contexts(path)[: cfg.ce_contexts] if cfg.ce_contexts else None
         baseline = None
         for folder in saes:
-            params, sae_cfg, normalizer = io.load_saelens(folder)
+            params, sae_cfg, normalizer = io.load_any(folder)  # jaxsae, SAELens or sparsify
             r = evaluate_sae(params, sae_cfg, normalizer, acts, tokens, num_tokens=cfg.num_tokens,
                              batch_size=cfg.batch_size, ce_batch_size=cfg.ce_batch_size, model=model,
                              baseline=baseline)

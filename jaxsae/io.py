@@ -180,7 +180,7 @@ def saelens_metadata(manifest: dict | None) -> dict:
         "prepend_bos": False,  # contexts are windows of a packed token stream, documents joined by <|endoftext|>
         "seqpos_slice": [int(manifest.get("skip_first", 0)), None],  # the attention-sink first positions are skipped
         "exclude_special_tokens": [int(t) for t in manifest.get("exclude_tokens", [])],  # and so is every such token
-        "dataset_path": f"lime_jax.corpora:{manifest['corpus']}",  # a local corpus, not a Hugging Face dataset
+        "dataset_path": manifest["corpus"],  # the name of a local corpus of the model's package, not a HF dataset
     }
 
 

@@ -4,11 +4,12 @@ Each process runs COMMAND with `coordinator=127.0.0.1:PORT num_processes=N proce
 `cpu_devices=K`), on a free port. Output is streamed line by line with a `[I]` prefix. The launcher returns
 the first non-zero exit code and stops the other processes (SIGTERM, then SIGKILL); 0 when all succeed.
 For tests and single-machine multi-GPU use; on a pod or cluster the scheduler starts the processes instead.
-`jaxsae ...` and `lime_jax ...` commands run with this interpreter (`python -m jaxsae.cli ...`).
+Package commands such as `jaxsae ...` run with this interpreter (`python -m jaxsae.cli ...`).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import socket
 import subprocess
 import sys
@@ -26,7 +27,8 @@ def free_port() -> int:
 
 
 def _command(cmd: list[str]) -> list[str]:
-    if cmd and cmd[0] in ("jaxsae", "lime_jax"):
+    """A package's console command (`jaxsae`, `lime_jax`: any PKG with a PKG.cli module) runs on this interpreter."""
+    if cmd and cmd[0].isidentifier() and importlib.util.find_spec(cmd[0]) and importlib.util.find_spec(f"{cmd[0]}.cli"):
         return [sys.executable, "-m", f"{cmd[0]}.cli", *cmd[1:]]
     return cmd
 

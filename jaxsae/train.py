@@ -296,7 +296,8 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
     params = distributed.to_host(state.params)
     for s in range(train_cfg.n_seeds if main_process else 0):
         io.save_saelens(out / f"seed_{s}", jax.tree.map(lambda a: a[s], params), sae_cfg, source.normalizer,
-                        extra={"seed": s, "steps": total, "train_cfg": dataclasses.asdict(train_cfg)}, overwrite=True)
+                        extra={"seed": s, "steps": total, "train_cfg": dataclasses.asdict(train_cfg)}, overwrite=True,
+                        metadata=io.saelens_metadata(getattr(source, "manifest", None)))
     return state
 
 
