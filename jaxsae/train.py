@@ -312,6 +312,7 @@ class RunConfig:
     model: str = "smollm2-135m"  # source=model: a registered model name or a "module:factory" spec
     layer: int = 14  # source=model: residual stream after this block
     corpus: str = "general"  # source=model: the model's named corpus (its train split) to stream
+    tokens: str = ""  # source=model: stream these token contexts instead (.npy of int [N, T]); overrides corpus
     ctx_len: int = 256  # source=model: tokens per context
     ctx_batch: int = 16  # source=model: contexts per model forward
 
@@ -344,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         from jaxsae import adapter, harvest, stream
 
         model = adapter.load(run.model)
-        tokens = harvest.corpus_tokens(model, harvest.HarvestConfig(corpus=run.corpus, ctx_len=run.ctx_len))
+        tokens = np.load(run.tokens, mmap_mode="r") if run.tokens else \
+            harvest.corpus_tokens(model, harvest.HarvestConfig(corpus=run.corpus, ctx_len=run.ctx_len))
         source = stream.ModelSource(model, tokens, run.layer, run.ctx_batch)
         d_in = source.d_in
     elif run.source == "synthetic":

@@ -118,3 +118,15 @@ def test_bad_distributed_settings_are_one_line(cache, tmp_path, extra, message):
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("jaxsae train: error:")]
     assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_streaming_from_the_model_two_processes_equal_one(tmp_path):
+    """source=model: every process runs the LM only on the contexts holding its rows; same SAEs as 1 process."""
+    tokens = np.random.default_rng(1).integers(1, 1000, (24, 16)).astype(np.int32)
+    tokens[3, 9] = tokens[17, 12] = 0
+    np.save(tmp_path / "tokens.npy", tokens)
+    args = _train_args("model", tmp_path / "one", model="tiny", tokens=tmp_path / "tokens.npy", layer=2, ctx_batch=4,
+                       mesh_data=4, d_sae=256, k=8)
+    _one(args)
+    _two([a.replace(str(tmp_path / "one"), str(tmp_path / "two")) for a in args])
+    _assert_same(tmp_path / "one", tmp_path / "two")

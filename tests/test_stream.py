@@ -56,3 +56,34 @@ def test_bad_input_is_named():
         stream.ModelSource(MODEL, TOKENS.astype(np.float32), LAYER)
     with pytest.raises(ValueError, match="no position"):
         stream.ModelSource(MODEL, TOKENS[:, :4], LAYER)
+
+
+def test_a_killed_streaming_run_resumes_to_the_same_result(tmp_path):
+    from jaxsae import sae, train
+
+    src = stream.ModelSource(MODEL, TOKENS, LAYER, ctx_batch=4)
+    sae_cfg = sae.SAEConfig(d_in=CFG.d_model, d_sae=64, k=4)
+
+    def cfg(out):
+        return train.TrainConfig(num_steps=12, batch_size=24, n_seeds=2, checkpoint_every=4, log_every=4,
+                                 warmup_steps=2, lr=3e-3, out_dir=str(tmp_path / out))
+
+    whole = jax.device_get(train.fit(src, sae_cfg, cfg("whole")).params)
+
+    class Killed(Exception):
+        pass
+
+    class DiesAfter:  # the same source, killed after 6 batches (checkpoint at step 4)
+        d_in, num_tokens, normalizer = src.d_in, src.num_tokens, src.normalizer
+
+        def batches(self, batch_size, seed, start=0):
+            for i, b in enumerate(src.batches(batch_size, seed, start)):
+                if i == 6:
+                    raise Killed
+                yield b
+
+    with pytest.raises(Killed):
+        train.fit(DiesAfter(), sae_cfg, cfg("resumed"))
+    resumed = jax.device_get(train.fit(src, sae_cfg, cfg("resumed")).params)
+    for name in whole:
+        np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
