@@ -166,7 +166,7 @@ def _unfold_ours(path: Path, raw: dict, ours: dict, sae_cfg: sae.SAEConfig) -> t
 # --- SAELens ----------------------------------------------------------------------------------------------
 def saelens_metadata(manifest: dict | None) -> dict:
     """SAELens 6's `metadata` fields for an SAE trained on an activation cache with this manifest ({} if none)."""
-    if not manifest:
+    if not manifest or "layer" not in manifest or "model" not in manifest:  # not a harvested cache: nothing to say
         return {}
     layer, hook = int(manifest["layer"]), manifest.get("hook", "resid_post")
     return {
@@ -176,11 +176,11 @@ def saelens_metadata(manifest: dict | None) -> dict:
         "hook_layer": layer,
         "hook_head_index": None,
         "model_from_pretrained_kwargs": {},
-        "context_size": int(manifest["ctx_len"]),
+        "context_size": int(manifest["ctx_len"]) if "ctx_len" in manifest else None,
         "prepend_bos": False,  # contexts are windows of a packed token stream, documents joined by <|endoftext|>
         "seqpos_slice": [int(manifest.get("skip_first", 0)), None],  # the attention-sink first positions are skipped
         "exclude_special_tokens": [int(t) for t in manifest.get("exclude_tokens", [])],  # and so is every such token
-        "dataset_path": manifest["corpus"],  # the name of a local corpus of the model's package, not a HF dataset
+        "dataset_path": manifest.get("corpus"),  # the name of a local corpus of the model's package, not a HF dataset
     }
 
 

@@ -16,6 +16,7 @@ at most 2⁻⁸ in absolute cosine (typically ~1e-4); pass "float32" for exact v
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 
@@ -39,44 +41,72 @@ def unit_rows(x_NxD: jax.Array) -> jax.Array:
     return x_NxD / jnp.maximum(jnp.linalg.norm(x_NxD, axis=-1, keepdims=True), 1e-12)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "search_dtype"))
-def _cross_best(a_MxD, b_NxD, ea_MxD, eb_NxD, block: int, search_dtype: str):
-    """Best score in b of every row of a and in a of every row of b, score = min(|cos_dec|, |cos_enc|).
-
-    Inputs are unit rows; `ea`/`eb` are None without the encoder requirement. Returns (best_M, best_N).
-    """
-    M, D = a_MxD.shape
-    nb = -(-M // block)
-    pad = nb * block - M
-    dt = jnp.dtype(search_dtype)
-    use_enc = ea_MxD is not None
-
-    def tiles(x_MxD):
-        return jnp.pad(x_MxD, ((0, pad), (0, 0))).astype(dt).reshape(nb, block, D)
-
-    b_s, eb_s = b_NxD.astype(dt), eb_NxD.astype(dt) if use_enc else None
-    valid_nbxb = (jnp.arange(nb * block) < M).reshape(nb, block)
+def _scan_best(a_nbxbxD, ea_nbxbxD, valid_nbxb, b_NxD, eb_NxD, use_enc: bool, axis: str | None = None):
+    """Row-tile scan: (best score of each tiled row of a in b [nb, b], best of each row of b over these tiles [N])."""
 
     def step(col_best_N, x):
         a_bxD, ea_bxD, valid_b = x
-        sim_bxN = jnp.abs(jnp.einsum("bd,nd->bn", a_bxD, b_s, preferred_element_type=jnp.float32))
+        sim_bxN = jnp.abs(jnp.einsum("bd,nd->bn", a_bxD, b_NxD, preferred_element_type=jnp.float32))
         if use_enc:
-            enc_bxN = jnp.abs(jnp.einsum("bd,nd->bn", ea_bxD, eb_s, preferred_element_type=jnp.float32))
+            enc_bxN = jnp.abs(jnp.einsum("bd,nd->bn", ea_bxD, eb_NxD, preferred_element_type=jnp.float32))
             sim_bxN = jnp.minimum(sim_bxN, enc_bxN)
         sim_bxN = jnp.where(valid_b[:, None], sim_bxN, -1.0)  # padding rows never win a column
         # Maxima only: an argmax in this loop costs twice the matmul on CPU.
         return jnp.maximum(col_best_N, jnp.max(sim_bxN, axis=0)), jnp.max(sim_bxN, axis=1)
 
-    xs = (tiles(a_MxD), tiles(ea_MxD) if use_enc else None, valid_nbxb)
-    best_N, best_nbxb = jax.lax.scan(step, jnp.full((b_NxD.shape[0],), -1.0, jnp.float32), xs)
+    init = jnp.full((b_NxD.shape[0],), -1.0, jnp.float32)
+    if axis is not None:  # inside shard_map the column maxima differ per device until the pmax
+        init = jax.lax.pcast(init, (axis,), to="varying")
+    return jax.lax.scan(step, init, (a_nbxbxD, ea_nbxbxD, valid_nbxb))[::-1]
+
+
+def _tiles(x_MxD, nb: int, block: int, dt):
+    """Rows padded with zeros to nb*block and cut into [nb, block, D] tiles of dtype dt."""
+    return jnp.pad(x_MxD, ((0, nb * block - x_MxD.shape[0]), (0, 0))).astype(dt).reshape(nb, block, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "search_dtype", "mesh"))
+def _cross_best(a_MxD, b_NxD, ea_MxD, eb_NxD, block: int, search_dtype: str, mesh=None):
+    """Best score in b of every row of a and in a of every row of b, score = min(|cos_dec|, |cos_enc|).
+
+    Inputs are unit rows; `ea`/`eb` are None without the encoder requirement. Returns (best_M, best_N). With a
+    1-axis `mesh`, a's row tiles are split over its devices (of every process) and the column maxima reduced.
+    """
+    M, D = a_MxD.shape
+    dt = jnp.dtype(search_dtype)
+    use_enc = ea_MxD is not None
+    ea_MxD, eb_NxD = (ea_MxD, eb_NxD) if use_enc else (a_MxD, b_NxD)  # unused stand-ins keep one code path
+    parts = 1 if mesh is None else mesh.size
+    nb = parts * -(-M // (block * parts))  # tiles, a multiple of the devices
+    valid_nbxb = (jnp.arange(nb * block) < M).reshape(nb, block)
+    args = (_tiles(a_MxD, nb, block, dt), _tiles(ea_MxD, nb, block, dt), valid_nbxb, b_NxD.astype(dt),
+            eb_NxD.astype(dt))
+    if mesh is None:
+        best_nbxb, best_N = _scan_best(*args, use_enc)
+    else:
+        (axis,) = mesh.axis_names
+        tile, rep = P(axis), P()
+
+        def local(a, ea, valid, b, eb):
+            rows, cols = _scan_best(a, ea, valid, b, eb, use_enc, axis)
+            return rows, jax.lax.pmax(cols, axis)
+
+        best_nbxb, best_N = jax.shard_map(local, mesh=mesh, in_specs=(tile, tile, tile, rep, rep),
+                                          out_specs=(tile, rep))(*args)
     return best_nbxb.reshape(-1)[:M], best_N
 
 
-def cross_best(a_MxD, b_NxD, enc_a_MxD=None, enc_b_NxD=None, *, block: int = 512,
-               search_dtype: str = "bfloat16"):
-    """Best |cos| of each row of a among the rows of b and vice versa: (best_M, best_N).
+def search_mesh() -> Mesh:
+    """A one-axis mesh over every device of every process, for `best_matches(..., mesh=search_mesh())`."""
+    return Mesh(np.asarray(jax.devices()), ("tiles",))
 
-    With encoder directions given, a pair's score is min(|cos_dec|, |cos_enc|).
+
+def cross_best(a_MxD, b_NxD, enc_a_MxD=None, enc_b_NxD=None, *, block: int = 512,
+               search_dtype: str = "bfloat16", mesh: Mesh | None = None):
+    """Best |cos| of each row of a among the rows of b and vice versa: (best_M, best_N) as numpy.
+
+    With encoder directions given, a pair's score is min(|cos_dec|, |cos_enc|). With `mesh` (one axis, e.g.
+    `search_mesh()`) the tiles are split over its devices, across processes too; every process gets the result.
     """
     _check_dirs("a", jnp.asarray(a_MxD), 2)
     _check_dirs("b", jnp.asarray(b_NxD), 2)
@@ -93,14 +123,32 @@ def cross_best(a_MxD, b_NxD, enc_a_MxD=None, enc_b_NxD=None, *, block: int = 512
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     block = min(block, a_MxD.shape[0])
-    return _cross_best(unit_rows(a_MxD), unit_rows(b_NxD), enc_a_MxD, enc_b_NxD, block, search_dtype)
+    if mesh is not None and len(mesh.axis_names) != 1:
+        raise ValueError(f"the search mesh must have one axis, got {mesh.axis_names}")
+    args = [unit_rows(a_MxD), unit_rows(b_NxD), enc_a_MxD, enc_b_NxD]
+    if mesh is not None:  # inputs every process holds in full, as arrays replicated over the (global) mesh
+        rep = NamedSharding(mesh, P())
+        args = [None if x is None else jax.make_array_from_callback(x.shape, rep, lambda i, x=np.asarray(x): x[i])
+                for x in args]
+    best_M, best_N = _cross_best(*args, block, search_dtype, mesh)
+    return _host(best_M), _host(best_N)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A result as numpy on every process (gathered when it is split over processes)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def best_matches(dec_SxMxD, enc_SxMxD=None, *, block: int = 512, search_dtype: str = "bfloat16",
-                 progress: bool = False):
+                 progress: bool = False, mesh: Mesh | None = None):
     """cos_SxSxM: `cos[s, s2, i]` is the best score of feature i of seed s among the features of seed s2.
 
-    The diagonal s == s2 is 1. `enc_SxMxD` (encoder directions, W_enc.T) adds the encoder requirement.
+    The diagonal s == s2 is 1. `enc_SxMxD` (encoder directions, W_enc.T) adds the encoder requirement; `mesh`
+    splits each pair's tiles over devices (see `cross_best`).
     """
     dec_SxMxD = jnp.asarray(dec_SxMxD)
     _check_dirs("dec_SxMxD", dec_SxMxD, 3)
@@ -113,7 +161,8 @@ def best_matches(dec_SxMxD, enc_SxMxD=None, *, block: int = 512, search_dtype: s
     pairs = list(itertools.combinations(range(S), 2))
     for s, t in tqdm(pairs, desc="seed pairs", disable=not progress):
         enc = (None, None) if enc_SxMxD is None else (enc_SxMxD[s], enc_SxMxD[t])
-        cos[s, t], cos[t, s] = cross_best(dec_SxMxD[s], dec_SxMxD[t], *enc, block=block, search_dtype=search_dtype)
+        cos[s, t], cos[t, s] = cross_best(dec_SxMxD[s], dec_SxMxD[t], *enc, block=block, search_dtype=search_dtype,
+                                          mesh=mesh)
     return cos
 
 
@@ -230,3 +279,59 @@ def pool_unique(dirs_NxD, order_N, width: int, tau: float = 0.7) -> np.ndarray:
         raise ValueError(f"width must be >= 1, got {width}")
     idx_W, n = _greedy_unique(unit_rows(dirs_NxD), jnp.asarray(order_N, jnp.int32), width, tau)
     return np.asarray(idx_W)[: int(n)]
+
+
+@dataclasses.dataclass(frozen=True)
+class StabilityConfig:
+    run: str = ""  # a run folder holding one SAE folder per seed (seed_0/, seed_1/, ...)
+    taus: tuple[float, ...] = (0.5, 0.7, 0.9)  # |cos| thresholds to report p_i at
+    use_encoder: bool = False  # also require the partner's encoder direction to reach tau
+    block: int = 512  # rows per similarity tile
+    search_dtype: str = "bfloat16"  # dtype of the tiles' products (float32 for exact cosines)
+    out: str = ""  # where to write the JSON (default: {run}/stability.json)
+
+
+def run_stability(cfg: StabilityConfig) -> dict:
+    """p_i of every latent of every seed of a run at each τ, the tiles split over every device of every process."""
+    from jaxsae import distributed, evaluate, io
+
+    folders = evaluate.find_saes(cfg.run)
+    params = [io.load_any(f)[0] for f in folders]
+    if len(params) < 2:
+        raise ValueError(f"stability needs at least 2 seeds, found {len(params)} SAE folder(s) under {cfg.run}")
+    dec = np.stack([p["W_dec"] for p in params])
+    enc = np.stack([np.asarray(p["W_enc"]).T for p in params]) if cfg.use_encoder else None
+    mesh = search_mesh() if jax.device_count() > 1 else None
+    cos = best_matches(dec, enc, block=cfg.block, search_dtype=cfg.search_dtype, mesh=mesh,
+                       progress=distributed.is_main())
+    result = {"run": cfg.run, "seeds": [str(f) for f in folders], "search_dtype": cfg.search_dtype,
+              "use_encoder": cfg.use_encoder, "by_tau": {}}
+    for tau in cfg.taus:
+        p_SxM = stability(cos, tau)
+        result["by_tau"][str(tau)] = {"mean": float(p_SxM.mean()), "p": np.round(p_SxM, 6).tolist()}
+    return result
+
+
+def main(argv=None) -> int:
+    """`jaxsae stability run=RUN_DIR [key=value ...]`: per-feature stability of a seed ensemble, as JSON."""
+    import json
+    from pathlib import Path
+
+    from jaxsae import configlib, distributed
+
+    argv = list(argv or [])
+    dist_keys = {f.name for f in dataclasses.fields(distributed.DistConfig)}
+    dist_argv = [a for a in argv if a.split("=", 1)[0] in dist_keys]
+    cfg = configlib.parse(StabilityConfig(), [a for a in argv if a not in dist_argv],
+                          "usage: jaxsae stability run=RUN_DIR [key=value ...]\n")
+    if cfg is None:
+        return 0
+    if not cfg.run:
+        raise ValueError("jaxsae stability needs run=RUN_DIR")
+    distributed.initialize(configlib.override(distributed.DistConfig(), dist_argv))
+    result = run_stability(cfg)
+    if distributed.is_main():
+        out = Path(cfg.out or Path(cfg.run) / "stability.json")
+        out.write_text(json.dumps(result))
+        print(json.dumps({"out": str(out), **{t: r["mean"] for t, r in result["by_tau"].items()}}))
+    return 0

@@ -130,3 +130,15 @@ def test_streaming_from_the_model_two_processes_equal_one(tmp_path):
     _one(args)
     _two([a.replace(str(tmp_path / "one"), str(tmp_path / "two")) for a in args])
     _assert_same(tmp_path / "one", tmp_path / "two")
+
+
+def test_stability_search_over_two_processes_equals_one(cache, tmp_path):
+    import json
+
+    _one(_train_args(cache, tmp_path / "run", n_seeds=3, d_sae=48, num_steps=10))
+    stab = ["run=" + str(tmp_path / "run"), "search_dtype=float32", "block=8"]
+    _run(["jaxsae.cli", "stability", *stab, f"out={tmp_path / 'one.json'}", "cpu_devices=4"])
+    _run(["jaxsae.launch", "-n", "2", "--cpu-devices", "2", "--", "jaxsae", "stability", *stab,
+          f"out={tmp_path / 'two.json'}"])
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one["by_tau"] == two["by_tau"] and len(one["by_tau"]["0.7"]["p"]) == 3

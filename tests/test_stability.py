@@ -29,12 +29,14 @@ def _brute_best(a, b, ea=None, eb=None):
 
 
 @pytest.mark.parametrize("use_enc", [False, True])
-def test_best_matches_equal_brute_force(use_enc):
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-device", "tiles-over-8-devices"])
+def test_best_matches_equal_brute_force(use_enc, sharded):
     rng = np.random.default_rng(0)
     S, M, D = 3, 37, 8  # M not a multiple of the block: padding must never win
     dec = rng.normal(size=(S, M, D)).astype(np.float32)
     enc = rng.normal(size=(S, M, D)).astype(np.float32) if use_enc else None
-    cos = stability.best_matches(dec, enc, block=16, search_dtype="float32")
+    mesh = stability.search_mesh() if sharded else None  # 8 devices x 16 rows: most tiles are padding
+    cos = stability.best_matches(dec, enc, block=16, search_dtype="float32", mesh=mesh)
     for s, t in itertools.permutations(range(S), 2):
         ref = _brute_best(dec[s], dec[t], *((enc[s], enc[t]) if use_enc else ()))
         np.testing.assert_allclose(cos[s, t], ref, atol=1e-5)
