@@ -11,6 +11,7 @@ COMMANDS = {
     "harvest": ("jaxsae.harvest", "run a model (default SmolLM2) over a corpus and write an activation cache"),
     "eval": ("jaxsae.evaluate", "EV, L0, dead fraction, CE delta and loss recovered of saved SAEs"),
     "stability": ("jaxsae.stability", "per-feature stability p_i of a seed ensemble (any number of processes)"),
+    "plan": ("jaxsae.plan", "memory, FLOPs and step time of a training step on a mesh, from XLA's accounting"),
 }
 
 

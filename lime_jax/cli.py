@@ -9,6 +9,7 @@ COMMANDS = {
     "train": ("lime_jax.train", "train Llama or LIMe from scratch on the general corpus"),
     "corpora": ("lime_jax.corpora", "fetch and build the offline corpora from Debian packages"),
     "perplexity": ("lime_jax.perplexity", "nats/token of SmolLM2 on a text file"),
+    "plan": ("lime_jax.plan", "memory, FLOPs and step time of the LM step on a mesh, from XLA's accounting"),
 }
 
 
