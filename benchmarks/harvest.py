@@ -64,7 +64,9 @@ def _transformers_forward(layer: int):
 
 
 def main(argv=None) -> int:
-    bc = configlib.override(BenchConfig(), list(sys.argv[1:] if argv is None else argv))
+    bc = configlib.parse(BenchConfig(), argv)
+    if bc is None:
+        return 0
     cfg, params = gguf.load_smollm2()
     runs = {}
     if "lime_jax" in bc.impls:

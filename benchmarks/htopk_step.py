@@ -119,6 +119,7 @@ def measure(cfg: BenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)  # the children get the same overrides
     cfg = configlib.parse(BenchConfig(), argv)
     if cfg is None:
         return 0

@@ -28,10 +28,8 @@ class BenchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = configlib.override(BenchConfig(), argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(configlib.help_text(cfg))
+    cfg = configlib.parse(BenchConfig(), argv)
+    if cfg is None:
         return 0
     kd, ke = jax.random.split(jax.random.key(0))
     dec = jax.random.normal(kd, (cfg.seeds, cfg.d_sae, cfg.d_in), jnp.float32)

@@ -109,15 +109,18 @@ def bench_cache(cfg: BenchConfig) -> dict:
             "tokens_per_s": round((cfg.cache_batches - 1) * 4096 / rest, 1)}
 
 
-def main(argv: list[str]) -> None:
-    cfg = configlib.override(BenchConfig(), argv)
+def main(argv: list[str] | None = None) -> int:
+    cfg = configlib.parse(BenchConfig(), argv)
+    if cfg is None:
+        return 0
     sae_cfg = sae.SAEConfig(d_in=cfg.d_in, d_sae=cfg.d_sae, k=cfg.k, activation=cfg.activation, aux_k=cfg.aux_k)
     print(json.dumps(bench_hlo(cfg, sae_cfg)), flush=True)
     for row in bench_steps(cfg, sae_cfg):
         print(json.dumps(row), flush=True)
     if cfg.cache_tokens:
         print(json.dumps(bench_cache(cfg)), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -35,7 +35,8 @@ from jaxsae import boost, configlib, data, io, sae, train
 class BoostExperimentConfig:
     domains: tuple[str, ...] = ("code", "russian")  # domain corpora: one residual SAE and two baselines each
     layer: int = 14  # SmolLM2 residual stream after this block
-    root: str = "cache/acts"  # activation caches {root}/smollm2-135m/L{layer}/{corpus}_{train,heldout}
+    root: str = "cache/acts"  # activation caches {root}/{model}/L{layer}/{corpus}_{train,heldout}
+    model: str = "smollm2-135m"  # model of the caches and of the CE splice: smollm2-135m, or tiny (smoke tests)
     base_d_sae: int = 2304  # latents of the base SAE
     base_k: int = 32  # BatchTopK k of the base SAE
     base_steps: int = 300  # training steps of the base SAE on the general corpus
@@ -101,7 +102,7 @@ def _cache_corpora(cfg: BoostExperimentConfig) -> dict:
     for name in ("general",) + cfg.domains:
         out[name] = {}
         for split in ("train", "heldout"):
-            path = harvest.cache_dir(name, split, cfg.layer, cfg.root)
+            path = harvest.cache_dir(name, split, cfg.layer, cfg.root, cfg.model)
             src = data.CacheSource(path)  # raises on a missing or empty cache, naming it
             if src.manifest.get("layer") != cfg.layer:
                 raise ValueError(f"{path} holds layer {src.manifest.get('layer')}, the experiment is at layer {cfg.layer}")
@@ -235,9 +236,9 @@ def run(cfg: BoostExperimentConfig) -> dict:
     # Evaluation: every variant on general text and on the domains it concerns.
     model = None
     if not cfg.synthetic and cfg.ce_contexts:
-        from jaxsae import evaluate
+        from jaxsae import harvest
 
-        model = evaluate.load_model()
+        model = harvest.load_model(cfg.model)
     variants = {"base": (base, base_cfg), "all_residuals": all_res}
     for name in cfg.domains:
         variants.update({f"boosted/{name}": boosted[name], f"finetuned/{name}": finetuned[name],

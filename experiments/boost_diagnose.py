@@ -42,7 +42,7 @@ def _frozen_base(out: Path, base_d_sae: int, base_hash: str) -> tuple[dict, sae.
 
 
 def _heldout(name: str, cfg, normalizer, n: int):
-    src = data.CacheSource(harvest.cache_dir(name, "heldout", cfg.layer, cfg.root))
+    src = data.CacheSource(harvest.cache_dir(name, "heldout", cfg.layer, cfg.root, cfg.model))
     return src, jnp.asarray(normalizer(next(src.batches(min(n, src.num_tokens), seed=0))))
 
 
@@ -82,10 +82,10 @@ def run(dcfg: DiagnoseConfig) -> dict:
     if dcfg.mix_general > 0:
         res_cfg = boost.residual_config(base_cfg, cfg.res_d_sae, cfg.res_k, cfg.aux_k)
         loss_fn = boost.residual_loss_fn(base, base_cfg, res_cfg)
-        general = data.CacheSource(harvest.cache_dir("general", "train", cfg.layer, cfg.root))
+        general = data.CacheSource(harvest.cache_dir("general", "train", cfg.layer, cfg.root, cfg.model))
         ablation = {"mix_general": dcfg.mix_general, "eval_tokens": {c: int(h[1].shape[0]) for c, h in heldout.items()}}
         for name, r in residuals.items():
-            domain = data.CacheSource(harvest.cache_dir(name, "train", cfg.layer, cfg.root))
+            domain = data.CacheSource(harvest.cache_dir(name, "train", cfg.layer, cfg.root, cfg.model))
             n_dom = summary["tokens"][name]["train"]  # as many domain tokens as the paper's residual had
             n_gen = int(round(n_dom * dcfg.mix_general / (1 - dcfg.mix_general)))
             mixed = data.ArraySource(np.concatenate([next(domain.batches(n_dom, seed=cfg.seed + 3)),

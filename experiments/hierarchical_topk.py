@@ -26,6 +26,7 @@ from jaxsae import configlib, data, htopk, io, sae, train
 class HTopKExperimentConfig:
     corpus: str = "general"  # corpus of the activation caches {corpus}_{train,heldout} and of the CE contexts
     layer: int = 14  # SmolLM2 residual stream after this block
+    model: str = "smollm2-135m"  # model harvested and spliced: smollm2-135m, or tiny (random weights: smoke tests)
     train_cache_tokens: int = 1_000_000  # the train cache must hold this many tokens (harvested first if fewer)
     train_cache: str = ""  # train on this cache folder instead (e.g. a frozen view of a cache still being extended)
     d_sae: int = 4608  # latents of every SAE
@@ -63,8 +64,9 @@ def _sources(cfg: HTopKExperimentConfig):
         return make(cfg.synthetic_tokens, 0), make(cfg.eval_tokens, 1), None
     from jaxsae import harvest
 
-    train_dir = cfg.train_cache or harvest.ensure_cache(cfg.corpus, "train", cfg.train_cache_tokens, cfg.layer)
-    heldout_dir = harvest.ensure_cache(cfg.corpus, "heldout", cfg.eval_tokens, cfg.layer)
+    train_dir = cfg.train_cache or harvest.ensure_cache(cfg.corpus, "train", cfg.train_cache_tokens, cfg.layer,
+                                                        model=cfg.model)
+    heldout_dir = harvest.ensure_cache(cfg.corpus, "heldout", cfg.eval_tokens, cfg.layer, model=cfg.model)
     tokens = harvest.cache_contexts(heldout_dir)[: cfg.ce_contexts] if cfg.ce_contexts else None
     return data.CacheSource(train_dir), data.CacheSource(heldout_dir), tokens
 
@@ -98,9 +100,9 @@ def _evaluator(cfg: HTopKExperimentConfig, heldout, tokens_NxT, normalizer):
     keyed by their settings, so reruns and parallel `only=` workers reuse them; with `cached_only` a
     missing CE result is left out instead of running the model.
     """
-    from jaxsae import evaluate
+    from jaxsae import evaluate, harvest
 
-    model = []  # SmolLM2, loaded on first use
+    model = []  # the model (SmolLM2 unless cfg.model says otherwise), loaded on first use
     skip_first = heldout.manifest["skip_first"] if tokens_NxT is not None else 0
     baseline_file = Path(cfg.out_dir) / f"ce_baseline_c{cfg.ce_contexts}.json"
 
@@ -111,7 +113,7 @@ def _evaluator(cfg: HTopKExperimentConfig, heldout, tokens_NxT, normalizer):
 
     def ce(params, sae_cfg):
         if not model:
-            model.append(evaluate.load_model())
+            model.append(harvest.load_model(cfg.model))
         baseline = json.loads(baseline_file.read_text()) if baseline_file.is_file() else None
         recon = evaluate.sae_recon_fn(params, sae_cfg, normalizer)
         m = heldout.manifest

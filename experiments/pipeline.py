@@ -38,6 +38,7 @@ class PipelineConfig:
     dead_after_tokens: int = 100_000  # a latent idle this long counts as dead and feeds AuxK
     ce_contexts: int = 8  # held-out contexts per corpus spliced for the CE metrics (~2,000 loss positions)
     eval_batch_size: int = 2048  # activation rows per EV batch
+    model: str = "smollm2-135m"  # model harvested and spliced: smollm2-135m, or tiny (random weights: smoke tests)
     run_dir: str = "runs/pipeline"  # checkpoints and SAE folders (git-ignored)
     out: str = "results/pipeline"  # report.md, pipeline.png and summary.json
 
@@ -45,15 +46,16 @@ class PipelineConfig:
 def _caches(cfg: PipelineConfig) -> dict[str, Path]:
     """The three caches the pipeline reads, harvested where they hold too few rows."""
     return {
-        "general_train": harvest.ensure_cache("general", "train", cfg.train_tokens, cfg.layer),
-        "general_heldout": harvest.ensure_cache("general", "heldout", cfg.heldout_tokens, cfg.layer),
-        f"{cfg.domain}_heldout": harvest.ensure_cache(cfg.domain, "heldout", cfg.heldout_tokens, cfg.layer),
+        "general_train": harvest.ensure_cache("general", "train", cfg.train_tokens, cfg.layer, model=cfg.model),
+        "general_heldout": harvest.ensure_cache("general", "heldout", cfg.heldout_tokens, cfg.layer, model=cfg.model),
+        f"{cfg.domain}_heldout": harvest.ensure_cache(cfg.domain, "heldout", cfg.heldout_tokens, cfg.layer,
+                                                      model=cfg.model),
     }
 
 
 def _evaluate(cfg: PipelineConfig, caches: dict[str, Path], seed_dirs: list[Path]) -> list[dict]:
     """One row per (corpus, seed); the clean and zero-ablated losses are computed once per corpus."""
-    model = evaluate.load_model()
+    model = harvest.load_model(cfg.model)
     rows = []
     for corpus in ("general", cfg.domain):
         path = caches[f"{corpus}_heldout"]

@@ -1,0 +1,375 @@
+"""Smoke tests: every documented command runs end to end at a tiny size, so a refactor cannot break one silently.
+
+Each test runs the real command (`python -m benchmarks.X`, `python -m experiments.Y`, the README's `jaxsae` and
+`lime_jax` commands through their entry modules) in a subprocess whose working directory is the test's own
+tmp_path: output folders the test does not set (results/, runs/, cache/) land there, never in the repository.
+No test needs the network or the fetched corpora: a session fixture writes tiny fake corpora, packs them with a
+word-level stand-in for the SmolLM2 tokenizer, and harvests activation caches from the random-weight `tiny`
+model; the experiments read those with `model=tiny`. Tests that load SmolLM2's GGUF (weights or tokenizer) are
+also marked slow. Each asserts exit code 0 and the output the tables and reports are built from.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAYER = 1  # the tiny model's residual stream after block 1: cheap to harvest and to splice
+CTX = 64  # tokens per packed context (the real caches use 256; the tiny model's 49k-way logits dominate CE)
+CACHE_TOKENS = {("general", "train"): 2048, ("general", "heldout"): 512, ("code", "train"): 1024,
+                ("code", "heldout"): 512}  # activation rows harvested per (corpus, split)
+
+pytestmark = pytest.mark.smoke
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def run(cwd: Path, *args: str, timeout: int = 600) -> str:
+    """`python -m ARGS` from `cwd` with this checkout first on the path; its stdout. Fails on a non-zero exit."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    # conftest forces 8 fake CPU devices for the in-process tests; the commands run as a user runs them.
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, (f"`python -m {' '.join(args)}` exited {proc.returncode}\n"
+                                  f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def json_lines(stdout: str) -> list[dict]:
+    """The JSON objects a command printed, one per line (other lines ignored)."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def has_fields(row: dict, *fields: str) -> bool:
+    return all(f in row for f in fields)
+
+
+def link(cwd: Path, world: Path, *names: str) -> Path:
+    """Make `cwd/name` a symlink to `world/name` for each name (data/corpora, cache, ...); returns cwd."""
+    for name in names:
+        (cwd / name).parent.mkdir(parents=True, exist_ok=True)
+        (cwd / name).symlink_to(world / name, target_is_directory=True)
+    return cwd
+
+
+def png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- a tiny offline world
+
+ADJ = "red green small large old new quiet loud warm cold bright dark".split()
+NOUN = "cat dog tree house river stone bird lamp road cloud book chair".split()
+
+
+def _general_doc(rng: np.random.Generator) -> str:
+    """English-like sentences in which " is", " are", " was" and " were" all occur often (the LIMe probe's words)."""
+    out = []
+    for _ in range(20):
+        a, n = rng.choice(ADJ, 2), rng.choice(NOUN, 2)
+        verb = rng.choice(["is", "was", "are", "were"])
+        subject = f"the {a[0]} {n[0]}" + ("s" if verb in ("are", "were") else "")
+        out.append(f"{subject.capitalize()} {verb} {a[1]} near the {n[1]}.")
+    return " ".join(out)
+
+
+def _code_doc(rng: np.random.Generator) -> str:
+    lines = []
+    for i in rng.integers(0, 50, 12):
+        lines.append(f"def f_{i}(x, y):\n    return x * {i} + y  # {rng.choice(NOUN)}")
+    return "\n".join(lines)
+
+
+class _WordTokenizer:
+    """Stands in for the SmolLM2 tokenizer: one id per distinct word or punctuation mark; 0 stays <|endoftext|>."""
+
+    def __init__(self):
+        self.ids: dict[str, int] = {}
+
+    def encode_batch(self, texts, add_special_tokens=False):
+        return [types.SimpleNamespace(ids=[self.ids.setdefault(w, len(self.ids) + 1)
+                                           for w in re.findall(r"\w+|[^\w\s]", t)]) for t in texts]
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    """data/corpora/{general,code}/{train,heldout}.jsonl, their packed CTX-token contexts under data/tokens/, and
+    layer-1 activation caches of the tiny random-weight model under cache/acts/tiny/L1/, as the CLIs lay them out."""
+    from jaxsae import harvest
+    from lime_jax import corpora
+
+    root = tmp_path_factory.mktemp("world")
+    rng = np.random.default_rng(0)
+    tok = _WordTokenizer()
+    model_cfg, model_params = harvest.load_model("tiny")
+    for corpus, make in (("general", _general_doc), ("code", _code_doc)):
+        for split in ("train", "heldout"):
+            path = root / "data" / "corpora" / corpus / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            n_docs = 24 if split == "train" else 10
+            path.write_text("".join(json.dumps({"id": f"{corpus}/{split}/{i}", "text": make(rng), "source": "smoke"})
+                                    + "\n" for i in range(n_docs)))
+            tokens_NxT = corpora.token_contexts(corpus, split, CTX, data_dir=root / "data" / "corpora",
+                                                tokens_dir=root / "data" / "tokens", tokenizer=tok)
+            hcfg = harvest.HarvestConfig(corpus=corpus, split=split, num_tokens=CACHE_TOKENS[corpus, split],
+                                         layers=(LAYER,), ctx_len=CTX, model="tiny",
+                                         root=str(root / "cache" / "acts"))
+            harvest.harvest(model_params, model_cfg, tokens_NxT, hcfg)
+    return root
+
+
+# ---------------------------------------------------------------- benchmarks
+
+
+def test_benchmark_htopk_step(tmp_path):
+    """The README's command; it crashed before it measured anything (argv None passed on to its children)."""
+    rows = json_lines(run(tmp_path, "benchmarks.htopk_step", "batch=64", "d_in=16", "d_sae=64", "ks=4",
+                          "rounds=1", "reps=1"))
+    assert sorted(r["impl"] for r in rows) == sorted(["topk", "htopk_reference", "htopk", "htopk_scan_autodiff"])
+    for r in rows:
+        assert has_fields(r, "K", "step_s", "step_s_median", "step_cpu_s", "peak_bytes", "xla_temp_bytes", "date")
+        assert r["K"] == 4 and r["step_s"] > 0 and r["xla_temp_bytes"] > 0
+
+
+def test_benchmark_sae_step_jax(tmp_path):
+    rows = json_lines(run(tmp_path, "benchmarks.sae_step", "--shape", "64,16,64,4", "--rounds", "1",
+                          "--impls", "jaxsae,jaxsae_vmap8"))
+    assert [(r["impl"], r["seeds"]) for r in rows] == [("jaxsae", 1), ("jaxsae_vmap8", 8)]
+    for r in rows:
+        assert has_fields(r, "step_s", "tokens_per_s", "step_over_matmul", "matmul_s") and r["tokens_per_s"] > 0
+
+
+def test_benchmark_sae_step_torch(tmp_path):
+    """The PyTorch side (SAELens, sparsify), where the optional `bench` extra is installed."""
+    pytest.importorskip("torch")
+    libs = [name for name in ("sae_lens", "sparsify") if importlib.util.find_spec(name)]
+    if not libs:
+        pytest.skip("neither sae_lens nor sparsify is installed")
+    rows = json_lines(run(tmp_path, "benchmarks.sae_step", "--shape", "64,16,64,4", "--rounds", "1",
+                          "--impls", ",".join(["jaxsae"] + libs)))
+    assert [r["impl"] for r in rows] == ["jaxsae"] + libs
+    for r in rows:
+        assert "skipped" not in r and r["tokens_per_s"] > 0 and "torch_matmul_s" in r
+
+
+def test_benchmark_train_step(tmp_path):
+    rows = json_lines(run(tmp_path, "benchmarks.train_step", "batch=64", "d_in=16", "d_sae=64", "k=4", "seeds=1,2",
+                          "reps=1", "cache_tokens=16384", "cache_batches=2"))
+    assert [r["bench"] for r in rows] == ["hlo", "step", "step", "cache"]
+    assert rows[0]["bxm_dots_step"] > 0 and rows[0]["bxm_dots_loss_grad"] > 0
+    assert [r["seeds"] for r in rows[1:3]] == [1, 2]
+    assert all(has_fields(r, "step_s", "median_step_s", "tokens_x_seeds_per_s", "vs_separate") for r in rows[1:3])
+    assert rows[3]["cache_tokens"] == 16384 and rows[3]["tokens_per_s"] > 0
+
+
+def test_benchmark_stability(tmp_path):
+    rows = json_lines(run(tmp_path, "benchmarks.stability", "seeds=3", "d_sae=64", "d_in=16", "block=32"))
+    assert len(rows) == 1 and rows[0]["pairs"] == 3 and rows[0]["seconds"] >= 0
+    assert 0.0 <= rows[0]["mean_stability"] <= 1.0
+
+
+def test_benchmark_lime_step(tmp_path):
+    rows = json_lines(run(tmp_path, "benchmarks.lime_step", "--shape", "2,32,2,16", "--vocab", "64", "--rounds", "1",
+                          "--depths", "2"))
+    names = ["llama", "lime_static", "lime_dynamic", "lime_v2"]
+    timed, scan = [r for r in rows if "depth_scan" not in r], [r for r in rows if "depth_scan" in r]
+    assert [r["impl"] for r in timed] == names and [r["impl"] for r in scan] == names
+    for r in timed:
+        assert has_fields(r, "step_s", "tokens_per_s", "speed_vs_llama", "flops_vs_llama", "peak_bytes", "temp_bytes")
+        assert r["flops_vs_llama"] >= 1.0 and r["peak_bytes"] > 0
+    assert all(r["L"] == 2 and r["temp_bytes"] > 0 for r in scan)
+
+
+@pytest.mark.slow
+def test_benchmark_harvest(tmp_path):
+    """lime_jax's side of the harvest benchmark: loads the real SmolLM2 GGUF."""
+    rows = json_lines(run(tmp_path, "benchmarks.harvest", "batch_sizes=1", "ctx_len=8", "layer=0", "repeats=1",
+                          "impls=lime_jax"))
+    assert [(r["impl"], r["bench"]) for r in rows] == [("lime_jax", "harvest_forward"), ("lime_jax", "splice_forward")]
+    assert all(r["batch"] == 1 and r["seq"] == 8 and r["tokens_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_benchmark_harvest_transformers(tmp_path):
+    """The HF transformers side, where installed: its residual must match lime_jax's on the same tokens."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    rows = json_lines(run(tmp_path, "benchmarks.harvest", "batch_sizes=1", "ctx_len=8", "layer=0", "repeats=1",
+                          "impls=transformers"))
+    check = rows[0]
+    assert check["check"] == "transformers_vs_lime_jax_residual"
+    assert check["max_abs_diff"] <= 1e-5 * max(1.0, check["max_abs_value"])
+    assert [(r["impl"], r["bench"]) for r in rows[1:]] == [("transformers", "harvest_forward")]
+
+
+# ---------------------------------------------------------------- experiments
+
+
+def test_experiment_pipeline(tmp_path, world):
+    cwd = link(tmp_path, world, "data", "cache")
+    out = tmp_path / "res"
+    run(cwd, "experiments.pipeline", "model=tiny", f"layer={LAYER}", "train_tokens=2048", "heldout_tokens=512",
+        "d_sae=32", "k=4", "n_seeds=2", "steps=4", "batch_size=64", "dead_after_tokens=1024", "ce_contexts=2",
+        "eval_batch_size=256", f"run_dir={tmp_path / 'runs'}", f"out={out}")
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted((r["corpus"], r["seed"]) for r in summary["per_seed"]) == [("code", 0), ("code", 1),
+                                                                              ("general", 0), ("general", 1)]
+    for r in summary["per_seed"]:
+        assert has_fields(r, "ev", "l0", "dead_frac", "ce_delta", "loss_recovered") and r["l0"] <= 4
+    assert set(summary["mean_std"]) == {"general", "code"}
+    assert "| general | 0 |" in (out / "report.md").read_text() and png(out / "pipeline.png")
+
+
+def test_experiment_hierarchical_topk(tmp_path, world):
+    cwd = link(tmp_path, world, "data", "cache")
+    out = tmp_path / "res"
+    run(cwd, "experiments.hierarchical_topk", "model=tiny", f"layer={LAYER}", "train_cache_tokens=2048",
+        "eval_tokens=512", "ce_contexts=2", "d_sae=32", "k_max=4", "ks=2,4", "batch_size=64", "num_steps=3",
+        "warmup_steps=1", "dead_after_tokens=1024", "aux_k=8", f"out_dir={tmp_path / 'runs'}", f"results_dir={out}")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["missing"] == []
+    for family in ("htopk", "topk", "topk_truncated"):
+        assert set(summary["results"][family]) == {"2", "4"}
+        assert all(has_fields(r, "ev", "l0", "ce_delta") for r in summary["results"][family].values())
+    assert set(summary["train_cost"]) == {"htopk_k4", "topk_k4", "topk_k2"}
+    assert "CE delta of HTopK" in (out / "report.md").read_text() and png(out / "ev_vs_l0.png")
+
+
+BOOST_ARGS = ("model=tiny", f"layer={LAYER}", "domains=code", "sweep_domain=code", "budgets=128", "batch_size=64",
+              "base_d_sae=32", "base_k=4", "base_steps=3", "res_d_sae=16", "res_k=2", "res_steps=2",
+              "extend_latents=16", "warmup_steps=1", "aux_k=8", "dead_after_tokens=1024", "convert_tokens=256",
+              "eval_tokens=256", "ce_contexts=2", "ce_batch_size=2")
+
+
+@pytest.fixture(scope="module")
+def boost_run(tmp_path_factory, world) -> Path:
+    """A finished tiny `experiments.boost` run (working directory holding results/ and runs/)."""
+    cwd = link(tmp_path_factory.mktemp("boost"), world, "data", "cache")
+    run(cwd, "experiments.boost", *BOOST_ARGS, f"out_dir={cwd / 'runs'}", f"results_dir={cwd / 'results'}")
+    return cwd
+
+
+def test_experiment_boost(boost_run):
+    res = boost_run / "results"
+    summary = json.loads((res / "summary.json").read_text())
+    rows = summary["domains"]["code"]
+    assert set(rows) == {"base", "boosted", "finetuned", "extended"}
+    for r in rows.values():
+        assert has_fields(r, "domain_ev", "general_ev") and r["domain_ce_delta"] is not None
+    assert summary["stitched_vs_boosted_max_abs_diff"] < 1e-4
+    assert [r["unique_tokens"] for r in summary["budget_sweep"]["rows"]] == [128, summary["tokens"]["code"]["train"]]
+    assert "## Domain `code`" in (res / "report.md").read_text() and png(res / "boost.png")
+    assert (boost_run / "runs" / "residual_code" / "residual").is_dir()
+
+
+def test_experiment_boost_diagnose(boost_run, tmp_path):
+    res = tmp_path / "results"  # a copy: diagnose rewrites summary.json and report.md in place
+    shutil.copytree(boost_run / "results", res)
+    run(boost_run, "experiments.boost_diagnose", f"results_dir={res}", "tokens=256", "mix_general=0.1")
+    summary = json.loads((res / "summary.json").read_text())
+    assert set(summary["diagnosis"]["code"]) == {"general", "code"}
+    assert set(summary["outliers"]) == {"general", "code"}
+    assert has_fields(summary["mixed_ablation"]["code"], "boosted_mixed_domain_ev", "boosted_mixed_general_ev")
+    report = (res / "report.md").read_text()
+    assert "Where the residuals fire" in report and "general text mixed in" in report
+
+
+@pytest.mark.slow
+def test_experiment_lime(tmp_path, world):
+    """Reads SmolLM2's tokenizer from the GGUF (the probe words' ids), so the fake corpora are tokenised for real."""
+    cwd = link(tmp_path, world, "data/corpora")  # no data/tokens: packed here with the real tokenizer
+    out = tmp_path / "res"
+    run(cwd, "experiments.lime", "n_layers=2", "d_model=32", "n_heads=1", "head_dim=32", "d_ff=64",
+        "vocab_top=512", "seq_len=64", "batch_size=2", "num_steps=2", "warmup_steps=1", "log_every=1",
+        "heldout_contexts=4", "entropy_contexts=8", "probe_contexts=16", f"out_dir={tmp_path / 'runs'}",
+        f"results_dir={out}")
+    models = json.loads((out / "summary.json").read_text())["models"]
+    assert list(models) == ["llama", "lime_static", "lime_dynamic", "lime_v2"]
+    for name, r in models.items():
+        assert len(r["value_entropy"]) == 2 and len(r["probe_accuracy"]) == 2 and np.isfinite(r["heldout_loss"])
+        assert (r["router_weights"] is None) == (name == "llama")
+    assert "lower loss per FLOP" in (out / "report.md").read_text()
+    assert png(out / "loss_entropy_probe.png") and png(out / "router_weights.png")
+
+
+def test_experiment_stability_synthetic(tmp_path):
+    """The synthetic part only: the real part (SmolLM2 caches) is being rewritten and has its own tests."""
+    out = tmp_path / "res"
+    run(tmp_path, "experiments.stability", "part=synthetic", "n_seeds=3", "pool_seeds=2", "syn_d=8",
+        "syn_n_atomic=12", "syn_n_groups=1", "syn_group_rank=2", "syn_d_sae=16", "syn_k=2", "syn_tokens=1024",
+        "syn_steps=3", "syn_batch=64", f"out_dir={out}", f"run_dir={tmp_path / 'runs'}")
+    syn = json.loads((out / "summary.json").read_text())["synthetic"]
+    assert has_fields(syn, "ev", "l0", "mean_stability") and syn["sae"]["n_seeds"] == 3
+    assert (out / "report.md").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- the README's commands
+
+
+def test_readme_jaxsae_train_synthetic(tmp_path):
+    out = tmp_path / "toy"
+    run(tmp_path, "jaxsae.cli", "train", "source=synthetic", "d_in=8", "d_sae=32", "k=2", "n_seeds=2", "num_steps=4",
+        "batch_size=64", "warmup_steps=1", "aux_k=4", "synthetic_tokens=1024", "synthetic_features=16",
+        "synthetic_k=2", "eval_tokens=256", "log_every=2", "checkpoint_every=2", f"out_dir={out}")
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["ev"]) == 2 and summary["steps"] == 4
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert all((out / f"seed_{s}" / "cfg.json").is_file() for s in range(2))
+    assert (out / "config.json").is_file() and (out / "checkpoints" / "4").is_dir()
+
+
+def test_readme_jaxsae_harvest_train_eval(tmp_path, world):
+    """harvest (two layers from one forward) -> train on the cache -> eval, as the README chains them."""
+    cwd = link(tmp_path, world, "data")
+    run(cwd, "jaxsae.cli", "harvest", "corpus=code", "split=heldout", "num_tokens=300", "layers=1,2", "model=tiny",
+        f"ctx_len={CTX}", "root=acts")
+    for layer in (1, 2):
+        manifest = json.loads((cwd / "acts" / "tiny" / f"L{layer}" / "code_heldout" / "manifest.json").read_text())
+        assert manifest["layer"] == layer and manifest["num_tokens"] >= 300 and manifest["model"] == "tiny"
+    run(cwd, "jaxsae.cli", "train", "source=acts/tiny/L1/code_heldout", "d_sae=32", "k=4", "n_seeds=2",
+        "num_steps=3", "batch_size=64", "warmup_steps=1", "aux_k=8", "eval_tokens=256", "out_dir=runs/l1")
+    assert len(json.loads((cwd / "runs" / "l1" / "summary.json").read_text())["ev"]) == 2
+    # `jaxsae eval` reads {root}/smollm2-135m/L{layer}/ and has no model option; EV/L0 do not depend on which
+    # model wrote the rows, so the tiny caches are linked there (CE, which would need the model, is skipped).
+    (cwd / "evalroot").mkdir()
+    (cwd / "evalroot" / "smollm2-135m").symlink_to(cwd / "acts" / "tiny", target_is_directory=True)
+    run(cwd, "jaxsae.cli", "eval", "sae=runs/l1", f"layer={LAYER}", "corpora=code", "num_tokens=256", "ce_contexts=0",
+        "batch_size=128", "root=evalroot", "out=eval.json")
+    rows = json.loads((cwd / "eval.json").read_text())
+    assert [Path(r["sae"]).name for r in rows] == ["seed_0", "seed_1"]
+    assert all(has_fields(r, "ev", "l0", "dead_frac") and r["eval_tokens"] == 256 for r in rows)
+
+
+def test_readme_lime_jax_train(tmp_path, world):
+    cwd = link(tmp_path, world, "data")
+    run(cwd, "lime_jax.cli", "train", "routing=static", "n_layers=2", "d_model=32", "n_heads=1", "n_kv_heads=1",
+        "head_dim=32", "d_ff=64", f"seq_len={CTX}", "batch_size=2", "num_steps=2", "warmup_steps=1", "log_every=1",
+        "checkpoint_every=0", "eval_batches=1", "out_dir=runs/lime_static")
+    run_dir = cwd / "runs" / "lime_static"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert np.isfinite(summary["heldout_loss"]) and (run_dir / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_readme_perplexity(tmp_path):
+    """`python -m lime_jax.perplexity FILE --max-tokens N` on the real SmolLM2: English prose scores a few nats."""
+    text = tmp_path / "prose.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4
+                    + "It was a bright cold day in April, and the clocks were striking thirteen.\n")
+    out = json_lines(run(tmp_path, "lime_jax.perplexity", str(text), "--max-tokens", "48"))
+    # 48 tokens read, 47 of them predicted (the first has no context)
+    assert len(out) == 1 and out[0]["tokens"] == 47 and 0.0 < out[0]["nll_per_token"] < 8.0
