@@ -10,6 +10,7 @@ COMMANDS = {
     "train": ("jaxsae.train", "train a seed ensemble of SAEs on an activation source"),
     "harvest": ("jaxsae.harvest", "run a model (default SmolLM2) over a corpus and write an activation cache"),
     "eval": ("jaxsae.evaluate", "EV, L0, dead fraction, CE delta and loss recovered of saved SAEs"),
+    "browse": ("jaxsae.browse", "write a static feature browser (HTML) of a run's seeds over a held-out cache"),
 }
 
 
