@@ -340,3 +340,107 @@ def refit_encoder(params: dict, sae_cfg: sae.SAEConfig, batches: Iterator[np.nda
         chex.assert_shape(x_BxD, (None, sae_cfg.d_in))
         free, opt_state = step(free, opt_state, fixed, x_BxD)
     return {**jax.device_get(free), **{n: params[n] for n in frozen}}
+
+
+# ---------------------------------------------------------------- feature browser tables
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def _best_partner(a_MxD, b_NxD, ea_MxD, eb_NxD, block: int):
+    """(argmax_M, max_M) over the rows of b of each row of a; unit rows in, exact float32 products."""
+    M, D = a_MxD.shape
+    nb = -(-M // block)
+    hi = jax.lax.Precision.HIGHEST
+
+    def tiles(x_MxD):
+        return jnp.pad(x_MxD, ((0, nb * block - M), (0, 0))).reshape(nb, block, D)
+
+    def one(x):
+        a_bxD, ea_bxD = x
+        sim_bxN = jnp.abs(jnp.einsum("bd,nd->bn", a_bxD, b_NxD, precision=hi))
+        if ea_bxD is not None:
+            sim_bxN = jnp.minimum(sim_bxN, jnp.abs(jnp.einsum("bd,nd->bn", ea_bxD, eb_NxD, precision=hi)))
+        return jnp.argmax(sim_bxN, axis=1), jnp.max(sim_bxN, axis=1)
+
+    idx_nbxb, best_nbxb = jax.lax.map(one, (tiles(a_MxD), None if ea_MxD is None else tiles(ea_MxD)))
+    return idx_nbxb.reshape(-1)[:M], best_nbxb.reshape(-1)[:M]
+
+
+def best_partners(dec_SxMxD: np.ndarray, seed: int, enc_SxMxD: np.ndarray | None = None,
+                  block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(idx_SxM, cos_SxM): for latent i of seed `seed`, the latent idx[s, i] of seed s with the highest |cos| to it
+    and that |cos| (with encoder directions, the score min(|cos_dec|, |cos_enc|) of `stability.best_matches`).
+
+    Row `seed` is each latent itself with score 1. Ties go to the lower index. float32 throughout, so cos[s]
+    equals `best_matches(..., search_dtype="float32")[seed, s]` up to rounding.
+    """
+    dec_SxMxD = np.asarray(dec_SxMxD, np.float32)
+    chex.assert_rank(dec_SxMxD, 3)
+    S, M, _ = dec_SxMxD.shape
+    if not 0 <= seed < S:
+        raise ValueError(f"seed must index one of the {S} seeds, got {seed}")
+    if enc_SxMxD is not None:
+        enc_SxMxD = np.asarray(enc_SxMxD, np.float32)
+        if enc_SxMxD.shape != dec_SxMxD.shape:
+            raise ValueError(f"enc_SxMxD must match dec_SxMxD {dec_SxMxD.shape}, got {enc_SxMxD.shape}")
+    for name, x in (("dec_SxMxD", dec_SxMxD), ("enc_SxMxD", enc_SxMxD)):
+        if x is not None and not np.all(np.isfinite(x)):
+            raise ValueError(f"{name} holds NaN or inf values")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    block = min(block, M)
+    dec = stability.unit_rows(dec_SxMxD)
+    enc = None if enc_SxMxD is None else stability.unit_rows(enc_SxMxD)
+    idx_SxM, cos_SxM = np.tile(np.arange(M), (S, 1)), np.ones((S, M), np.float32)
+    for s in range(S):
+        if s != seed:
+            ea, eb = (None, None) if enc is None else (enc[seed], enc[s])
+            i_M, c_M = _best_partner(dec[seed], dec[s], ea, eb, block)
+            idx_SxM[s], cos_SxM[s] = np.asarray(i_M), np.asarray(c_M)
+    return idx_SxM, cos_SxM
+
+
+class ActivationSummary(NamedTuple):
+    """Per latent (column of an activation matrix), over its rows."""
+
+    freq_E: np.ndarray  # fraction of the rows on which the latent is > 0
+    mean_E: np.ndarray  # mean of its positive activations (0 if it never fires)
+    max_E: np.ndarray  # its largest activation (0 if it never fires): the histogram's upper edge
+    hist_ExB: np.ndarray  # int counts of its positive activations in B equal bins of [0, max]
+
+
+def activation_summary(acts_RxE: np.ndarray, n_bins: int) -> ActivationSummary:
+    """Firing frequency, mean and max when firing, and a histogram of each latent's positive activations.
+
+    Bin b of latent e holds b/B · max_e <= a < (b+1)/B · max_e (the last bin also holds max_e), as `np.histogram`
+    with range (0, max_e) bins them.
+    """
+    acts_RxE = np.asarray(acts_RxE, np.float64)
+    chex.assert_rank(acts_RxE, 2)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    R, E = acts_RxE.shape
+    if R == 0:
+        raise ValueError(f"activation_summary needs at least one row, got acts of shape {acts_RxE.shape}")
+    fired_RxE = acts_RxE > 0
+    count_E = fired_RxE.sum(0)
+    max_E = np.where(fired_RxE, acts_RxE, 0.0).max(0)
+    mean_E = np.where(fired_RxE, acts_RxE, 0.0).sum(0) / np.maximum(count_E, 1)
+    r, e = np.nonzero(fired_RxE)
+    b = np.minimum((acts_RxE[r, e] / max_E[e] * n_bins).astype(np.int64), n_bins - 1)
+    hist_ExB = np.bincount(e * n_bins + b, minlength=E * n_bins).reshape(E, n_bins)
+    return ActivationSummary(count_E / R, mean_E, max_E, hist_ExB)
+
+
+def stability_by_frequency(p_SxM: np.ndarray, freq_SxM: np.ndarray,
+                           n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(edges [n_bins + 1] of log10 frequency, mean_p_B, count_B): mean stability of the alive latents of all seeds
+    in each quantile bin of firing frequency (`frequency_bins`); mean_p is NaN in an empty bin."""
+    p_SxM = np.asarray(p_SxM, np.float64)
+    chex.assert_equal_shape([p_SxM, np.asarray(freq_SxM)])
+    edges, bin_SxM = frequency_bins(freq_SxM, n_bins)
+    alive = bin_SxM >= 0
+    count_B = np.bincount(bin_SxM[alive], minlength=n_bins)
+    sum_B = np.bincount(bin_SxM[alive], weights=p_SxM[alive], minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return edges, np.where(count_B > 0, sum_B / np.maximum(count_B, 1), np.nan), count_B

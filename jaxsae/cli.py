@@ -12,6 +12,7 @@ COMMANDS = {
     "eval": ("jaxsae.evaluate", "EV, L0, dead fraction, CE delta and loss recovered of saved SAEs"),
     "stability": ("jaxsae.stability", "per-feature stability p_i of a seed ensemble (any number of processes)"),
     "plan": ("jaxsae.plan", "memory, FLOPs and step time of a training step on a mesh, from XLA's accounting"),
+    "browse": ("jaxsae.browse", "write a static feature browser (HTML) of a run's seeds over a held-out cache"),
 }
 
 

@@ -3,5 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# tests/test_browse.py opens the feature browser in a real headless Chromium (Debian's packages; CI runs as root).
+# Without it that test fails, as it should: install it here rather than let any tool download a browser.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get install -y chromium chromium-driver || { apt-get update && apt-get install -y chromium chromium-driver; }
+  else
+    echo "scripts/test.sh: chromium/chromedriver missing and not root; tests/test_browse.py will fail" >&2
+  fi
+fi
 # pytest exits 5 when it collects no test; with `set -e` that fails the run instead of passing silently.
 python -m pytest -q tests "$@"
