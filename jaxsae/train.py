@@ -4,8 +4,9 @@
 global-norm clip → Adam with warm-up + decay → renormalise decoder rows → update firing stats (a latent is
 dead once it has not fired for `dead_after_tokens` tokens; the dead mask feeds the next step's AuxK).
 `fit` runs it over an activation source with a progress bar, a JSON-lines log, orbax checkpoints that also
-record the data position (resuming gives the same final state bit for bit), and saves every seed in the
-SAELens layout. `jaxsae train key=value ...` is the command line.
+record the data position (resuming gives the same final state bit for bit; damaged checkpoints are skipped,
+see `jaxsae.checkpoint`), and saves every seed in the SAELens layout. `jaxsae train key=value ...` is the
+command line.
 """
 from __future__ import annotations
 
@@ -199,8 +200,9 @@ def evaluate(params: dict, sae_cfg: sae.SAEConfig, x_NxD: np.ndarray, chunk: int
             "dead_frac": jax.vmap(metrics.dead_fraction)(fires_SxM).tolist()}
 
 
-# Fields that do not change what is computed (the mesh only reorders float reductions).
-_RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "keep_checkpoints", "mesh_seed", "mesh_data", "mesh_model"}
+# Fields that do not change what is computed (the mesh only reorders float reductions; a run folder may be moved).
+_RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "keep_checkpoints", "mesh_seed", "mesh_data", "mesh_model",
+                      "out_dir"}
 
 
 def _check_config(out: Path, sae_cfg, train_cfg, resuming: bool) -> None:
@@ -219,7 +221,7 @@ def _check_config(out: Path, sae_cfg, train_cfg, resuming: bool) -> None:
 
 def _compute_part(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with the fields that do not change the step reset, so equal computations share one compile."""
-    return dataclasses.replace(cfg, **{k: getattr(TrainConfig, k) for k in _RESUME_MAY_CHANGE | {"out_dir"}})
+    return dataclasses.replace(cfg, **{k: getattr(TrainConfig, k) for k in _RESUME_MAY_CHANGE})
 
 
 @functools.lru_cache(maxsize=8)
@@ -232,7 +234,7 @@ def _compiled(sae_cfg, train_cfg, loss_fn, mesh):
 
 def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callable | None = None,
         b_dec_init=None) -> TrainState:
-    """Train the ensemble on `source`, resuming from `out_dir`'s latest checkpoint if there is one."""
+    """Train the ensemble on `source`, resuming from `out_dir`'s latest intact checkpoint if there is one."""
     if source.d_in != sae_cfg.d_in:
         raise ValueError(f"source d_in={source.d_in} but sae d_in={sae_cfg.d_in}")
     mesh = sharding.make_mesh(train_cfg.mesh_seed, train_cfg.mesh_data, train_cfg.mesh_model)
@@ -242,13 +244,12 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
     manager = checkpoint.manager(out, train_cfg.keep_checkpoints)
     position = {"data_order": train_cfg.data_order, "data_seeds": train_cfg.data_seeds,
                 "batch_size": train_cfg.batch_size, "num_tokens_in_source": source.num_tokens}
-    start = manager.latest_step()
-    _check_config(out, sae_cfg, train_cfg, resuming=start is not None)
-    if start is None:
-        start = 0
-        state = init(jax.random.key(train_cfg.seed), b_dec_init)
+    _check_config(out, sae_cfg, train_cfg, resuming=bool(manager.all_steps()))
+    restored = checkpoint.restore_latest(manager, _abstract_state(sae_cfg, train_cfg), state_sh, position)
+    if restored is None:
+        start, state = 0, init(jax.random.key(train_cfg.seed), b_dec_init)
     else:
-        state = checkpoint.restore(manager, start, _abstract_state(sae_cfg, train_cfg), state_sh, position)
+        start, state = restored
     checkpoint.trim_log(out / "metrics.jsonl", start)
 
     if train_cfg.data_order == "same":

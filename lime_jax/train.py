@@ -4,7 +4,8 @@
 (matrices only: not norm gains, not routers) → learning rate from the schedule, times `router_lr_mult` for
 the LIMe routers (the paper's separate optimiser groups: 1e-2 against 1e-3). `fit` feeds packed contexts in a
 fixed order per (seed, epoch), logs JSON lines (loss, tokens/s, MFU whose FLOPs count routing), checkpoints
-state and data position with orbax (a killed run resumes to the same result bit for bit) and writes
+state and data position with orbax (a killed run resumes to the same result bit for bit, from the newest
+checkpoint that is not damaged: `jaxsae.checkpoint`) and writes
 summary.json with the held-out loss. `lime_jax train key=value ...` is the command line: keys of
 TrainConfig and of LlamaConfig (applied on top of `preset`).
 """
@@ -224,12 +225,11 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
     position = {"corpus": cfg.corpus, "seed": cfg.seed, "batch_size": cfg.batch_size,
                 "num_contexts": len(tokens_NxT), "seq_len": cfg.seq_len}
     manager = checkpoint.manager(out, cfg.keep_checkpoints)
-    start = manager.latest_step()
-    if start is None:
-        start = 0
-        state = init(jax.random.key(cfg.seed))
+    restored = checkpoint.restore_latest(manager, abstract_state(model_cfg, cfg), state_sh, position)
+    if restored is None:
+        start, state = 0, init(jax.random.key(cfg.seed))
     else:
-        state = TrainState(*checkpoint.restore(manager, start, abstract_state(model_cfg, cfg), state_sh, position))
+        start, state = restored[0], TrainState(*restored[1])
     checkpoint.trim_log(out / "metrics.jsonl", start)
 
     seq_cfg = dataclasses.replace(model_cfg, max_len=cfg.seq_len)  # FLOPs at the trained length
@@ -286,19 +286,19 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
 
 
 def load_params(out_dir: str | Path) -> tuple[dict, config.LlamaConfig]:
-    """(params, model config) of a run folder's latest checkpoint, on the default device."""
+    """(params, model config) of a run folder's latest intact checkpoint, on the default device."""
     out = Path(out_dir)
     run = json.loads((out / "config.json").read_text())
     model_cfg, cfg = config.LlamaConfig(**run["model"]), TrainConfig(**run["train"])
     with ocp.CheckpointManager((out / "checkpoints").absolute()) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {out / 'checkpoints'}")
+        abstract = abstract_state(model_cfg, cfg)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                              abstract_state(model_cfg, cfg))
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return TrainState(*restored.state).params, model_cfg
+        # Reading only: a damaged checkpoint is warned about and skipped, not moved.
+        restored = checkpoint.restore_latest(manager, abstract, jax.tree.map(lambda _: device, abstract), None,
+                                             set_aside=False)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {out / 'checkpoints'}")
+    return TrainState(*restored[1]).params, model_cfg
 
 
 def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
