@@ -10,10 +10,11 @@ sparsity penalties are divided by D as well, so `l1_coeff` and `l0_coeff` mean w
 summed-over-D MSE (Anthropic's λ = 5, Gemma Scope's λ): loss = (1/D)·(‖x − x̂‖² + λ·penalty), per token.
 
 AuxK (Gao et al. 2024): among latents flagged dead (only the first `aux_max_dead` of them by id, to bound
-the cost), the top `aux_k` pre-activations of each token reconstruct the stop-gradient residual
-e = x − x̂ without b_dec (b_dec is already in x̂). The loss is the FVU of that fit, Σ‖e − ê‖² / Σ‖e − ē‖²
-over the batch, scaled by min(#dead / min(aux_k, aux_max_dead), 1) as in sparsify, so it is exactly zero
-when nothing is dead.
+the cost), the top `aux_k` pre-activations of each token (exactly that many; ties go to the lower id)
+reconstruct the stop-gradient residual e = x − x̂ without b_dec (b_dec is already in x̂). The loss is the
+FVU of that fit, Σ‖e − ê‖² / Σ‖e − ē‖² over the batch, scaled by min(#dead / min(aux_k, aux_max_dead, d_sae), 1)
+as in sparsify, so it is exactly zero when nothing is dead; it is zero too when Σ‖e − ē‖² is at float32
+rounding level, ≤ (B·ε)²·Σ‖e‖² (a batch of equal rows).
 
 Speed (TopK training): `loss` runs encode+decode through a `jax.custom_vjp` whose only dense work is the
 forward encoder matmul. The backward touches just the K selected latents of each token: dW_dec and dW_enc
@@ -354,25 +355,43 @@ def aux_loss(params, x_BxD, resid_BxD, dead_M, cfg):
     """AuxK: FVU of the residual modelled by the top `aux_k` dead pre-activations, 0 if none dead.
 
     Only the first `aux_max_dead` dead latents (by id) are candidates, gathered into a dense [B, N]
-    problem: its cost is N/M of the encoder matmul, whatever the activation.
+    problem: its cost is N/M of the encoder matmul, whatever the activation. Each token uses exactly
+    min(aux_k, N) of them (ties at the cut go to the lower id, as in `lax.top_k`). A residual whose
+    variance is at rounding level (`_degenerate_variance`) gives 0, not Σ‖e − ê‖² / noise.
     """
     N = min(cfg.aux_max_dead, cfg.d_sae)
     A = min(cfg.aux_k, N)
+    B = x_BxD.shape[0]
     num_dead = jnp.sum(dead_M)
     ids_N = jnp.nonzero(dead_M, size=N, fill_value=0)[0]
     W_enc_DxN = params["W_enc"][:, ids_N]
     # x W − b_dec W rather than (x − b_dec) W: d(b_dec) is then a mat-vec, not a [B, D] × [D, N] product.
     pre_BxN = x_BxD @ W_enc_DxN - _b_dec(params, cfg) @ W_enc_DxN + params["b_enc"][ids_N]
     pre_BxN = jnp.where(jnp.arange(N) < num_dead, pre_BxN, -jnp.inf)
-    if A < N:  # keep each token's A largest; the rest of the [B, N] block is zero
-        kth_Bx1 = jax.lax.top_k(jax.lax.stop_gradient(pre_BxN), A)[0][:, -1:]
-        pre_BxN = jnp.where(pre_BxN >= kth_Bx1, pre_BxN, -jnp.inf)
+    if A < N:  # keep each token's A largest by index, so ties at the A-th value cannot let more through
+        idx_BxA = jax.lax.top_k(jax.lax.stop_gradient(pre_BxN), A)[1]
+        keep_BxN = jnp.zeros((B, N), bool).at[jnp.arange(B)[:, None], idx_BxA].set(True)
+        pre_BxN = jnp.where(keep_BxN, pre_BxN, -jnp.inf)
     acts_BxN = jnp.where(jnp.isfinite(pre_BxN), jax.nn.relu(pre_BxN), 0.0)
     e_BxD = jax.lax.stop_gradient(resid_BxD)
     e_hat_BxD = acts_BxN @ params["W_dec"][ids_N]
     var = jnp.sum((e_BxD - e_BxD.mean(0)) ** 2)
-    scale = jnp.minimum(num_dead / A, 1.0) * (var > 0)
-    return scale * jnp.sum((e_BxD - e_hat_BxD) ** 2) / jnp.where(var > 0, var, 1.0)
+    ok = ~_degenerate_variance(var, jnp.sum(e_BxD**2), B)
+    scale = jnp.minimum(num_dead / A, 1.0) * ok
+    return scale * jnp.sum((e_BxD - e_hat_BxD) ** 2) / jnp.where(ok, var, 1.0)
+
+
+def _degenerate_variance(var, energy, B: int) -> jax.Array:
+    """True when a centred sum of squares `var` of B rows (float32: ε = 2⁻²³) is indistinguishable from rounding.
+
+    A float32 sum of B terms, in any order, is off by at most (B−1)·u·Σ|terms| (u = ε/2, Higham's γ_{B−1});
+    so each column mean is off by at most B·u·mean|e|, and rows that are all equal come out with a
+    `var` of at most (B·u)²·Σ‖e‖² (Σ‖e‖² = `energy`). (B·ε)² = 4·(B·u)² leaves room for the rounding of the
+    squares and of the 1/B. Below it the variance is noise (e.g. repeated rows, or x = 0 with biases),
+    and dividing by it would give an FVU of ~1e13; var = energy = 0 (a perfect fit) counts as degenerate too.
+    """
+    tol = (B * float(jnp.finfo(var.dtype).eps)) ** 2
+    return var <= tol * energy
 
 
 def loss(params: dict, x_BxD: jax.Array, cfg: SAEConfig, dead_M: jax.Array | None = None):

@@ -4,8 +4,15 @@
 global-norm clip → Adam with warm-up + decay → renormalise decoder rows → update firing stats (a latent is
 dead once it has not fired for `dead_after_tokens` tokens; the dead mask feeds the next step's AuxK).
 `fit` runs it over an activation source with a progress bar, a JSON-lines log, orbax checkpoints that also
-record the data position (resuming gives the same final state bit for bit), and saves every seed in the
-SAELens layout. `jaxsae train key=value ...` is the command line.
+record the data position (resuming gives the same final state bit for bit; damaged checkpoints are skipped,
+see `jaxsae.checkpoint`), and saves every seed in the SAELens layout. `jaxsae train key=value ...` is the
+command line.
+
+Extending a run: `fit` on an `out_dir` that holds a finished or interrupted run, with `num_steps`/`num_tokens`
+changed and nothing else that matters, continues it from its checkpoint. The warm-up + decay schedule is
+defined over the NEW total, so the run resumes at its step s on `lr_schedule(new config)(s)` (a finished run's
+learning rate jumps back up from its final value to the new curve's value at s); one line on stderr says so and
+config.json records the new total. A total below the checkpointed step is an error.
 """
 from __future__ import annotations
 
@@ -200,28 +207,54 @@ def evaluate(params: dict, sae_cfg: sae.SAEConfig, x_NxD: np.ndarray, chunk: int
             "dead_frac": jax.vmap(metrics.dead_fraction)(fires_SxM).tolist()}
 
 
-# Fields that do not change what is computed (the mesh only reorders float reductions).
+# Fields that do not change what is computed (the mesh only reorders float reductions; a run folder may be moved).
 _RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "keep_checkpoints", "mesh_seed", "mesh_data", "mesh_model",
-                      "out_dir"}  # a run folder may be moved
+                      "out_dir"}
+# Fields that set the run's length: a resumed run may change them, on the schedule over the new total (`_set_length`).
+_LENGTH = {"num_steps", "num_tokens"}
 
 
-def _check_config(out: Path, sae_cfg, train_cfg, resuming: bool) -> None:
-    """Write config.json for a new run, or check that a run being resumed used the same configuration."""
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); restore it or use a new out_dir") from None
+
+
+def _check_config(out: Path, sae_cfg, train_cfg, resuming: bool, write: bool = True) -> dict | None:
+    """Write config.json for a new run; for one being resumed check it matches up to the length, and return it."""
     cfg = {"sae": dataclasses.asdict(sae_cfg), "train": dataclasses.asdict(train_cfg)}
     path = out / "config.json"
-    if resuming:
-        old = json.loads(path.read_text()) if path.exists() else {}
-        diff = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g in cfg for k, v in cfg[g].items()
-                if old.get(g, {}).get(k) != v and k not in _RESUME_MAY_CHANGE]
-        if diff:
-            raise ValueError(f"{out} holds a run with another configuration; use a new out_dir. Differences: {diff}")
-    else:
-        path.write_text(json.dumps(cfg, indent=1))
+    if not resuming:
+        if write:
+            path.write_text(json.dumps(cfg, indent=1))
+        return None
+    old = _read_config(path)
+    diff = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g in cfg for k, v in cfg[g].items()
+            if old.get(g, {}).get(k) != v and k not in _RESUME_MAY_CHANGE | _LENGTH]
+    if diff:
+        raise ValueError(f"{out} holds a run with another configuration; use a new out_dir. Differences: {diff}")
+    return old
+
+
+def _set_length(out: Path, old: dict, train_cfg: TrainConfig, start: int, write: bool = True) -> None:
+    """A resumed run's new total: at least the restored step; if changed, a line says so and config.json records it."""
+    old_train = old["train"]
+    old_total = old_train["num_steps"] or old_train["num_tokens"] // old_train["batch_size"]
+    total = train_cfg.total_steps
+    if total < start:
+        raise ValueError(f"num_steps={train_cfg.num_steps}, num_tokens={train_cfg.num_tokens} give {total} steps, "
+                         f"fewer than the {start} already taken by the checkpoint in {out}")
+    if total != old_total and write:
+        print(f"{out}: run length {old_total} -> {total} steps; resuming at step {start} on the warm-up + "
+              f"{train_cfg.decay} schedule redefined over {total} steps", file=sys.stderr, flush=True)
+        old_train.update(num_steps=train_cfg.num_steps, num_tokens=train_cfg.num_tokens)
+        (out / "config.json").write_text(json.dumps(old, indent=1))
 
 
 def _compute_part(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with the fields that do not change the step reset, so equal computations share one compile."""
-    return dataclasses.replace(cfg, **{k: getattr(TrainConfig, k) for k in _RESUME_MAY_CHANGE | {"out_dir"}})
+    return dataclasses.replace(cfg, **{k: getattr(TrainConfig, k) for k in _RESUME_MAY_CHANGE})
 
 
 @functools.lru_cache(maxsize=8)
@@ -234,7 +267,7 @@ def _compiled(sae_cfg, train_cfg, loss_fn, mesh):
 
 def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callable | None = None,
         b_dec_init=None) -> TrainState:
-    """Train the ensemble on `source`, resuming from `out_dir`'s latest checkpoint if there is one."""
+    """Train the ensemble on `source`, resuming from `out_dir`'s latest intact checkpoint if there is one."""
     if source.d_in != sae_cfg.d_in:
         raise ValueError(f"source d_in={source.d_in} but sae d_in={sae_cfg.d_in}")
     mesh = sharding.make_mesh(train_cfg.mesh_seed, train_cfg.mesh_data, train_cfg.mesh_model)
@@ -244,15 +277,14 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
     manager = checkpoint.manager(out, train_cfg.keep_checkpoints)
     position = {"data_order": train_cfg.data_order, "data_seeds": train_cfg.data_seeds,
                 "batch_size": train_cfg.batch_size, "num_tokens_in_source": source.num_tokens}
-    start = manager.latest_step()
     main_process = distributed.is_main()  # files written once are written by process 0
-    if main_process:
-        _check_config(out, sae_cfg, train_cfg, resuming=start is not None)
-    if start is None:
-        start = 0
-        state = init(jax.random.key(train_cfg.seed), b_dec_init)
+    old_cfg = _check_config(out, sae_cfg, train_cfg, resuming=bool(manager.all_steps()), write=main_process)
+    restored = checkpoint.restore_latest(manager, _abstract_state(sae_cfg, train_cfg), state_sh, position)
+    if restored is None:
+        start, state = 0, init(jax.random.key(train_cfg.seed), b_dec_init)
     else:
-        state = checkpoint.restore(manager, start, _abstract_state(sae_cfg, train_cfg), state_sh, position)
+        start, state = restored
+        _set_length(out, old_cfg, train_cfg, start, write=main_process)
     if main_process:
         checkpoint.trim_log(out / "metrics.jsonl", start)
 

@@ -4,9 +4,16 @@
 (matrices only: not norm gains, not routers) → learning rate from the schedule, times `router_lr_mult` for
 the LIMe routers (the paper's separate optimiser groups: 1e-2 against 1e-3). `fit` feeds packed contexts in a
 fixed order per (seed, epoch), logs JSON lines (loss, tokens/s, MFU whose FLOPs count routing), checkpoints
-state and data position with orbax (a killed run resumes to the same result bit for bit) and writes
+state and data position with orbax (a killed run resumes to the same result bit for bit, from the newest
+checkpoint that is not damaged: `jaxsae.checkpoint`) and writes
 summary.json with the held-out loss. `lime_jax train key=value ...` is the command line: keys of
 TrainConfig and of LlamaConfig (applied on top of `preset`).
+
+Extending a run: `fit` on an `out_dir` that holds a finished or interrupted run, with `num_steps` changed and
+nothing else that matters, continues it from its checkpoint. The warm-up + cosine schedule is defined over the
+NEW num_steps, so the run resumes at its step s on `lr_schedule(new config)(s)` (a finished run's learning rate
+jumps back up from min_lr to the new curve's value at s); one line on stderr says so and config.json records the
+new num_steps. Fewer steps than the checkpoint has taken is an error.
 """
 from __future__ import annotations
 
@@ -189,17 +196,34 @@ def _compiled(model_cfg: config.LlamaConfig, cfg: TrainConfig, mesh):
     return make_train_step(model_cfg, cfg, mesh), init, state_sh
 
 
-def _check_config(out: Path, run: dict) -> None:
-    """Write config.json, or check that the run being resumed used the same configuration."""
+def _check_config(out: Path, run: dict) -> dict | None:
+    """Write config.json for a new run (None), or check a resumed run matches up to num_steps and return its config."""
     path = out / "config.json"
     if not path.exists():
         path.write_text(json.dumps(run, indent=1))
-        return
-    old = json.loads(path.read_text())
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); restore it or use a new out_dir") from None
     diff = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g in run for k, v in run[g].items()
-            if old.get(g, {}).get(k) != v and k not in _RESUME_MAY_CHANGE]
+            if old.get(g, {}).get(k) != v and k not in _RESUME_MAY_CHANGE + ("num_steps",)]
     if diff:
         raise ValueError(f"{out} holds a run with another configuration; use a new out_dir. Differences: {diff}")
+    return old
+
+
+def _set_length(out: Path, old: dict, cfg: TrainConfig, start: int) -> None:
+    """A resumed run's new num_steps: at least the restored step; if changed, a line says so and config.json has it."""
+    old_total = old["train"]["num_steps"]
+    if cfg.num_steps < start:
+        raise ValueError(f"num_steps={cfg.num_steps} is fewer than the {start} steps already taken by the "
+                         f"checkpoint in {out}")
+    if cfg.num_steps != old_total:
+        print(f"{out}: run length {old_total} -> {cfg.num_steps} steps; resuming at step {start} on the warm-up + "
+              f"cosine schedule redefined over {cfg.num_steps} steps", file=sys.stderr, flush=True)
+        old["train"]["num_steps"] = cfg.num_steps
+        (out / "config.json").write_text(json.dumps(old, indent=1))
 
 
 def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldout_NxT=None) -> TrainState:
@@ -217,19 +241,20 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
         raise ValueError(f"training tokens must be [N, seq_len={cfg.seq_len}], got shape {tokens_NxT.shape}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _check_config(out, {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)})
+    old_cfg = _check_config(out, {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)})
     mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     step_fn, init, state_sh = _compiled(model_cfg, _compute_part(cfg), mesh)
     batch_sh = sharding.batch_sharding(mesh)
     position = {"corpus": cfg.corpus, "seed": cfg.seed, "batch_size": cfg.batch_size,
                 "num_contexts": len(tokens_NxT), "seq_len": cfg.seq_len}
     manager = checkpoint.manager(out, cfg.keep_checkpoints)
-    start = manager.latest_step()
-    if start is None:
-        start = 0
-        state = init(jax.random.key(cfg.seed))
+    restored = checkpoint.restore_latest(manager, abstract_state(model_cfg, cfg), state_sh, position)
+    if restored is None:
+        start, state = 0, init(jax.random.key(cfg.seed))
     else:
-        state = TrainState(*checkpoint.restore(manager, start, abstract_state(model_cfg, cfg), state_sh, position))
+        start, state = restored[0], TrainState(*restored[1])
+    if old_cfg is not None:
+        _set_length(out, old_cfg, cfg, start)
     checkpoint.trim_log(out / "metrics.jsonl", start)
 
     seq_cfg = dataclasses.replace(model_cfg, max_len=cfg.seq_len)  # FLOPs at the trained length
@@ -286,19 +311,19 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
 
 
 def load_params(out_dir: str | Path) -> tuple[dict, config.LlamaConfig]:
-    """(params, model config) of a run folder's latest checkpoint, on the default device."""
+    """(params, model config) of a run folder's latest intact checkpoint, on the default device."""
     out = Path(out_dir)
     run = json.loads((out / "config.json").read_text())
     model_cfg, cfg = config.LlamaConfig(**run["model"]), TrainConfig(**run["train"])
     with ocp.CheckpointManager((out / "checkpoints").absolute()) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {out / 'checkpoints'}")
+        abstract = abstract_state(model_cfg, cfg)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                              abstract_state(model_cfg, cfg))
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return TrainState(*restored.state).params, model_cfg
+        # Reading only: a damaged checkpoint is warned about and skipped, not moved.
+        restored = checkpoint.restore_latest(manager, abstract, jax.tree.map(lambda _: device, abstract), None,
+                                             set_aside=False)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {out / 'checkpoints'}")
+    return TrainState(*restored[1]).params, model_cfg
 
 
 def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:

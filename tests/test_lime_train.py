@@ -123,3 +123,40 @@ def test_bad_configs_and_inputs_raise(tmp_path):
         train.main(["colour=red"])
     split = train._split_argv(["routing=v2", "num_steps=3", "n_layers=4"])
     assert split == (["num_steps=3"], ["routing=v2", "n_layers=4"])
+
+
+@pytest.mark.slow  # two compiles of the tiny LM
+def test_extending_a_finished_run_continues_on_the_schedule_over_the_new_total(tmp_path, capsys):
+    """8 steps, then num_steps=12 on the same folder: the 8-step state driven 4 more steps by the 12-step schedule."""
+    tokens, heldout = _tokens(), _tokens(8, seed=1)
+    cfg8 = dataclasses.replace(TRAIN, log_every=1, out_dir=str(tmp_path / "run"))
+    cfg12 = dataclasses.replace(cfg8, num_steps=12)
+    state8 = jax.tree.map(np.array, train.fit(SMALL, cfg8, tokens, heldout))
+    capsys.readouterr()
+    extended = train.fit(SMALL, cfg12, tokens, heldout)
+    said = [ln for ln in capsys.readouterr().err.splitlines() if "run length" in ln]
+    assert len(said) == 1 and "run length 8 -> 12 steps; resuming at step 8" in said[0], said
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["num_steps"] == 12
+
+    # The rule by hand: steps 8..11 on their batches with a step function built for a 12-step schedule.
+    step12 = train.make_train_step(SMALL, cfg12)
+    state = jax.tree.map(jnp.asarray, state8)
+    for s in range(8, 12):
+        state, _ = step12(state, jnp.asarray(tokens[train.batch_rows(s, cfg12.batch_size, len(tokens), cfg12.seed)]))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(extended)):
+        np.testing.assert_array_equal(a, b)
+
+    def lr(t, total):  # the documented schedule: warm-up over 2 steps, cosine to min_lr at `total`
+        if t < 2:
+            return TRAIN.lr * t / 2
+        cos = 0.5 * (1 + math.cos(math.pi * (t - 2) / (total - 2)))
+        return TRAIN.min_lr + (TRAIN.lr - TRAIN.min_lr) * cos
+
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines] == list(range(1, 13))
+    for ln in lines:  # the line of step n logs the rate step n used, lr(n - 1)
+        assert ln["lr"] == pytest.approx(lr(ln["step"] - 1, 8 if ln["step"] <= 8 else 12), rel=1e-5, abs=1e-9)
+    assert lr(8, 12) > 100 * lr(8, 8)  # the rate jumps back up from min_lr: the two rules are told apart
+
+    with pytest.raises(ValueError, match="num_steps=10 is fewer than the 12 steps already taken"):
+        train.fit(SMALL, dataclasses.replace(cfg12, num_steps=10), tokens, heldout)

@@ -37,23 +37,32 @@ def np_acts(p, x, act, k, bias=True):
     return acts
 
 
+def np_centred_ss(e):
+    """Σ_b ‖e_b − ē‖² as Σ_{b,b'} ‖e_b − e_b'‖² / 2B: exactly 0 for equal rows (no rounded mean)."""
+    return np.sum((e[:, None] - e[None]) ** 2) / (2 * e.shape[0])
+
+
 def np_aux(p, x, cfg, dead, e):
-    """AuxK: FVU of the residual e fitted by each token's top aux_k dead pre-activations (no b_dec)."""
+    """AuxK: FVU of residual e fitted by each token's top aux_k dead pre-activations (no b_dec); 0 if e is constant."""
     pre = np_pre(p, x, cfg.decoder_bias)
     e_hat = np.zeros_like(e)
     dead_ids = np.flatnonzero(dead)[: cfg.aux_max_dead]
     for b in range(x.shape[0]):
         top = dead_ids[np.argsort(-pre[b, dead_ids], kind="stable")[: cfg.aux_k]]
         e_hat[b] = np.maximum(pre[b, top], 0) @ p["W_dec"][top]
+    var = np_centred_ss(e)
+    if var == 0:
+        return 0.0
     scale = min(dead.sum() / min(cfg.aux_k, cfg.aux_max_dead), 1.0)
-    return scale * np.sum((e - e_hat) ** 2) / np.sum((e - e.mean(0)) ** 2)
+    return scale * np.sum((e - e_hat) ** 2) / var
 
 
 def np_loss(p, x, cfg, dead=None):
     """(total without aux, mse, aux, l0, residual) with the conventions of the sae docstring."""
     bias = cfg.decoder_bias
     acts = np_acts(p, x, cfg.activation, cfg.k, bias)
-    e = x - acts @ p["W_dec"] - (p["b_dec"] if bias else 0.0)
+    # Row by row, so equal rows of x give bitwise-equal rows of e (a blocked matmul need not).
+    e = x - np.stack([a @ p["W_dec"] for a in acts]) - (p["b_dec"] if bias else 0.0)
     mse = np.mean(e**2)
     total = mse
     if cfg.activation == "relu":
@@ -264,6 +273,46 @@ def test_aux_does_not_push_gradient_into_residual():
     g_mse = jax.grad(lambda q: sae.loss(q, x, cfg, None)[0])(p)
     d_dec = np.asarray(g_all["W_dec"] - g_mse["W_dec"])
     assert np.abs(d_dec[: M - 4]).max() < 1e-6 and np.abs(d_dec[M - 4 :]).max() > 0
+
+
+@pytest.mark.parametrize("batch", ["repeated_rows", "zeros_with_biases"])
+def test_aux_zero_with_finite_gradients_when_residual_has_no_variance(batch):
+    """Every row the same: the float32 residual variance is rounding noise (it was ~1e-13 and aux ~1e14)."""
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K, aux_k=4, aux_coeff=0.5)
+    p = make_params(cfg, seed=14)  # non-zero b_enc and b_dec
+    x = np.zeros((B, D)) if batch == "zeros_with_biases" else np.tile(data(seed=15)[:1], (B, 1))
+    dead = np.arange(M) % 3 == 0
+    jx, jdead = jnp.asarray(x, jnp.float32), jnp.asarray(dead)
+    total, metrics = sae.loss(to_jax(p), jx, cfg, jdead)
+    r_total, _, r_aux, _, e = np_loss(p, x, cfg, dead)
+    assert np_centred_ss(e) == 0 and r_aux == 0.0  # the reference sees the exact zero variance
+    assert float(metrics["aux"]) == 0.0
+    np.testing.assert_allclose(total, r_total, rtol=1e-5)
+    g = jax.grad(lambda q: sae.loss(q, jx, cfg, jdead)[0])(to_jax(p))
+    ref = np_grads_fd(p, x, cfg, dead)
+    for name in ref:
+        scale = max(1.0, np.abs(ref[name]).max())
+        np.testing.assert_allclose(np.asarray(g[name]), ref[name], atol=2e-4 * scale, err_msg=name)
+
+
+def test_aux_uses_exactly_aux_k_latents_when_pre_activations_tie():
+    """Dead latents 2..5 tie at the aux_k-th value for every token: only the lowest ids may join latent 1."""
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K, aux_k=3, aux_coeff=1.0)
+    p = make_params(cfg, seed=16)
+    v_D = np.array([1.0, 0.5, 1.0, 0.0, 0.5, 1.0])  # dyadic weights, integer x: every dot product is exact
+    p["W_enc"][:, :8] = -v_D[:, None]
+    p["W_enc"][:, 1] = 2 * v_D
+    p["W_enc"][:, 2:6] = v_D[:, None]
+    p["b_enc"][:8], p["b_dec"][:] = 0.0, 0.0
+    x = np.random.default_rng(17).integers(1, 4, (B, D)).astype(np.float64)
+    dead = np.arange(M) < 8
+    e = data(seed=18)
+    jp, jx, jdead = to_jax(p), jnp.asarray(x, jnp.float32), jnp.asarray(dead)
+    aux = sae.aux_loss(jp, jx, jnp.asarray(e, jnp.float32), jdead, cfg)
+    np.testing.assert_allclose(aux, np_aux(p, x, cfg, dead, e), rtol=1e-5)
+    g = jax.grad(lambda q: sae.aux_loss(q, jx, jnp.asarray(e, jnp.float32), jdead, cfg))(jp)
+    used = np.flatnonzero(np.abs(np.asarray(g["W_dec"])).max(1) > 0)
+    np.testing.assert_array_equal(used, [1, 2, 3])  # latent 1, then the two lowest ids of the tie
 
 
 # ---------------------------------------------------------------- decoder constraints

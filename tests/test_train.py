@@ -183,3 +183,44 @@ def test_evaluate_matches_numpy_formulas():
         np.testing.assert_allclose(got["ev"][s], ev, rtol=1e-4)
         np.testing.assert_allclose(got["l0"][s], np.mean(np.sum(acts > 0, 1)), rtol=1e-6)
         np.testing.assert_allclose(got["dead_frac"][s], np.mean(~np.any(acts > 0, 0)), rtol=1e-6)
+
+
+def test_extending_a_finished_run_continues_on_the_schedule_over_the_new_total(tmp_path, capsys):
+    """40 steps, then num_steps=60 in the same folder: the 40-step state driven 20 steps on the 60-step schedule."""
+    source = data.synthetic_source(8, 400, n_features=20, k=2, seed=0)
+    cfg40 = dataclasses.replace(TRAIN, n_seeds=2, num_steps=40, warmup_steps=5, checkpoint_every=20, log_every=1,
+                                data_order="same", out_dir=str(tmp_path / "run"))
+    cfg60 = dataclasses.replace(cfg40, num_steps=60)
+    state40 = _copy(train.fit(source, SAE, cfg40))
+    capsys.readouterr()
+    extended = train.fit(source, SAE, cfg60)
+    said = [ln for ln in capsys.readouterr().err.splitlines() if "run length" in ln]
+    assert len(said) == 1 and "run length 40 -> 60 steps; resuming at step 40" in said[0], said
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["num_steps"] == 60
+
+    # The rule by hand: steps 40..59 on batches 40..59 with a step function built for a 60-step schedule.
+    step60 = train.make_train_step(SAE, dataclasses.replace(cfg60, out_dir="elsewhere"))
+    state = jax.tree.map(jnp.asarray, state40)
+    batches = source.batches(cfg60.batch_size, cfg60.data_seeds[0], 40)
+    for _ in range(20):
+        state, _ = step60(state, source.normalizer(next(batches)))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(extended)):
+        np.testing.assert_array_equal(a, b)
+
+    def lr(t, total):  # the documented schedule: linear warm-up over 5 steps, cosine to 0.1·lr at `total`
+        if t < 5:
+            return 3e-3 * t / 5
+        return 3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (t - 5) / (total - 5))))
+
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines] == list(range(1, 61))
+    for ln in lines:  # the line of step n logs the rate step n used, lr(n - 1)
+        want = lr(ln["step"] - 1, 40 if ln["step"] <= 40 else 60)
+        np.testing.assert_allclose(ln["lr"], [want, want], atol=1e-6, err_msg=str(ln["step"]))
+    assert lr(40, 60) - lr(40, 40) > 5e-4  # the rate jumps back up, far beyond the tolerance: rules told apart
+
+    with pytest.raises(ValueError, match=r"num_tokens=800 give 50 steps, fewer than the 60 already taken"):
+        train.fit(source, SAE, dataclasses.replace(cfg60, num_steps=0, num_tokens=50 * 16))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["num_steps"] == 60
+    with pytest.raises(ValueError, match="another configuration.*train.lr"):
+        train.fit(source, SAE, dataclasses.replace(cfg60, num_steps=80, lr=1e-3))
