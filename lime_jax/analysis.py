@@ -81,30 +81,38 @@ def probe_accuracy(x_NxF, y_N, folds: int = 5, steps: int = 300, lr: float = 1e-
 def router_weights(params: dict, cfg: LlamaConfig, tokens_BxT=None) -> np.ndarray:
     """[L, L]: row l is layer l's weight on source layer j <= l, averaged over heads (and tokens if dynamic).
 
+    Layer 0 has no router: row 0 is its fixed identity (weight 1 on itself; 1/K for v2, as below).
+
     static/dynamic: the softmax weights over depth. v2: the mean absolute entry of the (target head x source
     head) block of source layer j (v2 weights are unconstrained and may be negative). The dynamic router needs
     tokens to route.
     """
     L = cfg.n_layers
-    router = np.asarray(params["layers"]["router"], np.float64)
-    mask_LxJ = np.tril(np.ones((L, L), bool))
-    if cfg.routing == "v2":  # router [L, K, L, K]
-        return np.abs(router).mean((1, 3)) * mask_LxJ
-    if cfg.routing == "static":  # router [L, K, L] logits
-        logits_LxKxJ = np.where(mask_LxJ[:, None, :], router, -np.inf)
-        return np.asarray(jax.nn.softmax(logits_LxKxJ, axis=-1)).mean(1)
-    if cfg.routing != "dynamic":
+    if cfg.routing not in ("static", "dynamic", "v2"):
         raise ValueError(f"routing={cfg.routing!r} has no router")
+    # Layer 0 has no router (row 0 is its fixed identity); router row l - 1 belongs to layer l.
+    mask_LxJ = np.tril(np.ones((L, L), bool))
+    out = np.zeros((L, L))
+    out[0, 0] = 1.0 / cfg.n_kv_heads if cfg.routing == "v2" else 1.0
+    if cfg.routing == "v2":  # router [L-1, K, L, K]
+        router = np.asarray(params["layers"]["router"], np.float64)
+        out[1:] = np.abs(router).mean((1, 3)) * mask_LxJ[1:]
+        return out
+    if cfg.routing == "static":  # router [L-1, K, L] logits
+        router = np.asarray(params["layers"]["router"], np.float64)
+        logits_RxKxJ = np.where(mask_LxJ[1:, None, :], router, -np.inf)
+        out[1:] = np.asarray(jax.nn.softmax(logits_RxKxJ, axis=-1)).mean(1)
+        return out
     if tokens_BxT is None:
         raise ValueError("the dynamic router's weights depend on the tokens: pass tokens_BxT")
-    # Layer l routes on the normalised state entering it: the embeddings for l = 0, else the residual after l-1.
+    w = np.asarray(params["layers"]["router"]["w"], np.float64)  # [L-1, D, K, L]
+    b = np.asarray(params["layers"]["router"]["b"], np.float64)  # [L-1, K, L]
+    # Layer l routes on the normalised state entering it: the residual after block l-1.
     hs = model.residuals(params, tokens_BxT, cfg, tuple(range(L - 1))) if L > 1 else {}
-    embed = np.asarray(params["embed"], np.float64)[np.asarray(tokens_BxT)]
-    out = np.zeros((L, L))
-    for layer in range(L):
-        h = embed if layer == 0 else np.asarray(hs[layer - 1], np.float64)
+    for layer in range(1, L):
+        h = np.asarray(hs[layer - 1], np.float64)
         gain_D = np.asarray(params["layers"]["attn_norm"][layer])
         x = h / np.sqrt((h * h).mean(-1, keepdims=True) + cfg.norm_eps) * gain_D
-        logits = np.einsum("btd,dkj->btkj", x, router[layer][..., : layer + 1])
+        logits = np.einsum("btd,dkj->btkj", x, w[layer - 1][..., : layer + 1]) + b[layer - 1][:, : layer + 1]
         out[layer, : layer + 1] = np.asarray(jax.nn.softmax(logits, axis=-1)).mean((0, 1, 2))
     return out

@@ -22,7 +22,7 @@ class LlamaConfig:
     max_len: int = 8192  # longest context; also the sequence length T in flops_per_token
     dtype: str = "float32"  # compute dtype of activations and matmuls (float32|bfloat16); params stay float32
     routing: str = "none"  # LIMe K/V routing: none (plain Llama) | static | dynamic (v1) | v2
-    router_init: float = 0.1  # std of the v1 router init (static logits, dynamic weights)
+    router_init: float = 0.1  # std of the v1 router init (static logits, dynamic weights; dynamic bias starts at 0)
     remat: bool = False  # recompute each block in the backward pass instead of storing its activations
 
     def __post_init__(self):
@@ -39,12 +39,17 @@ class LlamaConfig:
             raise ValueError(f"dtype={self.dtype!r} not in {DTYPES}")
 
     @property
+    def routed_pairs(self) -> int:
+        """(layer l, source j <= l) pairs that routers mix: layers 1..L-1 only (layer 0 reads itself, unrouted)."""
+        L = self.n_layers
+        return 0 if self.routing == "none" else L * (L + 1) // 2 - 1
+
+    @property
     def router_entries(self) -> int:
         """Trainable router weights; the fixed-width routers' masked (future-layer) entries are not counted."""
-        L, D, K = self.n_layers, self.d_model, self.n_kv_heads
-        depth_pairs = L * (L + 1) // 2  # sum over layers l of the l+1 sources it may read
-        per_source = {"none": 0, "static": K, "dynamic": D * K, "v2": K * K}[self.routing]
-        return per_source * depth_pairs
+        D, K = self.d_model, self.n_kv_heads
+        per_source = {"none": 0, "static": K, "dynamic": (D + 1) * K, "v2": K * K}[self.routing]
+        return per_source * self.routed_pairs
 
     @property
     def num_params(self) -> int:
@@ -60,19 +65,19 @@ class LlamaConfig:
 
         forward = 2 * (matmul weights: L * (D*N*H + 2*D*K*H + N*H*D + 3*D*F) + D*V)   # the embedding lookup is free
                 + 4 * L * T * N * H                                                    # QK^T and AV, full T x T as in PaLM
-                + routing: sum over layers l of (l+1) sources:
+                + routing: sum over layers l = 1..L-1 of their (l+1) sources:
                     static  2*K*D*(l+1)              (mixing the K/V inputs)
-                    dynamic 2*K*D*(l+1) * 2          (router logits + mixing)
+                    dynamic 2*K*D*(l+1) * 2          (router logits + mixing; the bias add is elementwise)
                     v2      2*K*K*(2H)*(l+1)         (mixing pre-RoPE K||V)
-        Layer l mixes exactly its l+1 sources (the masked router entries of later layers are never computed).
+        Layer 0 mixes nothing (its K/V read only itself); layer l mixes exactly its l+1 sources (the masked
+        router entries of later layers are never computed). Elementwise work (norms, softmax) is not counted.
         """
         L, D, N, K, H, F, V, T = (self.n_layers, self.d_model, self.n_heads, self.n_kv_heads, self.head_dim,
                                   self.d_ff, self.vocab, self.max_len)
         matmul = L * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + D * V
         attention = 4 * L * T * N * H
-        depth_pairs = L * (L + 1) // 2
         per_source = {"none": 0, "static": 2 * K * D, "dynamic": 4 * K * D, "v2": 4 * K * K * H}[self.routing]
-        routing = per_source * depth_pairs
+        routing = per_source * self.routed_pairs
         return 3.0 * (2 * matmul + attention + routing)
 
 

@@ -7,18 +7,23 @@ Params are a dict; per-layer weights are stacked on a leading L axis (plain Llam
 
 Layer index convention: layer l is the residual stream after block l (0-based).
 
-LIMe routing changes only what attention's keys and values read; queries are never mixed. Routers are stored
-fixed-width over all L source layers (so they stack); layer l reads only sources j <= l, and the entries of
-later layers are zero and unused. A one-hot router on the current layer reproduces plain Llama.
-  static  (v1): K/V head r reads sum_j softmax_j(router[l, r, j]) * rms(h_j), h_j the state entering layer j.
-  dynamic (v1): the same, with per-token logits from a bias-free linear on the current normalised state.
-  v2:           K/V heads read an unconstrained mix (router [l, K, L, K]) of every earlier layer's pre-RoPE K||V.
+LIMe routing changes only what attention's keys and values read; queries are never mixed. Layer 0 has a single
+source (itself), so it has no router, as in the official code (corl-team/lime, v2: a fixed identity slice; for
+v1 a softmax over one source is the constant 1): routers are stacked over layers 1..L-1 only, leading axis
+L - 1, row i belonging to layer i + 1. They are stored fixed-width over all L source layers (so they stack);
+layer l reads only sources j <= l, and the entries of later layers are zero and unused. A one-hot router on
+the current layer reproduces plain Llama (`to_lime` converts a Llama that way).
+  static  (v1): K/V head r reads sum_j softmax_j(router[l-1, r, j]) * rms(h_j), h_j the state entering layer j.
+  dynamic (v1): the same, with per-token logits norm(h_l) @ w + b: a linear on the current normalised state
+                plus a static per-(head, source) bias b (zero from scratch; it lets `to_lime` start at one-hot).
+  v2:           K/V heads read an unconstrained mix (router [L-1, K, L, K]) of every earlier layer's pre-RoPE K||V.
 Routed models run their layers in an unrolled Python loop over a growing tuple of earlier states: summing
 per-source terms keeps one copy of each state for the backward pass (O(L B T D)), where a scan carrying a
 stacked buffer would store the whole buffer at every layer (O(L^2 B T D)).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Sequence
 
@@ -27,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae.adapter import token_nll  # noqa: F401  (the LM loss lives once, with the adapter contract)
-from lime_jax.config import LlamaConfig
+from lime_jax.config import ROUTINGS, LlamaConfig
 
 Params = dict
 
@@ -55,21 +60,55 @@ def init(key: jax.Array, cfg: LlamaConfig) -> Params:
         "w_up": normal((L, D, F), D ** -0.5),
         "w_down": normal((L, F, D), F ** -0.5),
     }
-    mask_LxJ = jnp.tril(jnp.ones((L, L)))  # layer l reads source layers j <= l
-    if cfg.routing == "static":  # router [L, K, L]: logits over source layers j per KV head
-        layers["router"] = normal((L, K, L), cfg.router_init) * mask_LxJ[:, None, :]
-    elif cfg.routing == "dynamic":  # router [L, D, K, L]: per-token logits = norm(h) @ router
-        layers["router"] = normal((L, D, K, L), cfg.router_init) * mask_LxJ[:, None, None, :]
-    elif cfg.routing == "v2":  # router [L, K, L, K]: (target head, source layer, source head), U(+-sqrt(3/fan_in))
-        fan_in = (jnp.arange(L) + 1.0) * K
+    # Routers of layers l = 1..L-1 (row l - 1); layer l reads source layers j <= l.
+    layer_R = jnp.arange(1, L)
+    mask_RxJ = (jnp.arange(L)[None, :] <= layer_R[:, None]).astype(jnp.float32)
+    if cfg.routing == "static":  # router [L-1, K, L]: logits over source layers j per KV head
+        layers["router"] = normal((L - 1, K, L), cfg.router_init) * mask_RxJ[:, None, :]
+    elif cfg.routing == "dynamic":  # per-token logits = norm(h) @ w + b: w [L-1, D, K, L], b [L-1, K, L]
+        layers["router"] = {"w": normal((L - 1, D, K, L), cfg.router_init) * mask_RxJ[:, None, None, :],
+                            "b": jnp.zeros((L - 1, K, L))}
+    elif cfg.routing == "v2":  # router [L-1, K, L, K]: (target head, source layer, source head), U(+-sqrt(3/fan_in))
+        fan_in = (layer_R + 1.0) * K
         bound = jnp.sqrt(3.0 / fan_in)[:, None, None, None]
-        w = jax.random.uniform(next(ks), (L, K, L, K), minval=-1.0, maxval=1.0) * bound
-        current = jnp.arange(L)[:, None, None, None] == jnp.arange(L)[None, None, :, None]
-        layers["router"] = jnp.where(current, jnp.eye(K)[None, :, None, :], w) * mask_LxJ[:, None, :, None]
+        w = jax.random.uniform(next(ks), (L - 1, K, L, K), minval=-1.0, maxval=1.0) * bound
+        current = layer_R[:, None, None, None] == jnp.arange(L)[None, None, :, None]
+        layers["router"] = jnp.where(current, jnp.eye(K)[None, :, None, :], w) * mask_RxJ[:, None, :, None]
     params = {"embed": normal((V, D), 0.02), "final_norm": jnp.ones((D,)), "layers": layers}
     if not cfg.tie_embeddings:
         params["unembed"] = normal((D, V), D ** -0.5)
     return params
+
+
+def to_lime(params: Params, cfg: LlamaConfig, routing: str, logit_gap: float = 20.0) -> tuple[Params, LlamaConfig]:
+    """A plain Llama as a LIMe model computing the same function: routers that read only the current layer.
+
+    v2: the identity on the current layer's heads, zero elsewhere (exact; v2 is linear in its router, so every
+    entry gets a full-size gradient). static / dynamic (v1): a softmax cannot be exactly one-hot, so earlier
+    sources get logit -logit_gap against 0 on the current layer (static logits; dynamic bias, with zero
+    per-token weights). The default 20 leaves each earlier source a weight e^-20 = 2e-9, below float32
+    rounding even summed over 30 layers; those routers are saturated, so their gradients are ~e^-gap times
+    the v2 ones: lower the gap to trade exactness for learning speed.
+    """
+    if cfg.routing != "none":
+        raise ValueError(f"to_lime converts a plain Llama (routing='none'), got routing={cfg.routing!r}")
+    if routing not in ROUTINGS or routing == "none":
+        raise ValueError(f"routing={routing!r} not in {ROUTINGS[1:]}")
+    if not logit_gap > 0:
+        raise ValueError(f"logit_gap must be positive, got {logit_gap}")
+    if "router" in params["layers"]:
+        raise ValueError("params already hold a router, but cfg.routing='none'")
+    L, D, K = cfg.n_layers, cfg.d_model, cfg.n_kv_heads
+    source_J = jnp.arange(L)[None, :]
+    layer_R = jnp.arange(1, L)[:, None]  # router rows belong to layers 1..L-1
+    if routing == "v2":
+        current_RxJ = (source_J == layer_R).astype(jnp.float32)
+        router = jnp.einsum("RJ,KS->RKJS", current_RxJ, jnp.eye(K))  # [L-1, K, L, K]
+    else:
+        logits_RxJ = jnp.where(source_J < layer_R, -float(logit_gap), 0.0).astype(jnp.float32)
+        logits_RxKxJ = jnp.broadcast_to(logits_RxJ[:, None, :], (L - 1, K, L))
+        router = logits_RxKxJ if routing == "static" else {"w": jnp.zeros((L - 1, D, K, L)), "b": logits_RxKxJ}
+    return {**params, "layers": {**params["layers"], "router": router}}, dataclasses.replace(cfg, routing=routing)
 
 
 def _rms(x: jax.Array, eps: float) -> jax.Array:
@@ -104,13 +143,15 @@ def _attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, cfg: LlamaConfig) -> jax.Array:
 def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig):
     """Attention's K and V for this layer (routed under LIMe) and the sources with this layer's appended."""
     dt = x_BxTxD.dtype
+    project = lambda w: jnp.einsum("BTD,DKH->BTKH", x_BxTxD, w)  # noqa: E731
     if cfg.routing == "none":
-        return jnp.einsum("BTD,DKH->BTKH", x_BxTxD, lp["wk"]), jnp.einsum("BTD,DKH->BTKH", x_BxTxD, lp["wv"]), sources
+        return project(lp["wk"]), project(lp["wv"]), sources
     n = len(sources) + 1  # this layer reads sources 0..l
     if cfg.routing == "v2":
-        kv_BxTxKx2H = jnp.concatenate([jnp.einsum("BTD,DKH->BTKH", x_BxTxD, lp["wk"]),
-                                       jnp.einsum("BTD,DKH->BTKH", x_BxTxD, lp["wv"])], axis=-1)
-        sources = sources + (kv_BxTxKx2H,)
+        k_BxTxKxH, v_BxTxKxH = project(lp["wk"]), project(lp["wv"])
+        sources = sources + (jnp.concatenate([k_BxTxKxH, v_BxTxKxH], axis=-1),)
+        if n == 1:  # layer 0: no router, its own K/V (the official fixed identity slice)
+            return k_BxTxKxH, v_BxTxKxH, sources
         route_KxJxR = lp["router"][:, :n]
         kv_BxTxKx2H = sum(jnp.einsum("KR,BTRE->BTKE", route_KxJxR[:, j], src) for j, src in enumerate(sources))
         H = cfg.head_dim
@@ -118,11 +159,14 @@ def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig)
     # v1: mix gain-free normalised states over depth, then apply this layer's norm gain (mixing is linear).
     # One einsum per source, not a broadcast product: autodiff would store each broadcast [B, T, K, D] copy.
     sources = sources + (_rms(h_BxTxD, cfg.norm_eps).astype(dt),)
+    if n == 1:  # layer 0: a softmax over one source is 1, so no router and the plain projection
+        return project(lp["wk"]), project(lp["wv"]), sources
     if cfg.routing == "static":
         w_KxJ = jax.nn.softmax(lp["router"][:, :n].astype(jnp.float32), axis=-1).astype(dt)
         mixed_BxTxKxD = sum(jnp.einsum("K,BTD->BTKD", w_KxJ[:, j], src) for j, src in enumerate(sources))
     else:
-        logits_BxTxKxJ = jnp.einsum("BTD,DKJ->BTKJ", x_BxTxD, lp["router"][..., :n]).astype(jnp.float32)
+        logits_BxTxKxJ = (jnp.einsum("BTD,DKJ->BTKJ", x_BxTxD, lp["router"]["w"][..., :n]).astype(jnp.float32)
+                          + lp["router"]["b"][:, :n].astype(jnp.float32))
         w_BxTxKxJ = jax.nn.softmax(logits_BxTxKxJ, axis=-1).astype(dt)
         mixed_BxTxKxD = sum(jnp.einsum("BTK,BTD->BTKD", w_BxTxKxJ[..., j], src) for j, src in enumerate(sources))
     # The norm gain scales the (small) projection weights rather than the [B, T, K, D] mix: same result,
@@ -158,17 +202,24 @@ def _embed(params: Params, tokens_BxT, cfg: LlamaConfig):
     return params["embed"].at[tokens_BxT].get(out_sharding=out_sharding).astype(cfg.dtype), ()
 
 
+def _layer(params: Params, i: int, cfg: LlamaConfig) -> Params:
+    """Block i's weights; routed layers i >= 1 also get their router (row i - 1 of the L - 1 stacked ones)."""
+    lp = {k: v[i] for k, v in params["layers"].items() if k != "router"}
+    if cfg.routing != "none" and i > 0:
+        lp["router"] = jax.tree.map(lambda r: r[i - 1], params["layers"]["router"])
+    return lp
+
+
 def _blocks(params: Params, carry, cfg: LlamaConfig, start: int, stop: int):
     """Run blocks start..stop-1; returns the carry and each block's V stacked [stop - start, B, T, K, H]."""
-    layers = jax.tree.map(lambda p: p[start:stop], params["layers"])
     step = functools.partial(_block, cfg=cfg)
     if cfg.remat:
         step = jax.checkpoint(step)
     if cfg.routing == "none":
-        return jax.lax.scan(step, carry, layers)
+        return jax.lax.scan(step, carry, jax.tree.map(lambda p: p[start:stop], params["layers"]))
     values = []
-    for i in range(stop - start):
-        carry, v_BxTxKxH = step(carry, jax.tree.map(lambda p: p[i], layers))
+    for i in range(start, stop):
+        carry, v_BxTxKxH = step(carry, _layer(params, i, cfg))
         values.append(v_BxTxKxH)
     return carry, jnp.stack(values)
 

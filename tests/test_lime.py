@@ -58,17 +58,18 @@ def test_remat_gives_the_same_loss_and_gradient(routing):
 
 
 @pytest.mark.slow
-def test_smollm2_with_identity_v2_routing_reproduces_its_logits():
-    """The real model under LIMe v2 with the identity router (current layer only) gives its own logits."""
+def test_smollm2_converted_to_lime_gives_its_own_logits():
+    """The real model through `to_lime` (routers reading only the current layer) gives SmolLM2's logits."""
     from lime_jax import gguf
 
     cfg, params = gguf.load_smollm2()
-    tokens = jnp.asarray([[1, 504, 3458, 282, 4649, 314, 3575, 30]], jnp.int32)  # any ids in range
-    L, K = cfg.n_layers, cfg.n_kv_heads
-    routed_cfg = dataclasses.replace(cfg, routing="v2")
-    routed = {**params, "layers": {**params["layers"], "router": jnp.einsum("lj,kr->lkjr", jnp.eye(L), jnp.eye(K))}}
-    np.testing.assert_allclose(model.apply(routed, tokens, routed_cfg), model.apply(params, tokens, cfg),
-                               rtol=1e-4, atol=1e-4)
+    tokens = jnp.asarray([[1, 504, 3458, 282, 4649, 314, 3575, 30],
+                          [2, 15, 11, 27, 18019, 42, 4, 9]], jnp.int32)  # any ids in range
+    expected = model.apply(params, tokens, cfg)
+    for routing in ("v2", "static", "dynamic"):
+        lime, lime_cfg = model.to_lime(params, cfg, routing)
+        np.testing.assert_allclose(model.apply(lime, tokens, lime_cfg), expected, rtol=1e-4, atol=1e-4,
+                                   err_msg=routing)
 
 
 def _renyi_reference(x_BxTxF, alpha, mean, std):
@@ -118,22 +119,32 @@ def test_router_weights_against_numpy():
     L, K = SMALL.n_layers, SMALL.n_kv_heads
     cfg = dataclasses.replace(SMALL, routing="static")
     params = model.init(jax.random.key(3), cfg)
-    r = np.asarray(params["layers"]["router"], np.float64)
+    r = np.asarray(params["layers"]["router"], np.float64)  # [L-1, K, L]: row l - 1 is layer l's
     expected = np.zeros((L, L))
-    for layer in range(L):
-        e = np.exp(r[layer, :, : layer + 1])
+    expected[0, 0] = 1.0  # layer 0 has no router: it reads only itself
+    for layer in range(1, L):
+        e = np.exp(r[layer - 1, :, : layer + 1])
         expected[layer, : layer + 1] = (e / e.sum(-1, keepdims=True)).mean(0)
     np.testing.assert_allclose(analysis.router_weights(params, cfg), expected, rtol=1e-6)
     # A zero dynamic router weighs every available source equally, for every token.
     dyn = dataclasses.replace(SMALL, routing="dynamic")
     params = model.init(jax.random.key(4), dyn)
-    params["layers"]["router"] = jnp.zeros_like(params["layers"]["router"])
+    params["layers"]["router"] = jax.tree.map(jnp.zeros_like, params["layers"]["router"])
     uniform = np.tril(np.ones((L, L))) / np.arange(1, L + 1)[:, None]
     np.testing.assert_allclose(analysis.router_weights(params, dyn, _tokens(dyn, B=2)), uniform, rtol=1e-6)
+    # Its static bias alone (zero weights) gives the softmax of the bias, for every token.
+    b = np.random.default_rng(0).normal(size=(L - 1, K, L))
+    params["layers"]["router"]["b"] = jnp.asarray(b, jnp.float32)
+    for layer in range(1, L):
+        e = np.exp(b[layer - 1, :, : layer + 1])
+        expected[layer] = 0.0
+        expected[layer, : layer + 1] = (e / e.sum(-1, keepdims=True)).mean(0)
+    np.testing.assert_allclose(analysis.router_weights(params, dyn, _tokens(dyn, B=2)), expected, rtol=1e-5)
     # v2 identity on the current layer: mean |w| over the K x K block is 1/K on the diagonal, 0 elsewhere.
-    v2 = dataclasses.replace(SMALL, routing="v2")
-    params = model.init(jax.random.key(5), v2)
-    params["layers"]["router"] = jnp.einsum("lj,kr->lkjr", jnp.eye(L), jnp.eye(K))
+    plain = model.init(jax.random.key(5), SMALL)
+    params, v2 = model.to_lime(plain, SMALL, "v2")
     np.testing.assert_allclose(analysis.router_weights(params, v2), np.eye(L) / K)
     with pytest.raises(ValueError, match="pass tokens"):
-        analysis.router_weights(params | {"layers": {**params["layers"]}}, dyn)
+        analysis.router_weights(params, dyn)
+    with pytest.raises(ValueError, match="has no router"):
+        analysis.router_weights(plain, SMALL)

@@ -91,10 +91,12 @@ def test_residuals_and_splice_are_consistent_with_apply():
 
 
 def _identity_router(cfg):
+    """Routers of layers 1..L-1 (layer 0 has none) that read only the current layer."""
     L, K = cfg.n_layers, cfg.n_kv_heads
+    current_RxJ = np.eye(L)[1:]  # row l - 1: layer l
     if cfg.routing == "static":  # logits: 0 on the current layer, -inf elsewhere -> one-hot softmax
-        return jnp.where(jnp.eye(L)[:, None, :] > 0, 0.0, -jnp.inf) * jnp.ones((L, K, L))
-    return jnp.einsum("lj,kr->lkjr", jnp.eye(L), jnp.eye(K))  # v2: identity on the current layer's heads
+        return jnp.where(current_RxJ[:, None, :] > 0, 0.0, -jnp.inf) * jnp.ones((L - 1, K, L))
+    return jnp.einsum("lj,kr->lkjr", current_RxJ, jnp.eye(K))  # v2: identity on the current layer's heads
 
 
 @pytest.mark.parametrize("routing", ["static", "v2"])
@@ -127,8 +129,9 @@ def test_dynamic_with_zero_router_equals_uniform_static():
     dyn, stat = dataclasses.replace(SMALL, routing="dynamic"), dataclasses.replace(SMALL, routing="static")
     params = model.init(jax.random.key(3), dyn)
     tokens = _tokens(dyn)
-    p_dyn = {**params, "layers": {**params["layers"], "router": jnp.zeros_like(params["layers"]["router"])}}
-    p_stat = {**params, "layers": {**params["layers"], "router": jnp.zeros((3, 2, 3))}}
+    zero = jax.tree.map(jnp.zeros_like, params["layers"]["router"])
+    p_dyn = {**params, "layers": {**params["layers"], "router": zero}}
+    p_stat = {**params, "layers": {**params["layers"], "router": jnp.zeros((2, 2, 3))}}  # [L-1, K, L]
     np.testing.assert_allclose(model.apply(p_dyn, tokens, dyn), model.apply(p_stat, tokens, stat), rtol=1e-5, atol=1e-5)
 
 
@@ -142,9 +145,9 @@ def test_static_routing_matches_numpy_reference():
     h0 = np.asarray(got[0])[0]  # after block 0, which has a single source (plain Llama, tested above)
     e = p["embed"][np.asarray(tokens)[0]]  # entering block 0
     rms = lambda x: x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.norm_eps)  # noqa: E731
-    logits = p["layers"]["router"][1][:, :2]  # layer 1 reads sources 0 and 1
+    logits = p["layers"]["router"][0][:, :2]  # layer 1 (router row 0) reads sources 0 and 1
     w = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)  # [K, 2]
-    lp = {k: v[1] for k, v in p["layers"].items()}
+    lp = {k: v[1] for k, v in p["layers"].items() if k != "router"}
     x = rms(h0) * lp["attn_norm"]
     G, H, T = 2, cfg.head_dim, 6
     attn = np.zeros((T, cfg.n_heads * H))
@@ -177,15 +180,42 @@ def test_causality_by_gradient(routing):
 
 
 @pytest.mark.parametrize("routing", ["none", "static", "dynamic", "v2"])
-def test_num_params_counts_every_trainable_entry(routing):
-    cfg = dataclasses.replace(SMALL, routing=routing, tie_embeddings=routing != "v2")
+def test_num_params_counts_every_entry_the_loss_depends_on(routing):
+    """Two independent counts: init's leaf sizes less the masked router entries, and the entries whose gradient
+    is non-zero (every id appears before the last position, so even untied embedding rows get one)."""
+    cfg = dataclasses.replace(SMALL, routing=routing, tie_embeddings=routing != "v2", max_len=14)
     params = model.init(jax.random.key(6), cfg)
-    total = sum(x.size for x in jax.tree.leaves(params))
-    L = cfg.n_layers
-    masked_sources = L * L - L * (L + 1) // 2  # router columns of future layers, never read
-    per_source = {"none": 0, "static": cfg.n_kv_heads, "dynamic": cfg.d_model * cfg.n_kv_heads,
-                  "v2": cfg.n_kv_heads ** 2}[routing]
-    assert cfg.num_params == total - masked_sources * per_source
+    L, D, K = cfg.n_layers, cfg.d_model, cfg.n_kv_heads
+    masked_sources = sum(L - 1 - layer for layer in range(1, L))  # layer l >= 1 never reads sources j > l
+    per_source = {"none": 0, "static": K, "dynamic": D * K + K, "v2": K * K}[routing]
+    assert cfg.num_params == sum(x.size for x in jax.tree.leaves(params)) - masked_sources * per_source
+    ids = np.arange(8 * 13).reshape(8, 13) % cfg.vocab
+    tokens = jnp.asarray(np.concatenate([ids, np.zeros((8, 1), int)], 1), jnp.int32)
+    grads = jax.grad(lambda p: model.token_nll(model.apply(p, tokens, cfg), tokens).mean())(params)
+    assert cfg.num_params == sum(int(np.count_nonzero(g)) for g in jax.tree.leaves(grads))
+
+
+def test_layer_zero_has_no_router():
+    """As in the official code: routers for layers 1..L-1 only, so LIMe adds (L(L+1)/2 - 1) source blocks."""
+    for routing, shape in [("static", (2, 2, 3)), ("v2", (2, 2, 3, 2))]:
+        cfg = dataclasses.replace(SMALL, routing=routing)
+        assert model.init(jax.random.key(0), cfg)["layers"]["router"].shape == shape
+        assert cfg.num_params - SMALL.num_params == 5 * {"static": 2, "v2": 4}[routing]  # (2 + 3) sources
+    dyn = model.init(jax.random.key(0), dataclasses.replace(SMALL, routing="dynamic"))["layers"]["router"]
+    assert dyn["w"].shape == (2, 32, 2, 3) and dyn["b"].shape == (2, 2, 3) and not np.any(dyn["b"])
+
+
+def test_flops_per_token_by_hand():
+    cfg = config.LlamaConfig(vocab=11, d_model=6, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=2, d_ff=5, max_len=7)
+    # Multiply-adds per token in each layer: q 6*4*2 = 48, k 6*2*2 = 24, v 24, o 48, gate/up/down 3*6*5 = 90,
+    # 234 in all; 3 layers and the unembedding 6*11 = 66 make 768 MACs = 1536 FLOPs.
+    # Attention over all T = 7 positions, QK^T and AV: 2 * 4 heads * 7 * 2 = 112 MACs a layer -> 672 FLOPs.
+    # Routing: layer 0 none; layers 1 and 2 mix 2 and 3 sources, 5 in all.
+    #   static: K*D = 12 MACs a source -> 60 MACs = 120 FLOPs; dynamic: the logits D*K = 12 more -> 240 FLOPs;
+    #   v2: K*K*2H = 16 MACs a source -> 80 MACs = 160 FLOPs.
+    forward = {"none": 1536 + 672, "static": 2208 + 120, "dynamic": 2208 + 240, "v2": 2208 + 160}
+    for routing, flops in forward.items():
+        assert dataclasses.replace(cfg, routing=routing).flops_per_token == 3 * flops  # backward = 2 x forward
 
 
 def test_paper_1b_matches_the_papers_parameter_count():
@@ -208,12 +238,12 @@ def test_flops_per_token_matches_xla_cost_analysis():
 
 def test_router_init_follows_the_papers():
     cfg = dataclasses.replace(SMALL, routing="v2")
-    r = np.asarray(model.init(jax.random.key(8), cfg)["layers"]["router"])  # [L, K, L, K]
-    for layer in range(cfg.n_layers):
-        np.testing.assert_array_equal(r[layer, :, layer], np.eye(cfg.n_kv_heads))  # current layer: identity
-        assert np.all(r[layer, :, layer + 1:] == 0)  # future layers: masked
+    r = np.asarray(model.init(jax.random.key(8), cfg)["layers"]["router"])  # [L-1, K, L, K], row l-1: layer l
+    for layer in range(1, cfg.n_layers):
+        np.testing.assert_array_equal(r[layer - 1, :, layer], np.eye(cfg.n_kv_heads))  # current layer: identity
+        assert np.all(r[layer - 1, :, layer + 1:] == 0)  # future layers: masked
         bound = math.sqrt(3 / ((layer + 1) * cfg.n_kv_heads))
-        assert np.all(np.abs(r[layer, :, :layer]) <= bound)
+        assert np.all(np.abs(r[layer - 1, :, :layer]) <= bound) and np.all(r[layer - 1, :, :layer] != 0)
 
 
 def test_remat_and_bfloat16_run_and_agree():
@@ -261,3 +291,120 @@ def test_bad_input_raises_clear_errors():
         config.LlamaConfig(n_heads=9, n_kv_heads=2)
     with pytest.raises(ValueError, match="routing"):
         config.LlamaConfig(routing="dense")
+
+
+def _official_v2_layout(params, cfg):
+    """Our v2 weights in corl-team/lime's layout: torch Linear [out, in], kv_proj rows "(kv h)", per-layer routers."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    layers = []
+    for layer in range(cfg.n_layers):
+        lp = {k: v[layer] for k, v in p["layers"].items() if k != "router"}
+        kv_DxKx2H = np.concatenate([lp["wk"], lp["wv"]], -1)  # head h reads features (keys, then values)
+        # StaticRouter.static_weights [K, (l+1) K]: column j*K + r is source layer j's head r; layer 0 has none.
+        static = None if layer == 0 else p["layers"]["router"][layer - 1][:, : layer + 1].reshape(K, -1)
+        layers.append({"input_layernorm": lp["attn_norm"], "q_proj": lp["wq"].reshape(D, N * H).T,
+                       "kv_proj_weight": kv_DxKx2H.transpose(2, 1, 0).reshape(2 * H * K, D),  # row kv * K + h
+                       "static_weights": static, "o_proj": lp["wo"].reshape(N * H, D).T,
+                       "post_attention_layernorm": lp["mlp_norm"], "gate_proj": lp["w_gate"].T,
+                       "up_proj": lp["w_up"].T, "down_proj": lp["w_down"].T})
+    return layers, p["embed"], p["final_norm"]
+
+
+def _np_official_v2(layers, embed, final_norm, tokens, cfg):
+    """corl-team/lime src/lm/lime.py (LIMeForCausalLM, tied embeddings) re-written in numpy float64, batch 1."""
+    N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def rmsnorm(x, g):
+        return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.norm_eps) * g
+
+    def rotate_half(x):
+        return np.concatenate([-x[..., H // 2:], x[..., : H // 2]], -1)
+
+    out = []
+    for seq in np.asarray(tokens):
+        T = len(seq)
+        freqs = np.arange(T)[:, None] * (1.0 / cfg.rope_theta ** (np.arange(0, H, 2) / H))[None]
+        cos, sin = np.cos(np.concatenate([freqs, freqs], -1)), np.sin(np.concatenate([freqs, freqs], -1))
+        h = embed[seq]
+        kv_buffer = np.zeros((0, T * 2 * H))  # rows (layer, kv head), columns (t, kv): "h (bt kv)"
+        for layer, w in enumerate(layers):
+            x = rmsnorm(h, w["input_layernorm"])
+            q = (x @ w["q_proj"].T).reshape(T, N, H).transpose(1, 0, 2)  # [N, T, H]
+            cur = x @ w["kv_proj_weight"].T  # [T, 2H*K], features "(kv h)"
+            kv_buffer = np.concatenate([kv_buffer, cur.reshape(T, 2 * H, K).transpose(2, 0, 1).reshape(K, -1)])
+            routed = kv_buffer[:K] if layer == 0 else w["static_weights"] @ kv_buffer  # FirstLayerRouter / Static
+            kv = routed.reshape(K, T, 2 * H)
+            k, v = kv[..., :H], kv[..., H:]
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            k, v = np.repeat(k, N // K, axis=0), np.repeat(v, N // K, axis=0)  # repeat_kv
+            s = q @ k.transpose(0, 2, 1) / math.sqrt(H) + np.triu(np.full((T, T), -np.inf), 1)
+            a = np.exp(s - s.max(-1, keepdims=True))
+            attn = ((a / a.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(T, N * H)
+            h = h + attn @ w["o_proj"].T
+            x = rmsnorm(h, w["post_attention_layernorm"])
+            g = x @ w["gate_proj"].T
+            h = h + (g / (1 + np.exp(-g)) * (x @ w["up_proj"].T)) @ w["down_proj"].T
+        out.append(rmsnorm(h, final_norm) @ embed.T)
+    return np.stack(out)
+
+
+def test_v2_matches_the_official_forward():
+    """Random (non-identity) routers, every block of them perturbed: our v2 == the official code's forward."""
+    cfg = dataclasses.replace(SMALL, routing="v2", n_layers=4)
+    params = model.init(jax.random.key(13), cfg)
+    r = params["layers"]["router"]
+    params["layers"]["router"] = r + 0.3 * jax.random.normal(jax.random.key(14), r.shape)
+    tokens = _tokens(cfg)
+    expected = _np_official_v2(*_official_v2_layout(params, cfg), tokens, cfg)
+    np.testing.assert_allclose(model.apply(params, tokens, cfg), expected, rtol=1e-4, atol=1e-4)
+
+
+def _loss(params, tokens, cfg):
+    return model.token_nll(model.apply(params, tokens, cfg), tokens).mean()
+
+
+@pytest.mark.parametrize("routing", ["static", "dynamic", "v2"])
+def test_to_lime_keeps_the_llama_and_its_routers_learn(routing):
+    params = model.init(jax.random.key(15), SMALL)
+    lime, cfg = model.to_lime(params, SMALL, routing)
+    assert cfg == dataclasses.replace(SMALL, routing=routing)
+    # The same pytree as a LIMe init, so the trainer's optimiser state and checkpoints fit it.
+    shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)  # noqa: E731
+    assert shapes(lime) == shapes(model.init(jax.random.key(0), cfg))
+    tokens = _tokens(SMALL)
+    logits = model.apply(lime, tokens, cfg)
+    np.testing.assert_allclose(logits, _np_forward(params, tokens, SMALL), rtol=1e-4, atol=1e-4)  # numpy Llama
+    np.testing.assert_allclose(logits, model.apply(params, tokens, SMALL), rtol=1e-6, atol=1e-6)  # float32 rounding
+    # Every routed layer's router gets a non-zero gradient.
+    grads = jax.grad(_loss)(lime, tokens, cfg)["layers"]["router"]
+    for g in jax.tree.leaves(grads):
+        assert np.all(np.abs(np.asarray(g)).reshape(cfg.n_layers - 1, -1).max(-1) > 0)
+
+
+def test_to_lime_v2_router_gradient_matches_finite_differences():
+    """At the identity, d loss / d router entry vs a central difference (v2 is linear in its router)."""
+    lime, cfg = model.to_lime(model.init(jax.random.key(16), SMALL), SMALL, "v2")
+    tokens = _tokens(SMALL)
+    grad = np.asarray(jax.grad(_loss)(lime, tokens, cfg)["layers"]["router"])
+    router, eps = lime["layers"]["router"], 1e-2
+    for idx in [(0, 0, 0, 1), (1, 1, 0, 0), (1, 0, 2, 1), (1, 1, 1, 0)]:  # earlier layers' heads and the current
+
+        def loss_at(delta):
+            return float(_loss({**lime, "layers": {**lime["layers"], "router": router.at[idx].add(delta)}}, tokens, cfg))
+
+        fd = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+        assert grad[idx] != 0 and fd == pytest.approx(float(grad[idx]), rel=0.05, abs=1e-5), idx
+
+
+def test_to_lime_rejects_bad_input():
+    params = model.init(jax.random.key(17), SMALL)
+    with pytest.raises(ValueError, match="routing='dense'"):
+        model.to_lime(params, SMALL, "dense")
+    with pytest.raises(ValueError, match="routing='none'"):
+        model.to_lime(params, SMALL, "none")
+    with pytest.raises(ValueError, match="logit_gap must be positive, got 0"):
+        model.to_lime(params, SMALL, "static", logit_gap=0)
+    lime, cfg = model.to_lime(params, SMALL, "v2")
+    with pytest.raises(ValueError, match="got routing='v2'"):
+        model.to_lime(lime, cfg, "static")
