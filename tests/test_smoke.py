@@ -342,15 +342,11 @@ def test_readme_jaxsae_harvest_train_eval(tmp_path, world):
     run(cwd, "jaxsae.cli", "train", "source=acts/tiny/L1/code_heldout", "d_sae=32", "k=4", "n_seeds=2",
         "num_steps=3", "batch_size=64", "warmup_steps=1", "aux_k=8", "eval_tokens=256", "out_dir=runs/l1")
     assert len(json.loads((cwd / "runs" / "l1" / "summary.json").read_text())["ev"]) == 2
-    # `jaxsae eval` reads {root}/smollm2-135m/L{layer}/ and has no model option; EV/L0 do not depend on which
-    # model wrote the rows, so the tiny caches are linked there (CE, which would need the model, is skipped).
-    (cwd / "evalroot").mkdir()
-    (cwd / "evalroot" / "smollm2-135m").symlink_to(cwd / "acts" / "tiny", target_is_directory=True)
-    run(cwd, "jaxsae.cli", "eval", "sae=runs/l1", f"layer={LAYER}", "corpora=code", "num_tokens=256", "ce_contexts=0",
-        "batch_size=128", "root=evalroot", "out=eval.json")
+    run(cwd, "jaxsae.cli", "eval", "sae=runs/l1", f"layer={LAYER}", "corpora=code", "num_tokens=256", "ce_contexts=2",
+        "batch_size=128", "root=acts", "model=tiny", "out=eval.json")
     rows = json.loads((cwd / "eval.json").read_text())
     assert [Path(r["sae"]).name for r in rows] == ["seed_0", "seed_1"]
-    assert all(has_fields(r, "ev", "l0", "dead_frac") and r["eval_tokens"] == 256 for r in rows)
+    assert all(has_fields(r, "ev", "l0", "dead_frac", "ce_delta") and r["eval_tokens"] == 256 for r in rows)
 
 
 def test_readme_lime_jax_train(tmp_path, world):
