@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxsae import checkpoint, configlib
+from jaxsae import checkpoint, configlib, distributed
 from lime_jax import config, model, sharding
 
 PRESETS = {"tiny": config.tiny, "paper_1b": config.paper_1b, "smollm2_135m": config.smollm2_135m}
@@ -196,11 +197,12 @@ def _compiled(model_cfg: config.LlamaConfig, cfg: TrainConfig, mesh):
     return make_train_step(model_cfg, cfg, mesh), init, state_sh
 
 
-def _check_config(out: Path, run: dict) -> dict | None:
+def _check_config(out: Path, run: dict, write: bool = True) -> dict | None:
     """Write config.json for a new run (None), or check a resumed run matches up to num_steps and return its config."""
     path = out / "config.json"
     if not path.exists():
-        path.write_text(json.dumps(run, indent=1))
+        if write:
+            path.write_text(json.dumps(run, indent=1))
         return None
     try:
         old = json.loads(path.read_text())
@@ -213,13 +215,13 @@ def _check_config(out: Path, run: dict) -> dict | None:
     return old
 
 
-def _set_length(out: Path, old: dict, cfg: TrainConfig, start: int) -> None:
+def _set_length(out: Path, old: dict, cfg: TrainConfig, start: int, write: bool = True) -> None:
     """A resumed run's new num_steps: at least the restored step; if changed, a line says so and config.json has it."""
     old_total = old["train"]["num_steps"]
     if cfg.num_steps < start:
         raise ValueError(f"num_steps={cfg.num_steps} is fewer than the {start} steps already taken by the "
                          f"checkpoint in {out}")
-    if cfg.num_steps != old_total:
+    if cfg.num_steps != old_total and write:
         print(f"{out}: run length {old_total} -> {cfg.num_steps} steps; resuming at step {start} on the warm-up + "
               f"cosine schedule redefined over {cfg.num_steps} steps", file=sys.stderr, flush=True)
         old["train"]["num_steps"] = cfg.num_steps
@@ -241,7 +243,9 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
         raise ValueError(f"training tokens must be [N, seq_len={cfg.seq_len}], got shape {tokens_NxT.shape}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    old_cfg = _check_config(out, {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)})
+    main_process = distributed.is_main()  # files written once are written by process 0
+    old_cfg = _check_config(out, {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)},
+                            write=main_process)
     mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     step_fn, init, state_sh = _compiled(model_cfg, _compute_part(cfg), mesh)
     batch_sh = sharding.batch_sharding(mesh)
@@ -254,24 +258,28 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
     else:
         start, state = restored[0], TrainState(*restored[1])
     if old_cfg is not None:
-        _set_length(out, old_cfg, cfg, start)
-    checkpoint.trim_log(out / "metrics.jsonl", start)
+        _set_length(out, old_cfg, cfg, start, write=main_process)
+    if main_process:
+        checkpoint.trim_log(out / "metrics.jsonl", start)
+    shape = (cfg.batch_size, cfg.seq_len)
+    lo, hi = (lambda b: (b.start, b.stop))(distributed.process_box(batch_sh, shape)[0])  # this process's rows
 
     seq_cfg = dataclasses.replace(model_cfg, max_len=cfg.seq_len)  # FLOPs at the trained length
     flops_per_step = seq_cfg.flops_per_token * cfg.batch_size * cfg.seq_len
     peak = peak_flops(cfg)
     losses, seconds, tic, last = [], 0.0, time.perf_counter(), {}
     try:
-        with open(out / "metrics.jsonl", "a") as log, tqdm(total=cfg.num_steps, initial=start, desc="train") as bar:
+        with open(out / "metrics.jsonl", "a") if main_process else open(os.devnull, "w") as log, \
+                tqdm(total=cfg.num_steps, initial=start, desc="train", disable=not main_process) as bar:
             for step in range(start, cfg.num_steps):
-                rows = batch_rows(step, cfg.batch_size, len(tokens_NxT), cfg.seed)
-                batch = jax.device_put(np.asarray(tokens_NxT[rows], np.int32), batch_sh)
+                rows = batch_rows(step, cfg.batch_size, len(tokens_NxT), cfg.seed)[lo:hi]  # read only these
+                batch = distributed.global_array(batch_sh, np.asarray(tokens_NxT[rows], np.int32), shape)
                 state, m = step_fn(state, batch)
                 losses.append(m["loss"])
                 done = step + 1
                 save = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.num_steps
                 if done % cfg.log_every == 0 or done == cfg.num_steps:
-                    m, loss = jax.device_get((m, jnp.stack(losses).mean()))
+                    m, loss = distributed.to_host((m, jnp.stack(losses).mean()))
                     if not np.isfinite(loss):  # never checkpoint a diverged state
                         raise FloatingPointError(f"non-finite loss at step {done}: {loss}")
                     now = time.perf_counter()
@@ -301,12 +309,13 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
     if not last:  # resumed a finished run: the log's last line holds the final training loss
         last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     summary = {"final_loss": last["loss"],
-               "heldout_loss": evaluate(state.params, model_cfg, heldout_NxT, cfg.batch_size),
+               "heldout_loss": evaluate(distributed.to_host(state.params), model_cfg, heldout_NxT, cfg.batch_size),
                "heldout_tokens": int(heldout_NxT.shape[0] * (heldout_NxT.shape[1] - 1)),
                "flops": cfg.num_steps * flops_per_step, "tokens": cfg.num_steps * cfg.batch_size * cfg.seq_len,
                "num_params": model_cfg.num_params, "routing": model_cfg.routing,
                "train_seconds": round(seconds, 2), "device": jax.devices()[0].device_kind, "devices": mesh.size}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return state
 
 
@@ -343,13 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     """`lime_jax train [key=value ...]`: fields of TrainConfig and LlamaConfig (routing=static, n_layers=16, ...)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in argv):
-        print(configlib.help_text(TrainConfig()) + "\n\n" + configlib.help_text(config.tiny()))
+        print("\n\n".join(configlib.help_text(c) for c in (TrainConfig(), config.tiny(), distributed.DistConfig())))
         return 0
-    train_argv, model_argv = _split_argv(argv)
+    dist_keys = {f.name for f in dataclasses.fields(distributed.DistConfig)}
+    dist_argv = [a for a in argv if a.split("=", 1)[0] in dist_keys]
+    train_argv, model_argv = _split_argv([a for a in argv if a not in dist_argv])
     cfg = configlib.override(TrainConfig(), train_argv)
     model_cfg = configlib.override(PRESETS[cfg.preset](), model_argv)
+    distributed.initialize(configlib.override(distributed.DistConfig(), dist_argv))
     fit(model_cfg, cfg)
-    print((Path(cfg.out_dir) / "summary.json").read_text())
+    if distributed.is_main():
+        print((Path(cfg.out_dir) / "summary.json").read_text())
     return 0
 
 
