@@ -66,7 +66,8 @@ const BROWSE = (() => {
     if (x === null || x === undefined || Number.isNaN(x)) return "–";
     if (x === 0) return "0";
     const a = Math.abs(x);
-    if (a >= 1e4 || a < 1e-3) return x.toExponential(1);
+    if (Number.isInteger(x) && a < 1e9) return x.toLocaleString("en-US");
+    if (a >= 1e6 || a < 1e-3) return x.toExponential(1);
     return Number(x.toPrecision(digits)).toString();
   }
 
@@ -164,7 +165,7 @@ const BROWSE = (() => {
         vals.push(n ? tot / n : null);
       }
       return h("tr", { class: i === o.table_seed ? "current" : "" }, h("td", {}, String(sd)),
-        vals.map((v, j) => h("td", { class: "num" }, cols[j] === "dead" ? pct(v) : fmt(v, 3))));
+        vals.map((v, j) => h("td", { class: "num" }, / ?dead$/.test(cols[j]) && v !== null ? pct(v) : fmt(v, 3))));
     });
     return h("div", { class: "card" }, h("h3", {}, "Per seed"),
       h("table", { class: "metrics" }, h("thead", {}, h("tr", {}, h("th", {}, "seed"), cols.map((c) => h("th", {}, c)))),
