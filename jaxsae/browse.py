@@ -52,7 +52,7 @@ class BrowseConfig:
     out: str = ""  # site folder (open its index.html); empty: RUN_DIR/browser
     seed: int = 0  # the seed (folder number) whose latents the table lists and whose pages show matches
     num_tokens: int = 30_000  # held-out rows scanned: the cache's first ones, from contexts it holds whole
-    top_k: int = 10  # top-activating contexts per latent of the table's seed
+    top_k: int = 10  # top-activating contexts per latent of the table's seed (none within `window` of a stronger one)
     match_k: int = 5  # top contexts shown for each best match in another seed
     window: int = 10  # tokens shown on either side of the max-activating one
     tau: float = 0.7  # |cos| a best match needs to count (the table's default p column, the scatter's colours)
@@ -83,15 +83,16 @@ def seed_folders(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 def sae_source(cfg_json: dict) -> dict:
     """{"model", "layer"} as far as an SAE's cfg.json records them: SAELens's `model_name` and `hook_name`
     (top level or under `metadata`), or `model` / `layer` in the jaxsae section (save_saelens(extra=...))."""
-    found = {}
-    for where in (cfg_json, cfg_json.get("metadata") or {}, cfg_json.get("jaxsae") or {}):
-        name = where.get("model_name") or (where.get("model") if where is not cfg_json else None)
+    found = {}  # later places win: SAELens 6's metadata block over the older top-level keys
+    places = ((cfg_json.get("jaxsae") or {}, True), (cfg_json, False), (cfg_json.get("metadata") or {}, False))
+    for where, ours in places:
+        name = where.get("model_name") or (where.get("model") if ours else None)
         if isinstance(name, str) and name:
             found["model"] = name
         hook = where.get("hook_name")
         if isinstance(hook, str) and (m := re.search(r"(?:blocks|layers|layer|h)\.(\d+)", hook)):
             found["layer"] = int(m.group(1))
-        if where is not cfg_json and isinstance(where.get("layer"), int):
+        if ours and isinstance(where.get("layer"), int):
             found["layer"] = where["layer"]
     return found
 
@@ -217,11 +218,29 @@ def _scan_latents(params: dict, sae_cfg: sae.SAEConfig, x_NxD: np.ndarray, laten
         lat_E = latents[i:i + per_block]
         acts_NxE = analysis.latent_acts(params, sae_cfg, x_NxD, lat_E)
         summ = analysis.activation_summary(acts_NxE, cfg.hist_bins)
-        tops = analysis.top_contexts(acts_NxE, tokens_CxT, ctx_R, pos_R, k=k, window=cfg.window, latents=lat_E)
+        tops = analysis.top_contexts(acts_NxE, tokens_CxT, ctx_R, pos_R, k=4 * k, window=cfg.window, latents=lat_E)
         for e, top in enumerate(tops):
+            kk, examples = 4 * k, distinct_examples(top["examples"], k, cfg.window)
+            while len(examples) < k and len(top["examples"]) == kk < len(x_NxD):  # long runs: look further down
+                kk *= 4
+                top = analysis.top_contexts(acts_NxE[:, e:e + 1], tokens_CxT, ctx_R, pos_R, k=kk, window=cfg.window,
+                                            latents=lat_E[e:e + 1])[0]
+                examples = distinct_examples(top["examples"], k, cfg.window)
             out[int(lat_E[e])] = {"h": summ.hist_ExB[e].tolist(), "x": _r(summ.max_E[e]),
-                                  "e": [_example(ex) for ex in top["examples"]]}
+                                  "e": [_example(ex) for ex in examples]}
     return out
+
+
+def distinct_examples(examples: list[dict], k: int, window: int) -> list[dict]:
+    """The first k of `top_contexts` examples (strongest first) whose max token lies outside the window of every
+    stronger one kept: a neighbour of a shown example is already shaded inside it, so it would only repeat it."""
+    kept = []
+    for ex in examples:
+        if all(ex["context"] != o["context"] or abs(ex["position"] - o["position"]) > window for o in kept):
+            kept.append(ex)
+            if len(kept) == k:
+                break
+    return kept
 
 
 def build(cfg: BrowseConfig) -> Path:

@@ -38,6 +38,18 @@ def _brute_partner(a, b, ea=None, eb=None):
     return idx, best
 
 
+def _distinct_top(a_R, ctx_R, pos_R, k, window):
+    """Loop over rows by activation: the k strongest positive ones, skipping any within `window` positions of a
+    stronger kept one in the same context. [(act, context, position)]"""
+    kept = []
+    for r in sorted(range(len(a_R)), key=lambda r: (-a_R[r], r)):
+        if a_R[r] <= 0 or len(kept) == k:
+            break
+        if all(c != ctx_R[r] or abs(p - pos_R[r]) > window for _, c, p in kept):
+            kept.append((a_R[r], int(ctx_R[r]), int(pos_R[r])))
+    return kept
+
+
 def _read_js(path):
     """The JSON arguments of the one `BROWSE.f(...)` call a site data file makes."""
     text = Path(path).read_text(encoding="utf-8").strip()
@@ -115,6 +127,8 @@ def test_sae_source_and_cache_checks():
     assert browse.sae_source({"metadata": {"model_name": "HuggingFaceTB/SmolLM2-135M", "hook_name": "blocks.14.hook_resid_post"}}) \
         == {"model": "HuggingFaceTB/SmolLM2-135M", "layer": 14}
     assert browse.sae_source({"jaxsae": {"model": "tiny", "layer": 2}}) == {"model": "tiny", "layer": 2}
+    assert browse.sae_source({"model_name": "a", "metadata": {"model_name": "b"}, "jaxsae": {"layer": 3}}) == \
+        {"model": "b", "layer": 3}
     cfg = sae.SAEConfig(d_in=576, d_sae=64, k=4)
     manifest = {"d_in": 576, "model": "smollm2-135m", "layer": 14}
     browse.check_cache(manifest, "c", cfg, {0: {"model": "HuggingFaceTB/SmolLM2-135M", "layer": 14}, 1: {}})
@@ -174,7 +188,7 @@ def test_site_numbers_equal_numpy_brute_force(run):
     ov, blocks = _site(run["site"])
     seeds = _seeds(run["cfg"].run_dir)
     cache = run["cfg"].cache
-    _, ctx_R, _ = analysis.cache_row_positions(cache)
+    _, ctx_R, pos_R = analysis.cache_row_positions(cache)
     x_raw = np.concatenate([np.load(Path(cache) / s["file"]) for s in CacheSource(cache).manifest["shards"]])
     N = len(ctx_R)  # the held-out cache holds every row of its contexts, all scanned (num_tokens is larger)
     assert ov["rows"] == N == len(x_raw) and ov["seeds"] == [0, 1, 2] and ov["table_seed"] == 0
@@ -199,9 +213,9 @@ def test_site_numbers_equal_numpy_brute_force(run):
     assert sorted(blocks[0]) == list(range(M))
     for i in range(M):
         rec = blocks[0][i]
-        ref = np.sort(acts_S[0][:, i])[::-1][:5]
-        ref = ref[ref > 0]
-        np.testing.assert_allclose([ex["a"] for ex in rec["e"]], ref, rtol=6e-3)
+        ref = _distinct_top(acts_S[0][:, i], ctx_R, pos_R, 5, window=4)
+        assert [(ex["c"], ex["p"]) for ex in rec["e"]] == [(c, p) for _, c, p in ref]
+        np.testing.assert_allclose([ex["a"] for ex in rec["e"]], [a for a, _, _ in ref], rtol=6e-3)
         np.testing.assert_allclose(rec["x"], acts_S[0][:, i].max(), rtol=6e-3)
         assert sum(rec["h"]) == int((acts_S[0][:, i] > 0).sum())
     # The other seeds hold exactly the partners of seed 0's latents, each with match_k contexts at most.
@@ -265,7 +279,7 @@ def test_bad_input_one_line_and_nothing_written(run, tmp_path, capsys):
         build(run_dir=str(run2), cache=str(root / "heldout_L3"))
     build(run_dir=str(run2), out=str(tmp_path / "ok"))  # the same SAEs on their own layer's cache are fine
     run3 = tmp_path / "run3"
-    _copy_seed(cfg.run_dir, 0, run3, {"model_name": "gpt2"})
+    _copy_seed(cfg.run_dir, 0, run3, {"metadata": {"model_name": "gpt2"}})
     with pytest.raises(ValueError, match="model 'tiny'.*'gpt2'"):
         build(run_dir=str(run3))
     # Another width: a cache of 16-wide rows.
@@ -329,13 +343,13 @@ def _chromium():
 
 @pytest.mark.slow
 def test_page_renders_in_headless_chromium(run):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     ov, blocks = _site(run["site"])
     tau = str(ov["stability"]["tau"])
     seed0 = ov["per_seed"][0]
     d = _chromium()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     try:
         wait = WebDriverWait(d, 20)
         rows = lambda: d.find_elements(By.CSS_SELECTOR, "#latent-table tbody tr")  # noqa: E731

@@ -66,7 +66,8 @@ const BROWSE = (() => {
     if (x === null || x === undefined || Number.isNaN(x)) return "–";
     if (x === 0) return "0";
     const a = Math.abs(x);
-    if (a >= 1e4 || a < 1e-3) return x.toExponential(1);
+    if (Number.isInteger(x) && a < 1e9) return x.toLocaleString("en-US");
+    if (a >= 1e6 || a < 1e-3) return x.toExponential(1);
     return Number(x.toPrecision(digits)).toString();
   }
 
@@ -164,7 +165,7 @@ const BROWSE = (() => {
         vals.push(n ? tot / n : null);
       }
       return h("tr", { class: i === o.table_seed ? "current" : "" }, h("td", {}, String(sd)),
-        vals.map((v, j) => h("td", { class: "num" }, cols[j] === "dead" ? pct(v) : fmt(v, 3))));
+        vals.map((v, j) => h("td", { class: "num" }, / ?dead$/.test(cols[j]) && v !== null ? pct(v) : fmt(v, 3))));
     });
     return h("div", { class: "card" }, h("h3", {}, "Per seed"),
       h("table", { class: "metrics" }, h("thead", {}, h("tr", {}, h("th", {}, "seed"), cols.map((c) => h("th", {}, c)))),
@@ -178,7 +179,7 @@ const BROWSE = (() => {
     const o = st.ov, stab = o.stability, S1 = nOthers();
     const colors = ["#9ecae1", "#4292c6", "#08519c", "#6a51a3", "#238b45"];
     const maxc = Math.max(1, ...stab.taus.map((t) => Math.max(...stab.hist[String(t)])));
-    const c = frame(360, 210, [-0.5, S1 + 0.5], [0, maxc * 1.05], "p = fraction of the other seeds with a match",
+    const c = frame(380, 230, [-0.5, S1 + 0.5], [0, maxc * 1.12], "p = fraction of the other seeds with a match",
       "alive latents", { xticks: [...Array(S1 + 1).keys()], xfmt: (v) => `${v}/${S1}` });
     const bw = 0.8 / stab.taus.length;
     stab.taus.forEach((t, k) => {
@@ -186,6 +187,8 @@ const BROWSE = (() => {
         const x0 = c.x(j - 0.4 + k * bw), x1 = c.x(j - 0.4 + (k + 1) * bw);
         c.g.append(s("rect", { x: x0, y: c.y(n), width: Math.max(1, x1 - x0 - 1), height: c.y(0) - c.y(n),
           fill: colors[k % colors.length] }, s("title", {}, `τ=${t}: ${n} latents with p=${j}/${S1}`)));
+        if (n > 0) c.g.append(s("text", { x: (x0 + x1) / 2, y: c.y(n) - 3, class: "barlabel", "text-anchor": "middle" },
+          n >= 1000 ? (n / 1000).toFixed(1) + "k" : String(n)));
       });
     });
     return h("div", { class: "card" }, h("h3", {}, "Stability histogram"), c.svg,
@@ -325,9 +328,9 @@ const BROWSE = (() => {
     const o = st.ov, app = document.getElementById("app");
     const saved = document.getElementById("f-text") ? readFilters() : st.filters;
     const notes = o.notes.map((n) => h("p", { class: "note" }, n));
-    const cards = [metricsCard()];
-    if (o.stability) cards.push(stabilityHistCard(), scatterCard(), byFreqCard());
-    app.replaceChildren(h("section", { id: "overview" }, notes, h("div", { class: "cards" }, cards)), tableSection());
+    const charts = o.stability ? h("div", { class: "cards" }, stabilityHistCard(), scatterCard(), byFreqCard()) : null;
+    app.replaceChildren(h("section", { id: "overview" }, notes, h("div", { class: "cards" }, metricsCard()), charts),
+      tableSection());
     if (saved) {
       const set = (id, v) => { const e = document.getElementById(id); if (e && v !== null && v !== undefined) e.value = v; };
       set("f-pmin", saved.pmin); set("f-pmax", saved.pmax); set("f-lfmin", saved.lfmin); set("f-lfmax", saved.lfmax);
