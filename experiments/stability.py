@@ -467,7 +467,9 @@ def write_report(summary: dict, cfg: Config, out: Path) -> None:
               for b in real["freq_bins"]]
         L += ["", "![stability vs frequency](stability_vs_freq.png)", "", "### Top-activating contexts (seed 0)", "",
               "Sampled latents with p = 1 (stable) and p = 0 (unstable); the max-activating token is in [[ ]]."]
-        for name, feats in real["examples"].items():
+        if not real.get("examples"):
+            L += ["", real.get("examples_note", "No examples in this summary.")]
+        for name, feats in real.get("examples", {}).items():
             L += ["", f"**{name}**", ""]
             for f in feats:
                 ex = " · ".join(f"`{e['text']!r}` ({e['act']})" for e in f["examples"])
