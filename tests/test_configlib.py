@@ -53,4 +53,4 @@ def test_help_lists_each_field_with_its_comment():
 def test_dispatch_usage_and_unknown_command(capsys):
     assert cli.main([]) == 0
     assert cli.main(["bogus"]) == 2
-    assert "usage: jaxsae {train,harvest,eval}" in capsys.readouterr().out
+    assert "usage: jaxsae {" + ",".join(cli.COMMANDS) + "}" in capsys.readouterr().out

@@ -66,7 +66,7 @@ def test_smollm2_converted_to_lime_gives_its_own_logits():
     tokens = jnp.asarray([[1, 504, 3458, 282, 4649, 314, 3575, 30],
                           [2, 15, 11, 27, 18019, 42, 4, 9]], jnp.int32)  # any ids in range
     expected = model.apply(params, tokens, cfg)
-    for routing in ("v2", "static", "dynamic"):
+    for routing in ("v2", "dynamic"):  # static's softmax path is dynamic's with zero weights; all three on tiny models
         lime, lime_cfg = model.to_lime(params, cfg, routing)
         np.testing.assert_allclose(model.apply(lime, tokens, lime_cfg), expected, rtol=1e-4, atol=1e-4,
                                    err_msg=routing)
