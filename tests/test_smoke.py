@@ -369,3 +369,44 @@ def test_readme_perplexity(tmp_path):
     out = json_lines(run(tmp_path, "lime_jax.perplexity", str(text), "--max-tokens", "48"))
     # 48 tokens read, 47 of them predicted (the first has no context)
     assert len(out) == 1 and out[0]["tokens"] == 47 and 0.0 < out[0]["nll_per_token"] < 8.0
+
+
+def test_benchmark_streaming(tmp_path, world):
+    """Streaming vs harvest-then-cache on the tiny model's corpus contexts; sparsify's trainer too where installed."""
+    cwd = link(tmp_path, world, "data")
+    torch_side = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "sparsify", "datasets"))
+    impls = ["jaxsae_stream", "jaxsae_cache"] + (["sparsify"] if torch_side else [])
+    rows = json_lines(run(cwd, "benchmarks.streaming", "model=tiny", f"layer={LAYER}", f"ctx_len={CTX}",
+                          "ctx_batch=1", "d_sae=64", "k=4", "batch=64", "seeds=1,2", "warmup=1", "steps=2",
+                          "rounds=1", "normalizer_tokens=256", f"impls={','.join(impls)}"))
+    if torch_side:  # sparsify trains on the same model: torch's residual must match JAX's on the same tokens
+        check = rows.pop(0)
+        assert check["check"] == "torch_vs_jax_residual"
+        assert check["max_abs_diff"] <= 1e-5 * max(1.0, check["max_abs_value"])
+    timed = [r for r in rows if "impl" in r and "bench" not in r]
+    assert [(r["impl"], r["seeds"]) for r in timed] == [(i, s) for i in impls for s in (1, 2)]
+    for r in timed:
+        assert has_fields(r, "step_s", "median_step_s", "tokens_per_s", "seed_tokens_per_s", "per_seed_cost_s",
+                          "compile_and_first_s", "load_avg_1m_before", "load_avg_1m_after")
+        assert r["tokens_per_s"] > 0 and r["seed_tokens_per_s"] == pytest.approx(r["seeds"] * r["tokens_per_s"], 1e-3)
+    cache = [r for r in timed if r["impl"] == "jaxsae_cache"]
+    assert all(r["harvest_rows"] >= 3 * 64 and r["step_s"] > r["train_step_s"] for r in cache)
+    compare = [r for r in rows if r.get("bench") == "compare"]
+    assert [r["seeds"] for r in compare] == [1, 2] and all(r["streaming_vs_cache"] > 0 for r in compare)
+    assert all(("streaming_vs_sparsify" in r) == torch_side for r in compare)
+    flat = [r for r in rows if r.get("bench") == "flattening"]
+    assert [r["impl"] for r in flat] == impls and all(set(r["per_seed_cost_s"]) == {"1", "2"} for r in flat)
+
+
+def test_benchmark_multiprocess(tmp_path):
+    """1 process x 4 CPU devices vs 2 x 2 through jaxsae.launch; both jobs must train the same ensemble."""
+    rows = json_lines(run(tmp_path, "benchmarks.multiprocess", "meshes=1x4", "n_seeds=2", "batch=64", "d_in=16",
+                          "d_sae=64", "k=4", "warmup=1", "steps=2"))
+    jobs, overhead = rows[:2], rows[2]
+    assert [(r["impl"], r["processes"], r["devices_per_process"]) for r in jobs] == [("1proc_4dev", 1, 4),
+                                                                                      ("2proc_2dev", 2, 2)]
+    for r in jobs:
+        assert has_fields(r, "step_s", "median_step_s", "tokens_per_s", "load_avg_1m_before", "load_avg_1m_after")
+        assert r["step_s"] > 0 and len(r["final_loss"]) == 2
+    assert overhead["bench"] == "overhead" and overhead["overhead"] > 0
+    assert overhead["final_loss_max_rel_diff"] < 1e-5
