@@ -73,10 +73,7 @@ def residual_loss_fn(base_params: dict, base_cfg: sae.SAEConfig, res_cfg: sae.SA
         acts = sae.encode(params, x_BxD, res_cfg)
         resid_BxD = e_BxD - sae.decode(params, acts, res_cfg)
         mse = jnp.mean(resid_BxD**2)
-        if dead_M is None or res_cfg.aux_k == 0:
-            aux = jnp.zeros(())
-        else:  # AuxK on the part of e the residual still misses, exactly as for a plain SAE
-            aux = sae.aux_loss(params, x_BxD, resid_BxD, dead_M, res_cfg)
+        aux = sae.aux_loss(params, x_BxD, resid_BxD, dead_M, res_cfg)  # on the part of e still missed
         total = mse + res_cfg.aux_coeff * aux
         var = jnp.sum((x_BxD - x_BxD.mean(0)) ** 2)
         metrics = {

@@ -229,10 +229,7 @@ def make_loss_fn(sae_cfg: sae.SAEConfig, cfg: HTopKConfig = HTopKConfig()):
             code = sae.encode(params, x_BxD, sae_cfg)
             mse_K, r_BxD = prefix_mse_reference(*code, params["W_dec"], params["b_dec"], x_BxD)
         hmse = jnp.dot(w_K, mse_K)
-        if dead_M is None or sae_cfg.aux_k == 0:
-            aux = jnp.zeros(())
-        else:
-            aux = sae.aux_loss(params, x_BxD, -r_BxD, dead_M, sae_cfg)
+        aux = sae.aux_loss(params, x_BxD, -r_BxD, dead_M, sae_cfg)
         total = hmse + sae_cfg.aux_coeff * aux
         var = jnp.sum((x_BxD - x_BxD.mean(0)) ** 2)
         fvu_K = mse_K * x_BxD.size / jnp.where(var > 0, var, 1.0)

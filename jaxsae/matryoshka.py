@@ -172,10 +172,7 @@ def make_loss_fn(sae_cfg: sae.SAEConfig, cfg: MatryoshkaConfig = MatryoshkaConfi
         acts_BxM = sae.encode(params, x_BxD, sae_cfg)  # one BatchTopK selection over all M latents
         mse_P, r_BxD = prefix_mse(acts_BxM, params["W_dec"], sae._b_dec(params, sae_cfg), x_BxD, widths, cfg.tile)
         mmse = jnp.dot(w_P, mse_P)
-        if dead_M is None or sae_cfg.aux_k == 0:
-            aux = jnp.zeros(())
-        else:
-            aux = sae.aux_loss(params, x_BxD, -r_BxD, dead_M, sae_cfg)
+        aux = sae.aux_loss(params, x_BxD, -r_BxD, dead_M, sae_cfg)
         total = mmse + sae_cfg.aux_coeff * aux
         var = jnp.sum((x_BxD - x_BxD.mean(0)) ** 2)
         fvu_P = jax.lax.stop_gradient(mse_P * x_BxD.size / jnp.where(var > 0, var, 1.0))

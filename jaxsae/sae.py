@@ -352,13 +352,16 @@ def apply(params: dict, x_BxD: jax.Array, cfg: SAEConfig) -> jax.Array:
 
 
 def aux_loss(params, x_BxD, resid_BxD, dead_M, cfg):
-    """AuxK: FVU of the residual modelled by the top `aux_k` dead pre-activations, 0 if none dead.
+    """AuxK: FVU of the residual modelled by the top `aux_k` dead pre-activations; 0 if none dead, if
+    `dead_M` is None (no firing statistics, e.g. outside the trainer) or if AuxK is off (`aux_k=0`).
 
     Only the first `aux_max_dead` dead latents (by id) are candidates, gathered into a dense [B, N]
     problem: its cost is N/M of the encoder matmul, whatever the activation. Each token uses exactly
     min(aux_k, N) of them (ties at the cut go to the lower id, as in `lax.top_k`). A residual whose
     variance is at rounding level (`_degenerate_variance`) gives 0, not Σ‖e − ê‖² / noise.
     """
+    if dead_M is None or cfg.aux_k == 0:
+        return jnp.zeros(())
     N = min(cfg.aux_max_dead, cfg.d_sae)
     A = min(cfg.aux_k, N)
     B = x_BxD.shape[0]
@@ -419,10 +422,7 @@ def loss(params: dict, x_BxD: jax.Array, cfg: SAEConfig, dead_M: jax.Array | Non
     l0 = jnp.mean(jnp.sum((code.vals_BxK if isinstance(code, Code) else code) != 0, axis=-1))
     resid_BxD = x_BxD - x_hat_BxD
     mse = jnp.mean(resid_BxD**2)
-    if dead_M is None or cfg.aux_k == 0:
-        aux = jnp.zeros(())
-    else:
-        aux = aux_loss(params, x_BxD, resid_BxD, dead_M, cfg)
+    aux = aux_loss(params, x_BxD, resid_BxD, dead_M, cfg)
     total = mse + penalty + cfg.aux_coeff * aux
     var = jnp.sum((x_BxD - x_BxD.mean(0)) ** 2)
     fvu = jnp.sum(resid_BxD**2) / jnp.where(var > 0, var, 1.0)
