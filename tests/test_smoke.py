@@ -114,7 +114,7 @@ def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world")
     rng = np.random.default_rng(0)
     tok = _WordTokenizer()
-    model_cfg, model_params = harvest.load_model("tiny")
+    model = harvest.load_model("tiny")
     for corpus, make in (("general", _general_doc), ("code", _code_doc)):
         for split in ("train", "heldout"):
             path = root / "data" / "corpora" / corpus / f"{split}.jsonl"
@@ -127,7 +127,7 @@ def world(tmp_path_factory) -> Path:
             hcfg = harvest.HarvestConfig(corpus=corpus, split=split, num_tokens=CACHE_TOKENS[corpus, split],
                                          layers=(LAYER,), ctx_len=CTX, model="tiny",
                                          root=str(root / "cache" / "acts"))
-            harvest.harvest(model_params, model_cfg, tokens_NxT, hcfg)
+            harvest.harvest(model, tokens_NxT, hcfg)
     return root
 
 
