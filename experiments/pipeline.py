@@ -338,6 +338,7 @@ def _report(cfg: PipelineConfig, summary: dict) -> str:
         f"| [{e[b]:.2f}, {e[b + 1]:.2f}] | {bf['count'][b]} | "
         + " | ".join(_f(bf["mean_p"][str(t)][b]) for t in stab["taus"]) + " |" for b in range(len(e) - 1))
     spearman = ", ".join(f"τ={t}: {_f(r)}" for t, r in bf["spearman"].items())
+    mp_tau = [v for v in bf["mean_p"][str(tau)] if v is not None] or [None]
     gs = stab["groups"]
     st, un, rs, rf = abl["stable"], abl["unstable"], abl["random_size_stable"], abl["random_freq_stable"]
     rsu, rfu = abl["random_size_unstable"], abl["random_freq_unstable"]
@@ -347,7 +348,7 @@ def _report(cfg: PipelineConfig, summary: dict) -> str:
     main_sh = summary.get("main_sh")
     total = (f"The whole `bash scripts/main.sh` (install, corpus fetch and this pipeline) took "
              f"{main_sh['seconds']:.0f} s ({main_sh['seconds'] / 60:.1f} min) wall; load average "
-             f"{main_sh['load_start']} at its start." if main_sh else
+             f"{main_sh['load_start']} at its start (the install step takes ~2 min more where pip has nothing cached)." if main_sh else
              "This run was started as `python -m experiments.pipeline` (not through scripts/main.sh).")
     overrides = " ".join(f"{k}={v}" for k, v in summary["config"].items()
                          if getattr(PipelineConfig, k) != (tuple(v) if isinstance(v, list) else v))
@@ -363,6 +364,9 @@ Ablating the stable latents costs ΔEV {st['d_ev_mean']:.3f} ± {st['d_ev_std']:
 many random alive latents and {rf['d_ev_mean']:.3f} for random latents matched in firing frequency; the unstable ones
 cost {un['d_ev_mean']:.3f} against {rsu['d_ev_mean']:.3f} / {rfu['d_ev_mean']:.3f} (ΔCE on seed 0: stable
 {st['d_ce_seed0']:.3f}, random size-matched {rs['d_ce_seed0']:.3f}, unstable {un['d_ce_seed0']:.3f} nats/token).
+Stable latents fire with larger activations (mean {_f(gs['stable']['mean_act'], 2)} vs {_f(gs['unstable']['mean_act'], 2)}
+when firing), but stability hardly tracks firing frequency here (Spearman ρ of p with log10 frequency
+{_f(bf['spearman'][str(tau)], 2)} at τ = {tau}; mean p per frequency bin {_f(min(mp_tau), 2)}–{_f(max(mp_tau), 2)}).
 Browse every latent of seed 0 with its best match in each other seed: open [browser/index.html](browser/index.html).
 
 {shot}
@@ -470,8 +474,9 @@ Reproduce: `{" ".join(["python -m experiments.pipeline", overrides]).strip()}`
 
 
 PILOTS = """The budget (the whole `scripts/main.sh` from a fresh clone in ≤ 15 min on 2 shared cores) leaves about 6 min for
-harvest + training + analysis after install (~2 min) and corpus fetch (2.5 min measured). Harvest runs at ~700 rows/s
-here, so the training rows are few (60k) and cycled. Pilots (batch 1024, lr 1e-2 with cosine decay, the first rows of
+harvest + training + analysis after install (~2 min on a fresh machine) and the corpus fetch (154 s measured from
+scratch at load 5.5). Harvest runs at ~700 rows/s at that load (20k held-out rows: 33 s; 150k training rows: 212 s),
+so the training rows are few (60k) and cycled. Pilots (batch 1024, lr 1e-2 with cosine decay, the first rows of
 `general_train`, stability over the latents alive on the 20k held-out rows; training seconds under load 3–6):
 
 | pilot | rows | M | k | AuxK | seeds | steps | held-out EV | p (τ=0.5 / 0.7 / 0.9) | ΔEV stable / rand size / rand freq | train s |
