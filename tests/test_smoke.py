@@ -222,15 +222,33 @@ def test_experiment_pipeline(tmp_path, world):
     cwd = link(tmp_path, world, "data", "cache")
     out = tmp_path / "res"
     run(cwd, "experiments.pipeline", "model=tiny", f"layer={LAYER}", "train_tokens=2048", "heldout_tokens=512",
-        "d_sae=32", "k=4", "n_seeds=2", "steps=4", "batch_size=64", "dead_after_tokens=1024", "ce_contexts=2",
-        "eval_batch_size=256", f"run_dir={tmp_path / 'runs'}", f"out={out}")
+        "domain_tokens=512", "d_sae=32", "k=4", "aux_k=8", "n_seeds=2", "steps=4", "batch_size=64",
+        "dead_after_tokens=1024", "ce_contexts=2", "eval_batch_size=256", "freq_bins=3", "browse_top_k=3",
+        "screenshot=false", f"run_dir={tmp_path / 'runs'}", f"out={out}")
     summary = json.loads((out / "summary.json").read_text())
     assert sorted((r["corpus"], r["seed"]) for r in summary["per_seed"]) == [("code", 0), ("code", 1),
                                                                               ("general", 0), ("general", 1)]
     for r in summary["per_seed"]:
         assert has_fields(r, "ev", "l0", "dead_frac", "ce_delta", "loss_recovered") and r["l0"] <= 4
     assert set(summary["mean_std"]) == {"general", "code"}
-    assert "| general | 0 |" in (out / "report.md").read_text() and png(out / "pipeline.png")
+    stab = summary["stability"]
+    assert stab["tau"] == 0.7 and stab["taus"] == [0.5, 0.7, 0.9] and 0.0 <= stab["mean"] <= 1.0
+    assert 0.0 <= stab["frac_stable"] <= 1.0 and stab["mean"] == stab["by_tau"]["0.7"]["mean"]
+    # Two seeds: p is 0 or 1, so the histogram has two bins and counts every alive latent once.
+    assert all(len(b["hist"]) == 2 and sum(b["hist"]) == stab["alive"] for b in stab["by_tau"].values())
+    assert [a + b for a, b in zip(stab["counts"]["stable"], stab["counts"]["unstable"])] == \
+        [32 - n for n in stab["counts"]["silent"]]
+    groups = ["stable", "unstable", "random_size_stable", "random_freq_stable", "random_size_unstable",
+              "random_freq_unstable"]
+    assert sorted(stab["ablation"]) == sorted(groups)
+    for name in groups:
+        a = stab["ablation"][name]
+        assert len(a["d_ev"]) == 2 and np.isfinite(a["d_ce_seed0"]) and a["d_ev_mean"] == pytest.approx(np.mean(a["d_ev"]))
+    for name in ("stable", "unstable"):  # a random group matches its group's size on every seed
+        assert stab["ablation"][f"random_size_{name}"]["size_per_seed"] == stab["ablation"][name]["size_per_seed"]
+    assert (out / "browser" / "index.html").is_file() and (out / "browser" / "data" / "overview.js").is_file()
+    report = (out / "report.md").read_text()
+    assert "| general | 0 |" in report and "## Per-feature stability" in report and png(out / "pipeline.png")
 
 
 def test_experiment_hierarchical_topk(tmp_path, world):
