@@ -68,6 +68,19 @@ def override(cfg: T, overrides: Sequence[str]) -> T:
     return dataclasses.replace(cfg, **changes)
 
 
+def split_argv(argv: Sequence[str], cfgs: Sequence[Any]) -> list[list[str]]:
+    """Send each key=value to the first of several config dataclasses (classes or instances) with that field."""
+    fields = [{f.name for f in dataclasses.fields(c)} for c in cfgs]
+    owned = [[] for _ in cfgs]
+    for item in argv:
+        key = item.split("=", 1)[0].strip().lstrip("-").replace("-", "_")
+        owners = [i for i, names in enumerate(fields) if key in names]
+        if not owners:
+            raise ValueError(f"unknown option {key!r}; known: {sorted(set().union(*fields))}")
+        owned[owners[0]].append(item)
+    return owned
+
+
 def help_text(cfg: Any) -> str:
     """One line per field: name, current value, and its comment."""
     docs = field_docs(type(cfg))

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print("\n\n".join(configlib.help_text(c) for c in defaults))
         return 0
-    sae_argv, train_argv, plan_argv = train._split_argv(argv, defaults)
+    sae_argv, train_argv, plan_argv = configlib.split_argv(argv, defaults)
     sae_cfg = configlib.override(sae.SAEConfig(), sae_argv)
     train_cfg = configlib.override(train.TrainConfig(), train_argv)
     plan = configlib.override(PlanConfig(), plan_argv)

@@ -320,12 +320,13 @@ def main(argv=None) -> int:
     from jaxsae import configlib, distributed
 
     argv = list(argv or [])
-    dist_keys = {f.name for f in dataclasses.fields(distributed.DistConfig)}
-    dist_argv = [a for a in argv if a.split("=", 1)[0] in dist_keys]
-    cfg = configlib.parse(StabilityConfig(), [a for a in argv if a not in dist_argv],
-                          "usage: jaxsae stability run=RUN_DIR [key=value ...]\n")
-    if cfg is None:
+    defaults = [StabilityConfig(), distributed.DistConfig()]
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print("usage: jaxsae stability run=RUN_DIR [key=value ...]\n" +
+              "\n\n".join(configlib.help_text(c) for c in defaults))
         return 0
+    cfg_argv, dist_argv = configlib.split_argv(argv, defaults)
+    cfg = configlib.override(StabilityConfig(), cfg_argv)
     if not cfg.run:
         raise ValueError("jaxsae stability needs run=RUN_DIR")
     distributed.initialize(configlib.override(distributed.DistConfig(), dist_argv))

@@ -349,19 +349,6 @@ class RunConfig:
     ctx_batch: int = 16  # source=model: contexts per model forward
 
 
-def _split_argv(argv: list[str], cfgs: list) -> list[list[str]]:
-    """Send each key=value to the one config dataclass that has that field."""
-    owned = [[] for _ in cfgs]
-    for item in argv:
-        key = item.split("=", 1)[0].strip().lstrip("-").replace("-", "_")
-        owners = [i for i, c in enumerate(cfgs) if key in {f.name for f in dataclasses.fields(c)}]
-        if not owners:
-            known = sorted(f.name for c in cfgs for f in dataclasses.fields(c))
-            raise ValueError(f"unknown option {key!r}; known: {known}")
-        owned[owners[0]].append(item)
-    return owned
-
-
 def main(argv: list[str] | None = None) -> int:
     """`jaxsae train [key=value ...]`: fields of SAEConfig, TrainConfig and RunConfig."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -369,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print("\n\n".join(configlib.help_text(c) for c in defaults))
         return 0
-    sae_argv, train_argv, run_argv, dist_argv = _split_argv(argv, defaults)
+    sae_argv, train_argv, run_argv, dist_argv = configlib.split_argv(argv, defaults)
     run = configlib.override(RunConfig(), run_argv)
     train_cfg = configlib.override(TrainConfig(), train_argv)
     distributed.initialize(configlib.override(distributed.DistConfig(), dist_argv))

@@ -49,9 +49,9 @@ def main(argv=None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(configlib.help_text(jplan.PlanConfig()))
         return 0
-    plan_keys = {f for f in jplan.PlanConfig.__dataclass_fields__}
-    plan = configlib.override(jplan.PlanConfig(), [a for a in argv if a.split("=", 1)[0] in plan_keys])
-    train_argv, model_argv = train._split_argv([a for a in argv if a.split("=", 1)[0] not in plan_keys])
+    train_argv, model_argv, plan_argv = configlib.split_argv(argv, [train.TrainConfig, config.LlamaConfig,
+                                                                    jplan.PlanConfig])
+    plan = configlib.override(jplan.PlanConfig(), plan_argv)
     cfg = configlib.override(train.TrainConfig(), train_argv)
     model_cfg = configlib.override(train.PRESETS[cfg.preset](), model_argv)
     jax.config.update("jax_num_cpu_devices", cfg.mesh_data * cfg.mesh_fsdp)

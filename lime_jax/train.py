@@ -335,28 +335,14 @@ def load_params(out_dir: str | Path) -> tuple[dict, config.LlamaConfig]:
     return TrainState(*restored[1]).params, model_cfg
 
 
-def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """key=value items for TrainConfig and for LlamaConfig (every key belongs to exactly one)."""
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    model_keys = {f.name for f in dataclasses.fields(config.LlamaConfig)}
-    train_argv, model_argv = [], []
-    for item in argv:
-        key = item.split("=", 1)[0].strip().lstrip("-").replace("-", "_")
-        if key not in train_keys | model_keys:
-            raise ValueError(f"unknown option {key!r}; known: {sorted(train_keys | model_keys)}")
-        (train_argv if key in train_keys else model_argv).append(item)
-    return train_argv, model_argv
-
-
 def main(argv: list[str] | None = None) -> int:
     """`lime_jax train [key=value ...]`: fields of TrainConfig and LlamaConfig (routing=static, n_layers=16, ...)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in argv):
         print("\n\n".join(configlib.help_text(c) for c in (TrainConfig(), config.tiny(), distributed.DistConfig())))
         return 0
-    dist_keys = {f.name for f in dataclasses.fields(distributed.DistConfig)}
-    dist_argv = [a for a in argv if a.split("=", 1)[0] in dist_keys]
-    train_argv, model_argv = _split_argv([a for a in argv if a not in dist_argv])
+    train_argv, model_argv, dist_argv = configlib.split_argv(argv, [TrainConfig, config.LlamaConfig,
+                                                                    distributed.DistConfig])
     cfg = configlib.override(TrainConfig(), train_argv)
     model_cfg = configlib.override(PRESETS[cfg.preset](), model_argv)
     distributed.initialize(configlib.override(distributed.DistConfig(), dist_argv))

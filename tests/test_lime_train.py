@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxsae import configlib
 from lime_jax import config, model, train
 
 SMALL = config.tiny(vocab=61, d_model=16, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=24, max_len=8)
@@ -121,8 +122,8 @@ def test_bad_configs_and_inputs_raise(tmp_path):
     assert not (tmp_path / "config.json").exists()  # nothing written before the checks
     with pytest.raises(ValueError, match="unknown option 'colour'"):
         train.main(["colour=red"])
-    split = train._split_argv(["routing=v2", "num_steps=3", "n_layers=4"])
-    assert split == (["num_steps=3"], ["routing=v2", "n_layers=4"])
+    split = configlib.split_argv(["routing=v2", "num_steps=3", "n_layers=4"], [train.TrainConfig, config.LlamaConfig])
+    assert split == [["num_steps=3"], ["routing=v2", "n_layers=4"]]
 
 
 @pytest.mark.slow  # two compiles of the tiny LM
