@@ -27,6 +27,8 @@ import scipy.optimize
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from jaxsae import distributed
+
 
 def _check_dirs(name: str, x: jax.Array, ndim: int) -> None:
     if x.ndim != ndim:
@@ -131,16 +133,7 @@ def cross_best(a_MxD, b_NxD, enc_a_MxD=None, enc_b_NxD=None, *, block: int = 512
         args = [None if x is None else jax.make_array_from_callback(x.shape, rep, lambda i, x=np.asarray(x): x[i])
                 for x in args]
     best_M, best_N = _cross_best(*args, block, search_dtype, mesh)
-    return _host(best_M), _host(best_N)
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    """A result as numpy on every process (gathered when it is split over processes)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return tuple(np.asarray(a) for a in distributed.to_host((best_M, best_N)))  # gathered across processes
 
 
 def best_matches(dec_SxMxD, enc_SxMxD=None, *, block: int = 512, search_dtype: str = "bfloat16",
@@ -293,7 +286,7 @@ class StabilityConfig:
 
 def run_stability(cfg: StabilityConfig) -> dict:
     """p_i of every latent of every seed of a run at each τ, the tiles split over every device of every process."""
-    from jaxsae import distributed, evaluate, io
+    from jaxsae import evaluate, io
 
     folders = evaluate.find_saes(cfg.run)
     params = [io.load_any(f)[0] for f in folders]
@@ -317,7 +310,7 @@ def main(argv=None) -> int:
     import json
     from pathlib import Path
 
-    from jaxsae import configlib, distributed
+    from jaxsae import configlib
 
     argv = list(argv or [])
     defaults = [StabilityConfig(), distributed.DistConfig()]
