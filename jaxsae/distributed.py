@@ -49,6 +49,27 @@ def check(cfg: DistConfig) -> None:
         raise ValueError(f"cpu_devices must be >= 0 and the timeouts >= 1 s, got {cfg}")
 
 
+def check_split(cfg: DistConfig, mesh: dict[str, int], batch_size: int) -> None:
+    """One-line errors, before any process joins, for a mesh or batch that cannot be split over the processes.
+
+    `mesh` gives the size of each axis of `jaxsae.sharding.AXES` (missing ones are 1); batch rows split over
+    data x fsdp. Processes hold contiguous runs of the mesh's devices (`jax.devices()` lists them by process).
+    """
+    check(cfg)
+    sizes = [int(mesh.get(a, 1)) for a in ("seed", "data", "fsdp", "model")]
+    n, P = int(np.prod(sizes)), cfg.num_processes
+    shown = " x ".join(f"{a}={s}" for a, s in zip(("seed", "data", "fsdp", "model"), sizes) if s > 1) or "1 device"
+    if n % P:
+        raise ValueError(f"num_processes={P} does not divide the mesh ({shown} = {n} devices) into equal parts")
+    if P > 1 and cfg.cpu_devices and cfg.cpu_devices * P != n:
+        raise ValueError(f"the mesh ({shown} = {n} devices) must use every device of the job, but num_processes={P} "
+                         f"x cpu_devices={cfg.cpu_devices} = {P * cfg.cpu_devices}")
+    ways = sizes[1] * sizes[2]
+    if batch_size % ways:
+        raise ValueError(f"batch_size={batch_size} does not split into the {ways} row blocks of data x fsdp "
+                         f"(over num_processes={P})")
+
+
 def initialize(cfg: DistConfig) -> None:
     """Join the job described by `cfg` (a no-op for one process); call before any JAX computation."""
     check(cfg)
@@ -96,6 +117,9 @@ def process_box(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tupl
     """The block of a global array of `shape` that this process's devices hold, as one slice per axis."""
     blocks = {tuple(s.indices(n)[:2] for s, n in zip(index, shape))
               for index in sharding.addressable_devices_indices_map(shape).values()}
+    if not blocks:
+        raise ValueError(f"process {jax.process_index()} holds no device of the mesh ({len(sharding.device_set)} of "
+                         f"{jax.device_count()} devices); under several processes the mesh must use every device")
     box = tuple(slice(min(b[a][0] for b in blocks), max(b[a][1] for b in blocks)) for a in range(len(shape)))
     if sum(int(np.prod([stop - start for start, stop in b])) for b in blocks) != \
             int(np.prod([s.stop - s.start for s in box])):

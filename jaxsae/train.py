@@ -359,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     sae_argv, train_argv, run_argv, dist_argv = configlib.split_argv(argv, defaults)
     run = configlib.override(RunConfig(), run_argv)
     train_cfg = configlib.override(TrainConfig(), train_argv)
-    distributed.initialize(configlib.override(distributed.DistConfig(), dist_argv))
+    dist_cfg = configlib.override(distributed.DistConfig(), dist_argv)
+    distributed.check_split(dist_cfg, {"seed": train_cfg.mesh_seed, "data": train_cfg.mesh_data,
+                                       "model": train_cfg.mesh_model}, train_cfg.batch_size)
+    distributed.initialize(dist_cfg)
     if run.source == "model":
         from jaxsae import adapter, harvest, stream
 

@@ -15,12 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsae import io
+from jaxsae import distributed, io
 from jaxsae.data import CacheWriter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # every test that starts processes
 
 
 def _train_args(cache, out, **kw):
@@ -64,6 +64,7 @@ def cache(tmp_path_factory):
     return str(path)
 
 
+@slow
 @pytest.mark.parametrize("mesh", [dict(mesh_data=4), dict(mesh_seed=2, mesh_data=2, data_order="per_seed")],
                          ids=["rows-split", "seeds-split-per-seed-orders"])
 def test_two_processes_train_what_one_process_trains(cache, tmp_path, mesh):
@@ -74,6 +75,7 @@ def test_two_processes_train_what_one_process_trains(cache, tmp_path, mesh):
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3  # written once, by process 0
 
 
+@slow
 def test_a_two_process_checkpoint_resumes_in_one_process(cache, tmp_path):
     args = dict(mesh_data=4)
     _two(_train_args(cache, tmp_path / "two", **args))
@@ -84,6 +86,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(cache, tmp_path):
     _assert_same(tmp_path / "two", tmp_path / "resumed")
 
 
+@slow
 def test_a_lost_process_is_detected_and_named(cache, tmp_path):
     """Kill process 1 mid-run: process 0 stops with an error within a bounded time instead of hanging."""
     import socket
@@ -108,8 +111,39 @@ def test_a_lost_process_is_detected_and_named(cache, tmp_path):
     assert any(s in out for s in ("peer", "heartbeat", "Task 1")), out[-2000:]
 
 
+def _dist(**kw):
+    return distributed.DistConfig(**{"coordinator": "127.0.0.1:1", **kw})
+
+
+@pytest.mark.parametrize("cfg, mesh, batch, message", [
+    (_dist(num_processes=3), dict(data=4), 32, "num_processes=3 does not divide the mesh (data=4 = 4 devices)"),
+    (_dist(num_processes=2), dict(seed=3), 32, "num_processes=2 does not divide the mesh (seed=3 = 3 devices)"),
+    (_dist(num_processes=2, cpu_devices=1), dict(data=4), 32, "num_processes=2 x cpu_devices=1 = 2"),
+    (_dist(num_processes=2, cpu_devices=4), dict(data=4), 32, "num_processes=2 x cpu_devices=4 = 8"),
+    (_dist(num_processes=2, cpu_devices=2), dict(data=2, fsdp=2), 30, "batch_size=30 does not split into the 4 "),
+    (_dist(num_processes=2, process_id=2), dict(data=2), 32, "process_id=2 is out of range"),
+    (_dist(num_processes=2, process_id=-1), dict(data=2), 32, "process_id=-1 is out of range"),
+], ids=["mesh-3", "seeds-2", "too-few-devices", "unused-devices", "batch", "id-high", "id-negative"])
+def test_a_job_that_cannot_be_split_is_one_line_before_it_starts(cfg, mesh, batch, message):
+    """Checked from the settings alone: no process is started, no coordinator contacted."""
+    with pytest.raises(ValueError) as err:
+        distributed.check_split(cfg, mesh, batch)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("cfg, mesh, batch", [
+    (_dist(num_processes=2, cpu_devices=2), dict(seed=2, data=2), 32),
+    (_dist(num_processes=4, cpu_devices=2, process_id=3), dict(data=4, model=2), 4),
+    (distributed.DistConfig(), dict(data=2), 2),
+])
+def test_a_job_that_splits_evenly_passes_the_check(cfg, mesh, batch):
+    distributed.check_split(cfg, mesh, batch)
+
+
+@slow
 @pytest.mark.parametrize("extra, message", [
     (["num_processes=2", "process_id=2", "coordinator=127.0.0.1:1"], "process_id=2 is out of range"),
+    (["num_processes=3", "coordinator=127.0.0.1:1", "mesh_data=2"], "num_processes=3 does not divide the mesh"),
     (["num_processes=2"], "needs coordinator=HOST:PORT"),
     (["num_processes=2", "process_id=1", "coordinator=127.0.0.1:9", "init_timeout_s=3"], "did not answer within 3 s"),
 ])
@@ -121,6 +155,7 @@ def test_bad_distributed_settings_are_one_line(cache, tmp_path, extra, message):
     assert not (tmp_path / "run").exists()
 
 
+@slow
 def test_streaming_from_the_model_two_processes_equal_one(tmp_path):
     """source=model: every process runs the LM only on the contexts holding its rows; same SAEs as 1 process."""
     tokens = np.random.default_rng(1).integers(1, 1000, (24, 16)).astype(np.int32)
@@ -133,6 +168,7 @@ def test_streaming_from_the_model_two_processes_equal_one(tmp_path):
     _assert_same(tmp_path / "one", tmp_path / "two")
 
 
+@slow
 def test_stability_search_over_two_processes_equals_one(cache, tmp_path):
     import json
 
@@ -159,6 +195,7 @@ train.fit(model_cfg, cfg, tokens, tokens[:8])
 """
 
 
+@slow
 def test_lime_training_over_data_and_fsdp_two_processes_equal_one(tmp_path):
     """The LM trainer: each process reads its rows of every token batch; same params and loss as one process."""
     import json
