@@ -3,6 +3,7 @@
 Each run is a real command: `python -m jaxsae.launch -n 2 --cpu-devices 2 -- jaxsae train ...` against
 `jaxsae train ... cpu_devices=4`, the same 4-device mesh split over 2 processes or held by 1.
 """
+import json
 import os
 import pathlib
 import shutil
@@ -75,15 +76,27 @@ def test_two_processes_train_what_one_process_trains(cache, tmp_path, mesh):
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3  # written once, by process 0
 
 
+def _as_if_killed_after_step_10(run, copy):
+    """A copy of a finished 30-step run as a job killed right after its step-10 checkpoint would leave it."""
+    shutil.copytree(run, copy)
+    for step in (20, 30):
+        shutil.rmtree(copy / "checkpoints" / str(step))
+    for seed_dir in copy.glob("seed_*"):  # else an idle resume would pass on the finished run's files
+        shutil.rmtree(seed_dir)
+    (copy / "summary.json").unlink()
+
+
 @slow
-def test_a_two_process_checkpoint_resumes_in_one_process(cache, tmp_path):
+def test_a_killed_two_process_run_resumes_in_two_or_one_processes(cache, tmp_path):
+    """Resumed from a 2-process checkpoint by 2 processes, or by 1: the uninterrupted 2-process run's SAEs."""
     args = dict(mesh_data=4)
     _two(_train_args(cache, tmp_path / "two", **args))
-    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
-    for step in (20, 30):  # as if the job died right after the checkpoint of step 10
-        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(step))
-    _one(_train_args(cache, tmp_path / "resumed", **args))
-    _assert_same(tmp_path / "two", tmp_path / "resumed")
+    for name, resume in (("again_two", _two), ("again_one", _one)):
+        _as_if_killed_after_step_10(tmp_path / "two", tmp_path / name)
+        resume(_train_args(cache, tmp_path / name, **args))
+        _assert_same(tmp_path / "two", tmp_path / name)
+        log = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in log] == [10, 20, 30], name
 
 
 @slow
