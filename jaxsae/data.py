@@ -244,28 +244,15 @@ class CacheWriter:
 
     def __init__(self, path: str | os.PathLike, manifest_fields: dict, d_in: int, dtype: str = "float16",
                  shard_tokens: int = 2**16):
-        if dtype not in _DTYPES:
-            raise ValueError(f"CacheWriter dtype {dtype!r} is not one of {sorted(_DTYPES)}")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.shard_tokens = shard_tokens
-        fields = dict(manifest_fields, d_in=d_in, dtype=dtype)
         manifest_path = self.path / MANIFEST
-        if manifest_path.is_file():
-            old = json.loads(manifest_path.read_text())
-            for key, value in fields.items():
-                if old.get(key) != value:
-                    raise ValueError(
-                        f"cache {self.path} was written with {key}={old.get(key)!r}; refusing to append {key}={value!r}"
-                    )
-            self.manifest = old
-        else:
-            self.manifest = dict(fields, num_tokens=0, shards=[], stats={"sum": [0.0] * d_in, "sum_sq_norm": 0.0})
+        self.manifest = open_manifest(self.path, manifest_fields, d_in, dtype)
+        if not manifest_path.is_file():
             _write_json_atomic(manifest_path, self.manifest)
         for tmp in self.path.glob("*.tmp"):  # leftovers of an interrupted write
             tmp.unlink()
-        self._sum_D = np.asarray(self.manifest["stats"]["sum"], np.float64)
-        self._sum_sq = float(self.manifest["stats"]["sum_sq_norm"])
         self._pending: list[np.ndarray] = []
 
     @property
@@ -299,25 +286,73 @@ class CacheWriter:
         self.close()
 
     def _write_shard(self, x_NxD: np.ndarray) -> None:
-        name = f"shard_{len(self.manifest['shards']):06d}.npy"
-        stored = x_NxD.view(_STORED[self.manifest["dtype"]])
-        with open(self.path / (name + ".tmp"), "wb") as f:
-            np.save(f, stored)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self.path / (name + ".tmp"), self.path / name)
-        x64 = x_NxD.astype(np.float64)
-        self._sum_D += x64.sum(0)
-        self._sum_sq += float(np.sum(x64 * x64))
-        m = self.manifest
-        m["shards"].append({"file": name, "num_tokens": len(x_NxD), "size": (self.path / name).stat().st_size})
-        m["num_tokens"] += len(x_NxD)
-        m["stats"] = {"sum": self._sum_D.tolist(), "sum_sq_norm": self._sum_sq}
-        n = m["num_tokens"]
-        mean_D = self._sum_D / n
-        # E‖x − x̄‖² = E‖x‖² − ‖x̄‖².
-        m["normalizer"] = Normalizer.from_moments(mean_D, self._sum_sq / n - float(mean_D @ mean_D)).to_dict()
-        _write_json_atomic(self.path / MANIFEST, m)
+        entry, sum_D, sum_sq = write_shard(self.path, len(self.manifest["shards"]), x_NxD, self.manifest["dtype"])
+        add_shard(self.manifest, entry, sum_D, sum_sq)
+        _write_json_atomic(self.path / MANIFEST, self.manifest)
+
+
+def open_manifest(path: str | os.PathLike, manifest_fields: dict, d_in: int, dtype: str) -> dict:
+    """The manifest of the cache at `path`, which must have been written with these fields; a fresh one if none.
+
+    Nothing is written, so every process of a job can call it.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"cache dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    fields = dict(manifest_fields, d_in=d_in, dtype=dtype)
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        return dict(fields, num_tokens=0, shards=[], stats={"sum": [0.0] * d_in, "sum_sq_norm": 0.0})
+    old = json.loads(manifest_path.read_text())
+    for key, value in fields.items():
+        if old.get(key) != value:
+            raise ValueError(f"cache {path} was written with {key}={old.get(key)!r}; refusing to append {key}={value!r}")
+    return old
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:06d}.npy"
+
+
+def shard_sums(x_NxD: np.ndarray) -> tuple[np.ndarray, float]:
+    """(sum_D, sum of squared norms) of a shard's stored rows, in float64: what the manifest's running sums add."""
+    x64 = np.asarray(x_NxD).astype(np.float64)
+    return x64.sum(0), float(np.sum(x64 * x64))
+
+
+def write_shard(path: str | os.PathLike, index: int, x_NxD: np.ndarray, dtype: str) -> tuple[dict, np.ndarray, float]:
+    """Write rows already in `dtype` as shard `index` (temporary name, fsync, rename): (manifest entry, sums)."""
+    path, name = Path(path), shard_name(index)
+    with open(path / (name + ".tmp"), "wb") as f:
+        np.save(f, x_NxD.view(_STORED[dtype]))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path / (name + ".tmp"), path / name)
+    return {"file": name, "num_tokens": len(x_NxD), "size": (path / name).stat().st_size}, *shard_sums(x_NxD)
+
+
+def read_shard(path: str | os.PathLike, index: int, rows: int, d_in: int, dtype: str) -> np.ndarray | None:
+    """Shard `index` of the cache at `path` in `dtype` if a complete one of [rows, d_in] is on disk, else None."""
+    f = Path(path) / shard_name(index)
+    try:
+        x = np.load(f, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if x.shape != (rows, d_in) or x.dtype != _STORED[dtype]:
+        return None
+    return np.asarray(x).view(_DTYPES[dtype])
+
+
+def add_shard(manifest: dict, entry: dict, sum_D: np.ndarray, sum_sq: float) -> None:
+    """Append a written shard to `manifest` (in place): its entry, the running sums and the Normalizer they give."""
+    m = manifest
+    total_D = np.asarray(m["stats"]["sum"], np.float64) + sum_D
+    total_sq = float(m["stats"]["sum_sq_norm"]) + sum_sq
+    m["shards"].append(entry)
+    m["num_tokens"] += entry["num_tokens"]
+    m["stats"] = {"sum": total_D.tolist(), "sum_sq_norm": total_sq}
+    mean_D = total_D / m["num_tokens"]
+    # E‖x − x̄‖² = E‖x‖² − ‖x̄‖².
+    m["normalizer"] = Normalizer.from_moments(mean_D, total_sq / m["num_tokens"] - float(mean_D @ mean_D)).to_dict()
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:

@@ -138,3 +138,20 @@ def to_host(tree):
     if jax.process_count() == 1:
         return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def gather(x: np.ndarray) -> np.ndarray:
+    """[num_processes, *x.shape]: every process's numpy `x` (same shape and dtype in all), bit for bit (a collective)."""
+    x = np.ascontiguousarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    bytes_ = np.atleast_1d(x).reshape(-1).view(np.uint8)  # as raw bytes: float64 survives without jax_enable_x64
+    out = np.asarray(multihost_utils.process_allgather(bytes_, tiled=False))
+    return out.reshape(jax.process_count(), -1).view(x.dtype).reshape(jax.process_count(), *x.shape)
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op for one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+

@@ -1,6 +1,8 @@
 """`jaxsae eval`: EV, L0, dead fraction, and the LM-loss cost of splicing an SAE into its language model.
 
 The model is any `jaxsae.adapter.ModelAdapter`; by default the one a cache's manifest names.
+Under several processes (`coordinator=... num_processes=N process_id=I`, see `jaxsae.distributed`) each process
+reads its rows of every EV batch and splices its share of the contexts; the sums are combined and process 0 writes.
 
 Reconstruction metrics run over an activation cache; the CE metrics replace the residual after block
 `layer` by the SAE's reconstruction only at the positions a cache keeps (>= skip_first and not an excluded
@@ -22,16 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxsae import adapter, configlib, harvest, io, metrics, sae
+from jaxsae import adapter, configlib, distributed, harvest, io, metrics, sae
 from jaxsae.adapter import ModelAdapter, kept_positions
 from jaxsae.data import CacheSource, Normalizer
 
 RECON_FN = Callable[[jax.Array], jax.Array]
-
-
-def load_model(name: str = "smollm2-135m") -> ModelAdapter:
-    """The adapter of a registered model (default SmolLM2-135M) or a "module:factory" spec."""
-    return adapter.load(name)
 
 
 def _identity(h_BxTxD):
@@ -63,8 +60,11 @@ def ce_metrics(model: ModelAdapter, tokens_NxT, layer: int, recon_fn: RECON_FN, 
     # clean runs through the same splice path, so an identity recon_fn gives ce_delta == 0 exactly.
     fns = {"spliced": recon_fn} if baseline is not None else {"clean": _identity, "zero": _zeros, "spliced": recon_fn}
     sums, count = dict.fromkeys(fns, 0.0), 0
-    for b0 in tqdm(range(0, N, batch_size), desc=f"CE splice L{layer}", unit="batch", mininterval=5):
-        batch_BxT = tokens_NxT[b0 : b0 + batch_size]
+    P, me = jax.process_count(), jax.process_index()
+    lo, hi = me * N // P, (me + 1) * N // P  # this process's contexts
+    for b0 in tqdm(range(lo, hi, batch_size), desc=f"CE splice L{layer}", unit="batch", mininterval=5,
+                   disable=me != 0):
+        batch_BxT = tokens_NxT[b0 : min(b0 + batch_size, hi)]
         real = len(batch_BxT)
         if real < batch_size:  # pad with copies (then drop them): one compiled shape for every batch
             batch_BxT = np.concatenate([batch_BxT, np.repeat(batch_BxT[:1], batch_size - real, 0)])
@@ -77,6 +77,9 @@ def ce_metrics(model: ModelAdapter, tokens_NxT, layer: int, recon_fn: RECON_FN, 
             logits_BxTxV = model.splice(model.params, batch_BxT, layer, spliced)
             nll_BxT1 = np.asarray(adapter.token_nll(logits_BxTxV, batch_BxT))
             sums[name] += float(np.sum(nll_BxT1[:real].astype(np.float64) * loss_mask_BxT1))
+    if P > 1:  # every process's sums, added in float64
+        total = distributed.gather(np.array([*sums.values(), count], np.float64)).sum(0)
+        sums, count = dict(zip(sums, total[:-1].tolist())), int(total[-1])
     if count == 0:
         raise ValueError(f"no position of tokens {tokens_NxT.shape} is >= skip_first={skip_first} and not excluded")
     losses = {f"{name}_loss": total / count for name, total in sums.items()}
@@ -116,6 +119,20 @@ def _recon_step(params, normalizer, x_BxD, stats, fires_M, sae_cfg):
     return metrics.ev_stats_update(stats, x_BxD, x_hat_BxD), fires_M, metrics.l0(code)
 
 
+def _merge_processes(stats: metrics.EVStats, l0: float, fires_M: np.ndarray):
+    """Every process's EV sums (merged like `metrics.ev_stats_update`, in float64), mean L0 and firing counts."""
+    local = np.concatenate([[stats.n, stats.m2, stats.err, l0], np.asarray(stats.mean_D)]).astype(np.float64)
+    gathered = distributed.gather(local)
+    n, mean_D, m2, err = 0.0, np.zeros(len(local) - 4), 0.0, 0.0
+    for n_b, m2_b, err_b, _, *mean_b in gathered:
+        delta_D = np.asarray(mean_b) - mean_D
+        total = n + n_b
+        m2 += m2_b + float(delta_D @ delta_D) * n * n_b / total
+        mean_D, n, err = mean_D + delta_D * (n_b / total), total, err + err_b
+    # Each process holds the same number of rows: the mean L0 is the mean of theirs.
+    return metrics.EVStats(n, mean_D, m2, err), float(np.mean(gathered[:, 3])), distributed.gather(fires_M).sum(0)
+
+
 def evaluate_sae(params: dict, sae_cfg: sae.SAEConfig, normalizer: Normalizer | None, acts: CacheSource,
                  tokens_NxT=None, *, num_tokens: int | None = None, batch_size: int = 4096, ce_batch_size: int = 8,
                  model: ModelAdapter | None = None, baseline: dict | None = None) -> dict:
@@ -130,17 +147,26 @@ def evaluate_sae(params: dict, sae_cfg: sae.SAEConfig, normalizer: Normalizer | 
     if n < 1 or batch_size < 1:
         raise ValueError(f"evaluate_sae needs num_tokens >= 1 and batch_size >= 1, got {num_tokens}, {batch_size}")
     batch_size = min(batch_size, n)
+    P, me = jax.process_count(), jax.process_index()
+    if batch_size % P:
+        raise ValueError(f"batch_size={batch_size} rows of an EV batch do not split over num_processes={P}")
+    rows = (me * batch_size // P, (me + 1) * batch_size // P)  # this process's rows of every batch
     stats, fires_M = metrics.ev_stats_init(sae_cfg.d_in), jnp.zeros((sae_cfg.d_sae,), jnp.int32)
     l0s = []
-    stream = acts.batches(batch_size, seed=0)  # the first epoch is one permutation: no row counted twice
-    for _ in tqdm(range(n // batch_size), desc="EV/L0", unit="batch", mininterval=5):
+    # The first epoch is one permutation: no row counted twice.
+    stream = acts.batches(batch_size, seed=0, **({"rows": rows} if P > 1 else {}))
+    for _ in tqdm(range(n // batch_size), desc="EV/L0", unit="batch", mininterval=5, disable=me != 0):
         stats, fires_M, l0 = _recon_step(params, normalizer, jnp.asarray(next(stream)), stats, fires_M, sae_cfg)
         l0s.append(float(l0))
-    out = {"ev": float(1.0 - metrics.ev_stats_fvu(stats)), "l0": float(np.mean(l0s)),
+    if P > 1:
+        stats, l0, fires_M = _merge_processes(stats, float(np.mean(l0s)), np.asarray(fires_M))
+    else:
+        l0 = float(np.mean(l0s))
+    out = {"ev": float(1.0 - metrics.ev_stats_fvu(stats)), "l0": l0,
            "dead_frac": float(metrics.dead_fraction(fires_M)), "eval_tokens": int(stats.n)}
     if tokens_NxT is not None:
         m = acts.manifest
-        model = model if model is not None else load_model(m["model"])
+        model = model if model is not None else harvest.load_model(m["model"])
         if model.name != m["model"]:
             raise ValueError(f"cache {acts.path} holds activations of model {m['model']!r}, not {model.name!r}")
         out.update(ce_metrics(model, tokens_NxT, m["layer"], sae_recon_fn(params, sae_cfg, normalizer), ce_batch_size,
@@ -177,7 +203,7 @@ class EvalConfig:
 def evaluate_run(cfg: EvalConfig) -> list[dict]:
     """One result row per (SAE folder, corpus)."""
     saes = find_saes(cfg.sae)
-    model = load_model(cfg.model) if cfg.ce_contexts else None
+    model = harvest.load_model(cfg.model) if cfg.ce_contexts else None
     rows = []
     for corpus in cfg.corpora:
         path = harvest.cache_dir(corpus, "heldout", cfg.layer, cfg.root, cfg.model)
@@ -191,18 +217,25 @@ def evaluate_run(cfg: EvalConfig) -> list[dict]:
                              baseline=baseline)
             baseline = r if tokens is not None else None
             rows.append({"sae": str(folder), "corpus": corpus, **r})
-            print(json.dumps(rows[-1]), flush=True)
+            if distributed.is_main():
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = configlib.parse(EvalConfig(), argv, "usage: jaxsae eval sae=PATH [key=value ...]\n")
-    if cfg is None:
+    """`jaxsae eval sae=PATH [key=value ...]`: fields of EvalConfig and DistConfig (several processes share the work)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    defaults = [EvalConfig(), distributed.DistConfig()]
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print("usage: jaxsae eval sae=PATH [key=value ...]\n" + "\n\n".join(configlib.help_text(c) for c in defaults))
         return 0
+    eval_argv, dist_argv = configlib.split_argv(argv, defaults)
+    cfg = configlib.override(EvalConfig(), eval_argv)
     if not cfg.sae:
         raise ValueError("jaxsae eval needs sae=PATH (an SAE folder or a run folder)")
+    distributed.initialize(configlib.override(distributed.DistConfig(), dist_argv))
     rows = evaluate_run(cfg)
-    if cfg.out:
+    if cfg.out and distributed.is_main():
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps(rows, indent=1))
     return 0

@@ -27,9 +27,10 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxsae import adapter, configlib
+from jaxsae import adapter, configlib, distributed
 from jaxsae.adapter import ModelAdapter, kept_positions
-from jaxsae.data import MANIFEST, CacheWriter
+from jaxsae.data import _DTYPES, MANIFEST, CacheWriter, _write_json_atomic, add_shard, open_manifest, read_shard, shard_name, \
+    shard_sums, write_shard
 
 CONTEXTS = "contexts.npy"
 HOOK = "resid_post"
@@ -49,6 +50,7 @@ class HarvestConfig:
     dtype: str = "float16"  # storage dtype: float16 or bfloat16
     model: str = "smollm2-135m"  # a model registered with jaxsae (smollm2-135m, tiny) or a "module:factory" spec
     root: str = "cache/acts"  # caches go to {root}/{model}/L{layer}/{corpus}_{split}/
+    tokens: str = ""  # harvest these token contexts instead of the corpus (.npy of int [N, ctx_len])
 
 
 def cache_dir(corpus: str, split: str, layer: int = 14, root: str = "cache/acts", model: str = "smollm2-135m") -> Path:
@@ -106,6 +108,123 @@ def _lock(path: Path):
     return f
 
 
+def _write_contexts(out_dirs: Mapping[int, str | os.PathLike], tokens_NxT: np.ndarray, n_ctx: int) -> None:
+    """Each cache's contexts.npy, written before any of their rows (kept when it already covers n_ctx)."""
+    for path in out_dirs.values():
+        old = Path(path) / CONTEXTS
+        if not old.is_file() or len(np.load(old, mmap_mode="r")) < n_ctx:
+            tmp = Path(path) / (CONTEXTS + ".tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(tokens_NxT[:n_ctx], np.int32))
+            os.replace(tmp, old)
+
+
+def shards_of(done: int, end: int, shard_tokens: int) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) of the shards that take a cache from `done` to `end` rows."""
+    return [(r0, min(r0 + shard_tokens, end)) for r0 in range(done, end, shard_tokens)]
+
+
+def check_processes(cfg: HarvestConfig, num_processes: int, new_rows: int | None = None) -> None:
+    """A harvest split over processes by shard needs at least one new shard per process."""
+    rows = cfg.num_tokens if new_rows is None else new_rows
+    shards = -(-rows // cfg.shard_tokens)
+    if num_processes > 1 and 0 < shards < num_processes:
+        raise ValueError(f"{rows} new rows make {shards} shard(s) of shard_tokens={cfg.shard_tokens}, fewer than "
+                         f"num_processes={num_processes}: each process writes whole shards; lower shard_tokens")
+
+
+def _harvest_split(model: ModelAdapter, tokens_NxT: np.ndarray, cfg: HarvestConfig, out_dirs: dict[int, Path],
+                   fields: dict, cum_rows: np.ndarray, n_ctx: int) -> dict[int, dict]:
+    """`harvest` over several processes: new shard j of every layer is written by process j % P, which runs the
+    model only on the contexts holding its rows; process 0 writes contexts.npy and, after all shards, the manifests.
+
+    Shard boundaries, contents and manifest sums are those of a one-process harvest (the same forward batches, the
+    same float64 sums in shard order). A killed run resumes: a complete shard file already on disk is kept.
+    """
+    P, me, D, dtype = jax.process_count(), jax.process_index(), model.d_model, cfg.dtype
+    skip_first, exclude_tokens = _masking(cfg, model)
+    layers, end = sorted(out_dirs), int(cum_rows[n_ctx])
+    manifests = {l: open_manifest(out_dirs[l], dict(fields, layer=l), D, dtype) for l in layers}
+    done = {l: int(m["num_tokens"]) for l, m in manifests.items()}
+    for l, rows in done.items():
+        if rows > cum_rows[-1]:
+            raise ValueError(f"{out_dirs[l]} holds {rows} rows, more than these tokens give ({cum_rows[-1]})")
+    plan = {l: shards_of(done[l], end, cfg.shard_tokens) for l in layers}  # the new shards, j = 0, 1, ...
+    check_processes(cfg, P, max(end - min(done.values()), 0))
+    first = {l: len(manifests[l]["shards"]) for l in layers}  # file index of new shard 0
+    for path in out_dirs.values():
+        path.mkdir(parents=True, exist_ok=True)
+    locks = [_lock(out_dirs[l]) for l in layers] if me == 0 else []
+    if me == 0:
+        _write_contexts(out_dirs, tokens_NxT, n_ctx)
+
+    written = {}  # (layer, j) -> (num_tokens, size, sum_D, sum_sq) of this process's shards
+    todo = {}  # (layer, j) -> (r0, r1, parts) still to forward
+    for l in layers:
+        for j, (r0, r1) in enumerate(plan[l]):
+            if j % P != me:
+                continue
+            x = read_shard(out_dirs[l], first[l] + j, r1 - r0, D, dtype)  # left by a killed run
+            if x is None:
+                todo[l, j] = (r0, r1, [])
+            else:
+                written[l, j] = (r1 - r0, (out_dirs[l] / shard_name(first[l] + j)).stat().st_size,
+                                 *shard_sums(x))
+    forward = jax.jit(lambda params, tokens_BxT: model.residuals(params, tokens_BxT, tuple(layers)))
+    start = int(np.searchsorted(cum_rows, min(done.values()), side="right")) - 1  # the one-process batch grid
+    t0 = time.time()
+    for c0 in range(start, n_ctx, cfg.batch_size):
+        c1 = min(c0 + cfg.batch_size, n_ctx)
+        a, b = int(cum_rows[c0]), int(cum_rows[c1])
+        wanted = [key for key, (r0, r1, _) in todo.items() if r0 < b and r1 > a]
+        if not wanted:
+            continue
+        batch_BxT = np.asarray(tokens_NxT[c0:c1], np.int32)
+        keep_BxT = kept_positions(batch_BxT, skip_first, exclude_tokens)
+        if len(batch_BxT) < cfg.batch_size:  # pad the last batch: one compiled shape for the whole run
+            batch_BxT = np.concatenate([batch_BxT, np.repeat(batch_BxT[:1], cfg.batch_size - len(batch_BxT), 0)])
+        h = forward(model.params, batch_BxT)
+        for l, j in wanted:
+            r0, r1, parts = todo[l, j]
+            parts.append(np.asarray(h[l][: c1 - c0])[keep_BxT][max(r0, a) - a : min(r1, b) - a])
+            if sum(len(p) for p in parts) == r1 - r0:
+                x = _stored(np.concatenate(parts), dtype)
+                entry, sum_D, sum_sq = write_shard(out_dirs[l], first[l] + j, x, dtype)
+                written[l, j] = (entry["num_tokens"], entry["size"], sum_D, sum_sq)
+                del todo[l, j]
+    seconds = time.time() - t0
+
+    # Every shard's length, size and float64 sums, from the process that wrote it (bit for bit: a byte gather).
+    for l in layers:
+        table = np.zeros((len(plan[l]), D + 3), np.float64)
+        for (layer, j), (n, size, sum_D, sum_sq) in written.items():
+            if layer == l:
+                table[j] = [n, size, sum_sq, *sum_D]
+        table = distributed.gather(table)
+        for j in range(len(plan[l])):
+            n, size, sum_sq, *sum_D = table[j % P, j]
+            add_shard(manifests[l], {"file": shard_name(first[l] + j), "num_tokens": int(n), "size": int(size)},
+                      np.asarray(sum_D), float(sum_sq))
+        if me == 0:
+            _write_json_atomic(out_dirs[l] / MANIFEST, manifests[l])
+    distributed.barrier("jaxsae.harvest: manifests written")
+    for f in locks:
+        f.close()
+    if me == 0:
+        print(json.dumps({"harvest": f"{cfg.corpus}_{cfg.split}", "layers": layers, "contexts": n_ctx, "rows": end,
+                          "processes": P, "seconds": round(seconds, 1)}), flush=True)
+    return manifests
+
+
+def _stored(x_NxD: np.ndarray, dtype: str) -> np.ndarray:
+    """Rows cast to the cache's storage dtype, as CacheWriter.add casts them; an error for overflow."""
+    with np.errstate(over="ignore"):
+        x = np.asarray(x_NxD).astype(_DTYPES[dtype])
+    if not np.isfinite(x.astype(np.float32)).all():
+        raise ValueError(f"harvest: non-finite activations after casting to {dtype}")
+    return x
+
+
 def harvest(model: ModelAdapter, tokens_NxT: np.ndarray, cfg: HarvestConfig,
             out_dirs: Mapping[int, str | os.PathLike] | None = None) -> dict[int, dict]:
     """Write (or resume, or extend) the kept rows of the fewest first contexts that give num_tokens rows.
@@ -124,16 +243,12 @@ def harvest(model: ModelAdapter, tokens_NxT: np.ndarray, cfg: HarvestConfig,
               "skip_first": skip_first, "exclude_tokens": list(exclude_tokens),
               "contexts": "the kept rows of the first contexts, in order (see jaxsae.harvest.cache_contexts)",
               "tokens_sha256": tokens_sha256(tokens_NxT)}
+    if jax.process_count() > 1:
+        return _harvest_split(model, tokens_NxT, cfg, {l: Path(out_dirs[l]) for l in layers}, fields, cum_rows, n_ctx)
     locks = [_lock(Path(out_dirs[l])) for l in layers]
     writers = {l: CacheWriter(out_dirs[l], dict(fields, layer=l), model.d_model, cfg.dtype, cfg.shard_tokens)
                for l in layers}
-    for l in layers:  # the contexts this harvest covers, written before any of their rows
-        old = Path(out_dirs[l]) / CONTEXTS
-        if not old.is_file() or len(np.load(old, mmap_mode="r")) < n_ctx:
-            tmp = Path(out_dirs[l]) / (CONTEXTS + ".tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, np.asarray(tokens_NxT[:n_ctx], np.int32))
-            os.replace(tmp, old)
+    _write_contexts(out_dirs, tokens_NxT, n_ctx)
     done = {l: w.num_tokens for l, w in writers.items()}  # rows committed; global row r belongs to context c
     for l, rows in done.items():  # with cum_rows[c] <= r < cum_rows[c + 1]
         if rows > cum_rows[-1]:
@@ -203,11 +318,21 @@ def corpus_tokens(model: ModelAdapter, cfg: HarvestConfig) -> np.ndarray:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = configlib.parse(HarvestConfig(), argv, "usage: jaxsae harvest [key=value ...]\n")
-    if cfg is None:
+    """`jaxsae harvest [key=value ...]`: fields of HarvestConfig and DistConfig (several processes split the shards)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    defaults = [HarvestConfig(), distributed.DistConfig()]
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print("usage: jaxsae harvest [key=value ...]\n" + "\n\n".join(configlib.help_text(c) for c in defaults))
         return 0
+    harvest_argv, dist_argv = configlib.split_argv(argv, defaults)
+    cfg = configlib.override(HarvestConfig(), harvest_argv)
+    dist_cfg = configlib.override(distributed.DistConfig(), dist_argv)
+    distributed.check(dist_cfg)
+    check_processes(cfg, dist_cfg.num_processes)
+    distributed.initialize(dist_cfg)
     model = load_model(cfg.model)
-    harvest(model, corpus_tokens(model, cfg), cfg)
+    tokens = np.load(cfg.tokens, mmap_mode="r") if cfg.tokens else corpus_tokens(model, cfg)
+    harvest(model, tokens, cfg)
     return 0
 
 

@@ -224,3 +224,45 @@ def test_lime_training_over_data_and_fsdp_two_processes_equal_one(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     losses = [json.loads((tmp_path / d / "summary.json").read_text())["heldout_loss"] for d in ("one", "two")]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_a_harvest_too_small_for_its_processes_is_one_line():
+    from jaxsae import harvest
+
+    cfg = harvest.HarvestConfig(num_tokens=100, shard_tokens=64)
+    harvest.check_processes(cfg, 2)  # 2 shards: one each
+    with pytest.raises(ValueError, match="100 new rows make 2 shard.s. of shard_tokens=64, fewer than num_processes=3"):
+        harvest.check_processes(cfg, 3)
+
+
+@slow
+def test_harvest_and_eval_two_processes_equal_one(tmp_path):
+    """Harvest: each process forwards the contexts of its own shards, process 0 writes the manifest; the cache is
+    the one-process cache byte for byte. Eval: each process reads its rows / contexts; the same metrics."""
+    from jaxsae import sae
+
+    tokens = np.random.default_rng(2).integers(1, 1000, (16, 32)).astype(np.int32)
+    tokens[1, 9] = tokens[6, 20] = tokens[6, 21] = 0  # excluded rows: shards end at uneven context positions
+    np.save(tmp_path / "tokens.npy", tokens)
+    args = ["model=tiny", f"tokens={tmp_path / 'tokens.npy'}", "ctx_len=32", "corpus=toy", "split=heldout",
+            "num_tokens=300", "layers=1,3", "batch_size=4", "shard_tokens=64"]
+    _run(["jaxsae.cli", "harvest", *args, f"root={tmp_path / 'one'}"])
+    r = _run(["jaxsae.launch", "-n", "2", "--", "jaxsae", "harvest", *args, f"root={tmp_path / 'two'}"])
+    assert '[0] {"harvest": "toy_heldout", "layers": [1, 3], "contexts": 11, "rows": 305, "processes": 2' in r.stdout
+    one, two = (sorted(p.relative_to(tmp_path / d) for p in (tmp_path / d).rglob("*") if p.is_file() and
+                       p.name != ".lock") for d in ("one", "two"))
+    assert one == two and len([p for p in one if p.name.startswith("shard_")]) == 2 * 5  # 305 rows, 64 per shard
+    for rel in one:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+
+    cfg = sae.SAEConfig(d_in=128, d_sae=64, k=4)
+    params = jax.tree.map(np.asarray, sae.init(jax.random.key(3), cfg))
+    io.save_saelens(tmp_path / "sae", params, cfg)
+    ev = ["sae=" + str(tmp_path / "sae"), "layer=3", "model=tiny", "corpora=toy", f"root={tmp_path / 'one'}",
+          "num_tokens=200", "batch_size=50", "ce_contexts=7", "ce_batch_size=2"]
+    _run(["jaxsae.cli", "eval", *ev, f"out={tmp_path / 'one.json'}"])
+    _run(["jaxsae.launch", "-n", "2", "--", "jaxsae", "eval", *ev, f"out={tmp_path / 'two.json'}"])
+    (a,), (b,) = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert a.keys() == b.keys() and a["eval_tokens"] == b["eval_tokens"] == 200
+    for key in ("ev", "l0", "dead_frac", "clean_loss", "spliced_loss", "zero_loss", "ce_delta", "loss_recovered"):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-7, err_msg=key)
