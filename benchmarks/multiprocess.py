@@ -52,6 +52,7 @@ class BenchConfig:
     steps: int = 10  # timed steps per job
     rounds: int = 1  # every job runs this many times, jobs alternating; the best round is reported
     job_timeout_s: int = 1800  # a job that runs longer is an error
+    step_timeout_s: int = 300  # a worker stuck this long in one step (compile, a step, the final gather) exits naming it
 
 
 def load_avg_1m() -> float:
@@ -76,7 +77,7 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def worker(cfg: BenchConfig, dist_cfg: distributed.DistConfig) -> None:
     """One job: join it, time the step on the global mesh, print one JSON line from process 0."""
-    distributed.initialize(dist_cfg)  # before any JAX computation
+    distributed.initialize(dist_cfg)  # before any JAX computation (bounded by init_timeout_s)
     import jax
 
     from jaxsae import sae, sharding, train
@@ -86,13 +87,16 @@ def worker(cfg: BenchConfig, dist_cfg: distributed.DistConfig) -> None:
     seed_axis, data_axis = parse_mesh(cfg.meshes[0])
     if jax.device_count() != DEVICES:
         raise ValueError(f"the job has {jax.device_count()} devices, the benchmark compares layouts of {DEVICES}")
+    dog = distributed.Watchdog(cfg.step_timeout_s, prog="benchmarks.multiprocess")
     mesh = sharding.make_mesh(seed=seed_axis, data=data_axis)
     sae_cfg = sae.SAEConfig(d_in=cfg.d_in, d_sae=cfg.d_sae, k=cfg.k, activation="topk", aux_k=0)
     tcfg = train.TrainConfig(batch_size=cfg.batch, n_seeds=cfg.n_seeds, num_steps=10**6)
     step = train.make_train_step(sae_cfg, tcfg, mesh=mesh)  # checks S, M and B divide over the mesh
     abstract = jax.eval_shape(lambda: train.init_state(jax.random.key(0), sae_cfg, tcfg))
     state_sh = sharding.state_shardings(mesh, abstract)
-    state = jax.jit(lambda key: train.init_state(key, sae_cfg, tcfg), out_shardings=state_sh)(jax.random.key(0))
+    with dog.step("the initial state"):
+        state = jax.jit(lambda key: train.init_state(key, sae_cfg, tcfg), out_shardings=state_sh)(jax.random.key(0))
+        jax.block_until_ready(state)
 
     shape = (cfg.batch, cfg.d_in)
     batch_sh = sharding.batch_sharding(mesh, per_seed=False)
@@ -102,8 +106,9 @@ def worker(cfg: BenchConfig, dist_cfg: distributed.DistConfig) -> None:
 
     def one(i: int):
         nonlocal state
-        state, m = step(state, distributed.global_array(batch_sh, pool[i % 2], shape))
-        return jax.block_until_ready(m)
+        with dog.step(f"step {i} ({'compile and warm-up' if i < cfg.warmup else 'timed'})"):
+            state, m = step(state, distributed.global_array(batch_sh, pool[i % 2], shape))
+            return jax.block_until_ready(m)
 
     t0 = time.perf_counter()
     for i in range(cfg.warmup):
@@ -114,11 +119,15 @@ def worker(cfg: BenchConfig, dist_cfg: distributed.DistConfig) -> None:
         t0 = time.perf_counter()
         m = one(cfg.warmup + i)
         times.append(time.perf_counter() - t0)
-    loss = distributed.to_host(m["loss"])  # a collective: every process calls it
+    with dog.step("the final loss gather (a collective)"):
+        loss = distributed.to_host(m["loss"])  # a collective: every process calls it
     if distributed.is_main():
         print(json.dumps({"step_s": min(times), "median_step_s": float(np.median(times)), "compile_and_first_s": first,
                           "final_loss": np.asarray(loss, np.float64).tolist(), "devices": jax.device_count(),
                           "processes": jax.process_count()}), flush=True)
+    if jax.process_count() > 1:
+        with dog.step("jax.distributed.shutdown (its barrier waits for every process)"):
+            jax.distributed.shutdown()
 
 
 def run_job(cfg: BenchConfig, mesh: str, processes: int, devices: int) -> dict:
@@ -133,7 +142,10 @@ def run_job(cfg: BenchConfig, mesh: str, processes: int, devices: int) -> dict:
     env = dict(os.environ)  # the devices come from cpu_devices (jax_num_cpu_devices), never from XLA_FLAGS
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
     before, t0 = load_avg_1m(), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=cfg.job_timeout_s)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=cfg.job_timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"job {processes}x{devices} mesh {mesh} ran past job_timeout_s={cfg.job_timeout_s}") from None
     job_s, after = time.perf_counter() - t0, load_avg_1m()
     lines = [re.sub(r"^\[\d+\] ", "", line) for line in proc.stdout.splitlines()]
     rows = [json.loads(line) for line in lines if line.startswith("{")]

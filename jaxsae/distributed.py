@@ -12,9 +12,13 @@ processes with the right flags.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import re
 import socket
+import sys
+import threading
 import time
 
 import jax
@@ -154,4 +158,40 @@ def barrier(name: str) -> None:
     """Every process waits here until all have arrived (a no-op for one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+class Watchdog:
+    """Ends this process with one line naming the step it is stuck in, once a step outlasts `timeout_s`.
+
+    A collective that a peer never joins (a peer alive but stuck, so JAX's heartbeat stays content) blocks inside
+    XLA where no Python exception reaches: a thread watching the clock is the only way to turn it into an error.
+    Use `with dog.step("timed step 3"): ...` around each blocking call; the launcher then stops the other processes.
+    """
+
+    EXIT_CODE = 124  # as `timeout` exits
+
+    def __init__(self, timeout_s: float, prog: str = "jaxsae"):
+        if timeout_s <= 0:
+            raise ValueError(f"a watchdog needs timeout_s > 0, got {timeout_s}")
+        self.timeout_s, self.prog = timeout_s, prog
+        self._what, self._since, self._who = None, 0.0, "process"
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    @contextlib.contextmanager
+    def step(self, what: str):
+        self._who = f"process {jax.process_index()} of {jax.process_count()}"  # read here, not in the watcher
+        self._what, self._since = what, time.monotonic()
+        try:
+            yield
+        finally:
+            self._what = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 10))
+            what, since = self._what, self._since
+            if what is not None and time.monotonic() - since > self.timeout_s:
+                print(f"{self.prog}: error: {self._who} stuck for more than {self.timeout_s:g} s in {what}",
+                      file=sys.stderr, flush=True)
+                os._exit(self.EXIT_CODE)  # the stuck call holds the main thread: no clean exit is possible
 

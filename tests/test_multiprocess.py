@@ -266,3 +266,25 @@ def test_harvest_and_eval_two_processes_equal_one(tmp_path):
     assert a.keys() == b.keys() and a["eval_tokens"] == b["eval_tokens"] == 200
     for key in ("ev", "l0", "dead_frac", "clean_loss", "spliced_loss", "zero_loss", "ce_delta", "loss_recovered"):
         np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+WATCHDOG_SCRIPT = """
+import time
+from jaxsae import distributed
+dog = distributed.Watchdog(1, prog="demo")
+with dog.step("a quick step"):
+    time.sleep(0.2)
+time.sleep(2.5)  # outside any step: never an error
+with dog.step("step 7 (a collective nobody joins)"):
+    time.sleep(120)
+"""
+
+
+@slow
+def test_a_stuck_step_ends_the_process_with_a_line_naming_it():
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", WATCHDOG_SCRIPT], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                       timeout=100)
+    assert r.returncode == distributed.Watchdog.EXIT_CODE and time.time() - t0 < 60, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == \
+        "demo: error: process 0 of 1 stuck for more than 1 s in step 7 (a collective nobody joins)"
