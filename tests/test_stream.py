@@ -87,3 +87,34 @@ def test_a_killed_streaming_run_resumes_to_the_same_result(tmp_path):
     resumed = jax.device_get(train.fit(src, sae_cfg, cfg("resumed")).params)
     for name in whole:
         np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
+
+
+def test_one_forward_feeds_several_layers():
+    """LayersSource: each layer's batches are the brute-force stream of that layer; one forward per chunk for all."""
+    src = stream.LayersSource(MODEL, TOKENS, (0, 2), ctx_batch=3, normalizer_tokens=50)
+    calls = []
+    forward = src._forward
+    src._forward = lambda params, t: calls.append(1) or forward(params, t)
+    B, start = 40, 2
+    got = [b for _, b in zip(range(7), src.batches(B, seed=5, start=start, rows=(10, 40)))]
+    keep = adapter.kept_positions(TOKENS, MODEL.skip_first, MODEL.exclude_tokens)
+    h = {layer: lm.residuals(MODEL.params, TOKENS, CFG, layer)[layer] for layer in (0, 2)}
+    for layer in (0, 2):
+        rows = np.stack([np.asarray(h[layer])[c, t] for e in range(3)
+                         for c in np.random.default_rng([5, e]).permutation(len(TOKENS)) for t in range(16)
+                         if keep[c, t]])
+        want = [rows[(start + i) * B + 10 : (start + i + 1) * B] for i in range(7)]
+        np.testing.assert_allclose(np.concatenate([g[layer] for g in got]), np.concatenate(want), rtol=1e-5,
+                                   atol=1e-5)
+        first = np.asarray(h[layer])[keep][:50]  # corpus order
+        np.testing.assert_allclose(src.normalizers[layer].mean_D, first.mean(0), rtol=1e-5, atol=1e-5)
+    one = stream.ModelSource(MODEL, TOKENS, 0, ctx_batch=3, normalizer_tokens=50)
+    one_calls = []
+    forward_one = one._forward
+    one._forward = lambda params, t: one_calls.append(1) or forward_one(params, t)
+    [b for _, b in zip(range(7), one.batches(B, seed=5, start=start, rows=(10, 40)))]
+    assert len(calls) == len(one_calls) > 4  # as many forwards as one layer alone needs, across 3 epochs
+    with pytest.raises(ValueError, match="distinct"):
+        stream.LayersSource(MODEL, TOKENS, (1, 1))
+    with pytest.raises(ValueError, match="layer=3"):
+        stream.LayersSource(MODEL, TOKENS, (0, 3))
