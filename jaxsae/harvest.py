@@ -196,6 +196,8 @@ def _harvest_split(model: ModelAdapter, tokens_NxT: np.ndarray, cfg: HarvestConf
 
     # Every shard's length, size and float64 sums, from the process that wrote it (bit for bit: a byte gather).
     for l in layers:
+        if not plan[l]:  # nothing new for this layer, on every process alike
+            continue
         table = np.zeros((len(plan[l]), D + 3), np.float64)
         for (layer, j), (n, size, sum_D, sum_sq) in written.items():
             if layer == l:

@@ -254,6 +254,14 @@ def test_harvest_and_eval_two_processes_equal_one(tmp_path):
     assert one == two and len([p for p in one if p.name.startswith("shard_")]) == 2 * 5  # 305 rows, 64 per shard
     for rel in one:
         assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+    # Killed before the manifests: they are missing and shard 3 of layer 3 is half written; the rerun completes it.
+    layer3 = tmp_path / "two" / "tiny" / "L3" / "toy_heldout"
+    for cache in (layer3, layer3.parents[1] / "L1" / "toy_heldout"):
+        (cache / "manifest.json").unlink()
+    (layer3 / "shard_000003.npy").write_bytes((layer3 / "shard_000003.npy").read_bytes()[:200])
+    _run(["jaxsae.launch", "-n", "2", "--", "jaxsae", "harvest", *args, f"root={tmp_path / 'two'}"])
+    for rel in one:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
 
     cfg = sae.SAEConfig(d_in=128, d_sae=64, k=4)
     params = jax.tree.map(np.asarray, sae.init(jax.random.key(3), cfg))
