@@ -154,10 +154,11 @@ def _gather_sum(vals_BxK: jax.Array, idx_BxK: jax.Array, W_MxD: jax.Array) -> ja
     return jax.lax.fori_loop(0, K, add_row, jnp.zeros((B, W_MxD.shape[1]), vals_BxK.dtype), unroll=min(K, 8))
 
 
-def _top_k(pre_BxM: jax.Array, k: int) -> Code:
+def _top_k(pre_NxM: jax.Array, k: int) -> Code:
     # The barrier keeps XLA:CPU on its TopK kernel: fusing the slice into consumers turns it into a full sort.
-    vals_BxK, idx_BxK = jax.lax.optimization_barrier(jax.lax.top_k(pre_BxM, k))
-    return Code(jax.nn.relu(vals_BxK), idx_BxK)
+    # The operand must be 2-D: on [S, B, M] XLA copies it to 2-D first, one more pass over [S, B, M].
+    vals_NxK, idx_NxK = jax.lax.optimization_barrier(jax.lax.top_k(pre_NxM, k))
+    return Code(jax.nn.relu(vals_NxK), idx_NxK)
 
 
 # The TopK train path works on S seeds at once (leading S axis; x is [1, B, D] when the seeds share the
@@ -168,8 +169,15 @@ def _top_k(pre_BxM: jax.Array, k: int) -> Code:
 def _fwd_seeds(k, W_enc_SxDxM, b_enc_SxM, W_dec_SxMxD, b_dec_SxD, x_XxBxD):
     """(x̂ [S, B, D], vals [S, B, K], idx [S, B, K]) of S TopK SAEs."""
     x_in_SxBxD = x_XxBxD - b_dec_SxD[:, None]
-    pre_SxBxM = jnp.einsum("SBD,SDM->SBM", x_in_SxBxD, W_enc_SxDxM) + b_enc_SxM[:, None]
-    vals_SxBxK, idx_SxBxK = _top_k(pre_SxBxM, k)
+    (S, D, M), B = W_enc_SxDxM.shape, x_in_SxBxD.shape[1]
+    # b_enc rides in the matmul as the weight row of an extra input column of ones, so TopK reads the matmul's
+    # output itself: a separate bias add would read and write the whole [S, B, M] once more.
+    ones_SxBx1 = jnp.ones((S, B, 1), x_in_SxBxD.dtype)
+    x_aug_SxBxE = jnp.concatenate([jnp.broadcast_to(x_in_SxBxD, (S, B, D)), ones_SxBx1], axis=2)
+    W_aug_SxExM = jnp.concatenate([W_enc_SxDxM, b_enc_SxM[:, None]], axis=1)
+    pre_SBxM = jnp.einsum("SBE,SEM->SBM", x_aug_SxBxE, W_aug_SxExM).reshape(S * B, M)
+    vals_SBxK, idx_SBxK = _top_k(pre_SBxM, k)
+    vals_SxBxK, idx_SxBxK = vals_SBxK.reshape(S, B, k), idx_SBxK.reshape(S, B, k)
     x_hat_SxBxD = jax.lax.map(lambda a: _gather_sum(*a), (vals_SxBxK, idx_SxBxK, W_dec_SxMxD))
     return x_hat_SxBxD + b_dec_SxD[:, None], vals_SxBxK, idx_SxBxK
 
