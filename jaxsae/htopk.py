@@ -121,48 +121,56 @@ def _lean_bwd(tile, res, cts):
 
 # The suffix sum G and the residual r are column-wise recurrences, so the backward walks column blocks of
 # width c, each over all rows at once, with [M, c] scatter targets that stay in cache (as TopK's backward
-# in `sae.py` does); d(val) is summed over the blocks.
+# in `sae.py` does); d(val) is summed over the blocks. The blocks are column slices (`sae._cols`), written
+# back in place, rather than [D // c, R, c] stacks, which cost a transposed copy of each operand.
 def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD):
     """(dvals, dW_dec, G_1 = dL/dr_0) by walking the prefixes backwards, column block by column block."""
     (B, K), (M, D) = vals_BxK.shape, W_dec_MxD.shape
-    to_blocks, from_blocks = sae._column_blocks(D)
+    c = sae._chunk_width(D)
     coef_K = 2.0 * ct_K / (B * D)  # dL/dr_j = coef_j · r_j
 
-    def walk_block(a):
-        W_Mxc, r_Bxc, G_Bxc = a  # r starts as r_K; G as ct_r
+    def walk_block(j, carry):
+        dW_MxD, dv_BxK, G_BxD = carry
+        W_Mxc, r_Bxc, G_Bxc = sae._cols(W_dec_MxD, j, c), sae._cols(rK_BxD, j, c), sae._cols(G_BxD, j, c)
 
-        def sub_prefix(kk, carry):
-            r_Bxc, G_Bxc, dW_Mxc, dv_BxK = carry
+        def sub_prefix(kk, inner):
+            r_Bxc, G_Bxc, dW_Mxc, dv_BxK = inner
             k = K - 1 - kk
             i_B, v_B = _col(idx_BxK, k), _col(vals_BxK, k)
             d_Bxc = _rows(W_Mxc, i_B)
             G_Bxc = G_Bxc + coef_K[k] * r_Bxc
-            dv_BxK = jax.lax.dynamic_update_index_in_dim(dv_BxK, jnp.einsum("bc,bc->b", G_Bxc, d_Bxc), k, 1)
+            dv_k_B = _col(dv_BxK, k) + jnp.einsum("bc,bc->b", G_Bxc, d_Bxc)
+            dv_BxK = jax.lax.dynamic_update_index_in_dim(dv_BxK, dv_k_B, k, 1)
             dW_Mxc = dW_Mxc.at[i_B].add(v_B[:, None] * G_Bxc, mode="promise_in_bounds")
             return r_Bxc - v_B[:, None] * d_Bxc, G_Bxc, dW_Mxc, dv_BxK
 
-        init = (r_Bxc, G_Bxc, jnp.zeros(W_Mxc.shape, jnp.float32), jnp.zeros((B, K), jnp.float32))
-        _, G_Bxc, dW_Mxc, dv_BxK = jax.lax.fori_loop(0, K, sub_prefix, init, unroll=min(K, 4))
-        return dW_Mxc, dv_BxK, G_Bxc
+        inner = (r_Bxc, G_Bxc, jnp.zeros((M, c), jnp.float32), dv_BxK)
+        _, G_Bxc, dW_Mxc, dv_BxK = jax.lax.fori_loop(0, K, sub_prefix, inner, unroll=min(K, 4))
+        return (jax.lax.dynamic_update_slice_in_dim(dW_MxD, dW_Mxc, j * c, axis=1), dv_BxK,
+                jax.lax.dynamic_update_slice_in_dim(G_BxD, G_Bxc, j * c, axis=1))
 
-    dW_dec_CxMxc, dv_CxBxK, G_CxBxc = jax.lax.map(
-        walk_block, (to_blocks(W_dec_MxD), to_blocks(rK_BxD), to_blocks(ct_r_BxD.astype(jnp.float32))))
-    return dv_CxBxK.sum(0), from_blocks(dW_dec_CxMxc), from_blocks(G_CxBxc)
+    init = (jnp.zeros((M, D), jnp.float32), jnp.zeros((B, K), jnp.float32), ct_r_BxD.astype(jnp.float32))
+    dW_dec_MxD, dv_BxK, G_BxD = jax.lax.fori_loop(0, D // c, walk_block, init)
+    return dv_BxK, dW_dec_MxD, G_BxD
 
 
 def _encoder_scatter(idx_BxK, dpre_BxK, x_in_BxD, M: int):
     """(dW_enc [D, M], d(b_enc) [M]) of a TopK encoder: scatter-adds of dpre · x_in, in column blocks."""
     K, D = idx_BxK.shape[1], x_in_BxD.shape[1]
-    to_blocks, _ = sae._column_blocks(D)
+    c = sae._chunk_width(D)
 
-    def enc_block(x_Bxc):
+    def enc_block(j, dW_MxD):
+        x_Bxc = sae._cols(x_in_BxD, j, c)
+
         def one_k(k, acc_Mxc):
             return acc_Mxc.at[_col(idx_BxK, k)].add(_col(dpre_BxK, k)[:, None] * x_Bxc, mode="promise_in_bounds")
-        return jax.lax.fori_loop(0, K, one_k, jnp.zeros((M, x_Bxc.shape[1]), jnp.float32), unroll=min(K, 4))
 
-    dW_enc_CxMxc = jax.lax.map(enc_block, to_blocks(x_in_BxD))
+        acc_Mxc = jax.lax.fori_loop(0, K, one_k, jnp.zeros((M, c), jnp.float32), unroll=min(K, 4))
+        return jax.lax.dynamic_update_slice_in_dim(dW_MxD, acc_Mxc, j * c, axis=1)
+
+    dW_enc_MxD = jax.lax.fori_loop(0, D // c, enc_block, jnp.zeros((M, D), jnp.float32))
     db_enc_M = jnp.zeros((M,), jnp.float32).at[idx_BxK.reshape(-1)].add(dpre_BxK.reshape(-1))
-    return dW_enc_CxMxc.transpose(0, 2, 1).reshape(D, M), db_enc_M
+    return dW_enc_MxD.T, db_enc_M
 
 
 prefix_mse.defvjp(_lean_fwd, _lean_bwd)
