@@ -180,33 +180,34 @@ prefix_mse.defvjp(_lean_fwd, _lean_bwd)
 def autoencode_prefix_mse(params: dict, x_BxD, sae_cfg: sae.SAEConfig, tile: int = 256):
     """(mse_K, r_BxD, Code) of a TopK SAE on x, lean like `prefix_mse`, its backward joined to the encoder's.
 
-    The forward is `sae.encode` then `prefix_mse`'s walk. The backward is `prefix_mse`'s walk, then the
-    encoder's scatter-adds: no [B, M] or [B, K, D] tensor in either pass.
+    The forward is TopK's encoder (`sae._topk_encode_aug`, the one `sae.encode` runs) then `prefix_mse`'s walk.
+    The backward is `prefix_mse`'s walk, then the encoder's scatter-adds: no [B, M] or [B, K, D] tensor in
+    either pass.
     """
     return _ae_fwd(params, x_BxD, sae_cfg, tile)[0]
 
 
 def _ae_fwd(params, x_BxD, sae_cfg, tile):
-    code = sae.encode(params, x_BxD, sae_cfg)
+    code, W_aug_ExM = sae._topk_encode_aug(params, x_BxD, sae_cfg)
     (mse_K, rK_BxD), _ = _lean_fwd(*code, params["W_dec"], params["b_dec"], x_BxD, tile)
-    return (mse_K, rK_BxD, code), (params, x_BxD, code, rK_BxD)
+    return (mse_K, rK_BxD, code), (params, x_BxD, code, rK_BxD, W_aug_ExM)
 
 
 def _ae_bwd(sae_cfg, tile, res, cts):
-    params, x_BxD, code, rK_BxD = res
+    params, x_BxD, code, rK_BxD, W_aug_ExM = res
     ct_K, ct_r_BxD, (ct_vals_BxK, _) = cts
-    W_enc_DxM, D = params["W_enc"], x_BxD.shape[1]
+    D = x_BxD.shape[1]
     dvals_BxK, dW_dec_MxD, G_BxD = _walk_back(*code, params["W_dec"], rK_BxD, ct_K, ct_r_BxD)
     dpre_BxK = jnp.where(code.vals_BxK > 0, dvals_BxK + ct_vals_BxK, 0.0)  # the ReLU after top_k
     dW_enc_DxM, db_enc_M = _encoder_scatter(code.idx_BxK, dpre_BxK, x_BxD - params["b_dec"], sae_cfg.d_sae)
     # The encoder reads x − b_dec: through it, dx = Σ_k dpre_k W_enc[:, idx_k] (formed only if x's gradient
-    # is used) and d(b_dec) = −Σ_b dx = −W_enc·d(b_enc).
-    enc_as_dec = {"W_dec": W_enc_DxM.T, "b_dec": jnp.zeros((D,), x_BxD.dtype)}
-    dx_enc_BxD = sae.decode(enc_as_dec, sae.Code(dpre_BxK, code.idx_BxK), sae_cfg)
+    # is used) and d(b_dec) = −Σ_b dx = −W_enc·d(b_enc). Both read W_enc as the forward's [W_enc; b_enc] buffer
+    # (`sae._topk_encode_aug`), and drop its last (b_enc) entry.
+    dx_enc_BxE = sae._gather_sum(dpre_BxK, code.idx_BxK, W_aug_ExM.T)
     grads = {**jax.tree.map(jnp.zeros_like, params), "W_enc": dW_enc_DxM, "b_enc": db_enc_M,
-             "W_dec": dW_dec_MxD, "b_dec": jnp.sum(G_BxD, axis=0) - W_enc_DxM @ db_enc_M}
+             "W_dec": dW_dec_MxD, "b_dec": jnp.sum(G_BxD, axis=0) - (W_aug_ExM @ db_enc_M)[:D]}
     grads = {name: g.astype(params[name].dtype) for name, g in grads.items()}
-    return grads, (dx_enc_BxD - G_BxD).astype(x_BxD.dtype)
+    return grads, (dx_enc_BxE[:, :D] - G_BxD).astype(x_BxD.dtype)
 
 
 autoencode_prefix_mse.defvjp(_ae_fwd, _ae_bwd)

@@ -322,6 +322,17 @@ def _topk_autoencode_bwd(k, res, cts):
 _topk_autoencode.defvjp(_topk_autoencode_fwd, _topk_autoencode_bwd)
 
 
+def _topk_encode_aug(params: dict, x_BxD: jax.Array, cfg: SAEConfig) -> tuple[Code, jax.Array]:
+    """(Code, [W_enc; b_enc] [D+1, M]): TopK's forward encoder (the one `loss` runs) and its weight buffer.
+
+    For hand-written backward passes (`htopk`): reading that buffer instead of the W_enc parameter keeps XLA
+    from copying W_enc ahead of the in-place optimiser update.
+    """
+    fwd, _ = _seed_batched(cfg.k)
+    _, vals, idx, W_aug = fwd(*(a[None] for a in _topk_args(params, x_BxD, cfg)))
+    return Code(vals[0], idx[0]), W_aug[0]
+
+
 def _batchtopk(pre_BxM: jax.Array, k: int) -> jax.Array:
     """Keep the B·k largest (ReLU'd) activations across the whole batch."""
     B, M = pre_BxM.shape
