@@ -139,14 +139,15 @@ def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD):
             i_B, v_B = _col(idx_BxK, k), _col(vals_BxK, k)
             d_Bxc = _rows(W_Mxc, i_B)
             G_Bxc = G_Bxc + coef_K[k] * r_Bxc
-            dv_k_B = _col(dv_BxK, k) + jnp.einsum("bc,bc->b", G_Bxc, d_Bxc)
-            dv_BxK = jax.lax.dynamic_update_index_in_dim(dv_BxK, dv_k_B, k, 1)
+            dv_BxK = jax.lax.dynamic_update_index_in_dim(dv_BxK, jnp.einsum("bc,bc->b", G_Bxc, d_Bxc), k, 1)
             dW_Mxc = dW_Mxc.at[i_B].add(v_B[:, None] * G_Bxc, mode="promise_in_bounds")
             return r_Bxc - v_B[:, None] * d_Bxc, G_Bxc, dW_Mxc, dv_BxK
 
-        inner = (r_Bxc, G_Bxc, jnp.zeros((M, c), jnp.float32), dv_BxK)
-        _, G_Bxc, dW_Mxc, dv_BxK = jax.lax.fori_loop(0, K, sub_prefix, inner, unroll=min(K, 4))
-        return (jax.lax.dynamic_update_slice_in_dim(dW_MxD, dW_Mxc, j * c, axis=1), dv_BxK,
+        # The block's d(val) share starts from zeros and is only written in the walk: reading the running sum
+        # there makes XLA copy the whole [B, K] carry at every prefix.
+        inner = (r_Bxc, G_Bxc, jnp.zeros((M, c), jnp.float32), jnp.zeros((B, K), jnp.float32))
+        _, G_Bxc, dW_Mxc, dv_block_BxK = jax.lax.fori_loop(0, K, sub_prefix, inner, unroll=min(K, 4))
+        return (jax.lax.dynamic_update_slice_in_dim(dW_MxD, dW_Mxc, j * c, axis=1), dv_BxK + dv_block_BxK,
                 jax.lax.dynamic_update_slice_in_dim(G_BxD, G_Bxc, j * c, axis=1))
 
     init = (jnp.zeros((M, D), jnp.float32), jnp.zeros((B, K), jnp.float32), ct_r_BxD.astype(jnp.float32))
