@@ -10,11 +10,14 @@ per step) is printed as well: it counts the step's work. Peak memory is measured
   compiling the step and building its inputs (the mark is reset via /proc/self/clear_refs just before the
   first run), i.e. what running the step adds;
 - `xla_temp_bytes`: XLA's own buffer assignment for the step (`compiled.memory_analysis()`), a cross-check.
+`tokens_per_s` = B / `step_s`; `step_over_matmul` = `step_s` / the best time of the dense B×D @ D×M encoder
+matmul, timed in the same child after every step; `load_avg_1m` = [before, after] the whole run.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -104,17 +107,23 @@ def measure(cfg: BenchConfig) -> dict:
     jax.block_until_ready(loss)
     peak_kib = _vm_kib("VmHWM")
 
-    times, cpu_times = [], []
+    matmul = jax.jit(lambda x, W: x @ W)
+    W_DxM = jnp.asarray(np.random.default_rng(1).standard_normal((cfg.d_in, cfg.d_sae), np.float32))
+    jax.block_until_ready(matmul(x_BxD, W_DxM))
+    times, cpu_times, matmul_times = [], [], []
     for _ in range(cfg.reps):
         t0, c0 = time.perf_counter(), time.process_time()
         params, opt_state, loss = compiled(params, opt_state, x_BxD)
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(matmul(x_BxD, W_DxM))
+        matmul_times.append(time.perf_counter() - t0)
     if not np.isfinite(float(loss)):
         raise FloatingPointError(f"{cfg.impl} K={cfg.k}: non-finite loss {float(loss)}")
     return {"impl": cfg.impl, "K": cfg.k, "B": cfg.batch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
-            "times": times, "cpu_times": cpu_times, "peak_bytes": (peak_kib - base_kib) * 1024, "xla_temp_bytes": int(mem.temp_size_in_bytes),
+            "times": times, "cpu_times": cpu_times, "matmul_times": matmul_times, "peak_bytes": (peak_kib - base_kib) * 1024, "xla_temp_bytes": int(mem.temp_size_in_bytes),
             "device": str(jax.devices()[0].platform)}
 
 
@@ -130,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(cfg)), flush=True)
         return 0
     date = time.strftime("%Y-%m-%d", time.gmtime())
+    load_before = round(os.getloadavg()[0], 2)
+    lines = []
     for k in cfg.ks:
         runs = {impl: [] for impl in cfg.impls}
         for _ in tqdm.trange(cfg.rounds, desc=f"K={k}"):
@@ -142,10 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         for impl, rs in runs.items():
             times = [t for r in rs for t in r.pop("times")]
             cpu_times = [t for r in rs for t in r.pop("cpu_times")]
-            line = {**rs[0], "step_s": min(times), "step_s_median": float(np.median(times)),
-                    "step_cpu_s": float(np.median(cpu_times)),
-                    "peak_bytes": max(r["peak_bytes"] for r in rs), "rounds": cfg.rounds, "date": date}
-            print(json.dumps(line), flush=True)
+            matmul_times = [t for r in rs for t in r.pop("matmul_times")]
+            lines.append({**rs[0], "step_s": min(times), "step_s_median": float(np.median(times)),
+                          "step_cpu_s": float(np.median(cpu_times)), "tokens_per_s": round(cfg.batch / min(times), 1),
+                          "matmul_s": min(matmul_times), "step_over_matmul": round(min(times) / min(matmul_times), 3),
+                          "peak_bytes": max(r["peak_bytes"] for r in rs), "rounds": cfg.rounds, "date": date})
+    load = [load_before, round(os.getloadavg()[0], 2)]
+    for line in lines:  # printed at the end, so that every line carries the load after the whole run
+        print(json.dumps({**line, "load_avg_1m": load, "load_avg_1m_before": load[0], "load_avg_1m_after": load[1]}),
+              flush=True)
     return 0
 
 

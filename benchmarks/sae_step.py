@@ -9,7 +9,10 @@ Prints one JSON line per implementation:
   CPU, from the optional `bench` extra; skipped with a note when not installed.
 Each round times every implementation once, and once the dense B×D @ D×M matmul in JAX (and in torch when
 torch is used), so all of them see the same machine load; figures are medians over the rounds.
-`step_over_matmul` = step time / the JAX matmul time of the same rounds.
+`step_over_matmul` = step time / the JAX matmul time of the same rounds (per seed for `jaxsae_vmap8`).
+`peak_bytes`: how far one step raises the process's resident-set high-water mark (VmHWM, reset through
+/proc/self/clear_refs just before the step) over its resident set, the most over the rounds; JAX lines add
+`xla_temp_bytes`, XLA's planned temporaries for the step. `load_avg_1m` = [before, after] the run.
 """
 from __future__ import annotations
 
@@ -26,6 +29,34 @@ import optax
 import tqdm
 
 from jaxsae import sae
+
+
+def load_avg_1m() -> float:
+    """The 1-minute load average, rounded: a figure taken above ~0.5 (before the run) is not a quiet one."""
+    return round(os.getloadavg()[0], 2)
+
+
+def _vm_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def peak_rss_bytes(fn) -> int | None:
+    """Run fn() and return how far it raised the resident-set high-water mark over the resident set before it
+    (Linux: VmHWM is reset through /proc/self/clear_refs); None where /proc cannot do that."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        fn()
+        return None
+    base_kib = _vm_kib("VmRSS")
+    fn()
+    peak_kib = _vm_kib("VmHWM")
+    return None if base_kib is None or peak_kib is None else max(peak_kib - base_kib, 0) * 1024
 
 
 def jax_step(cfg: sae.SAEConfig, seeds: int, dead: bool):
@@ -103,6 +134,7 @@ def main(argv=None):
     ap.add_argument("--aux", action="store_true", help="flag 1/8 of the latents dead so AuxK runs")
     ap.add_argument("--impls", default="jaxsae,jaxsae_vmap8,sae_lens,sparsify", help="comma-separated")
     args = ap.parse_args(argv)
+    load_before = load_avg_1m()
     B, D, M, K = (int(v) for v in args.shape.split(","))
     impls = args.impls.split(",")
     cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K, aux_k=512 if args.aux else 0)
@@ -112,8 +144,10 @@ def main(argv=None):
 
     timers = {"matmul": lambda: matmul(x_BxD, W_DxM).block_until_ready()}
     seeds_of = {"jaxsae": 1, "jaxsae_vmap8": 8}
+    xla_temp = {}
     for name in [n for n in impls if n in seeds_of]:
         step, state = jax_step(cfg, seeds_of[name], args.aux)
+        xla_temp[name] = int(step.lower(*state, x_BxD).compile().memory_analysis().temp_size_in_bytes)
         box = [state]
 
         def run(step=step, box=box):
@@ -135,15 +169,18 @@ def main(argv=None):
     for fn in timers.values():  # compile / warm up
         fn()
     times = {name: [] for name in timers}
+    peaks = {name: [] for name in timers}
     for _ in tqdm.trange(args.rounds, desc="rounds", disable=None):
         for name, fn in timers.items():
             t0 = time.perf_counter()
-            fn()
+            peaks[name].append(peak_rss_bytes(fn))
             times[name].append(time.perf_counter() - t0)
     med = {name: float(np.median(ts)) for name, ts in times.items()}
+    load = [load_before, load_avg_1m()]
     common = {"B": B, "d_in": D, "d_sae": M, "k": K, "aux": args.aux, "rounds": args.rounds,
               "matmul_s": round(med["matmul"], 4), "cpus": os.cpu_count(), "machine": platform.machine(),
-              "load_avg_1m": round(os.getloadavg()[0], 1), "jax": jax.__version__}
+              "load_avg_1m": load, "load_avg_1m_before": load[0], "load_avg_1m_after": load[1],
+              "jax": jax.__version__}
     if "torch_matmul" in med:
         common["torch_matmul_s"] = round(med["torch_matmul"], 4)
     for name in impls:
@@ -151,9 +188,12 @@ def main(argv=None):
             print(json.dumps({"impl": name, "skipped": notes.get(name, "unknown impl"), **common}))
             continue
         seeds = seeds_of.get(name, 1)
+        known = [p for p in peaks[name] if p is not None]
         print(json.dumps({"impl": name, "seeds": seeds, "step_s": round(med[name], 4),
                           "tokens_per_s": round(seeds * B / med[name], 1),
-                          "step_over_matmul": round(med[name] / med["matmul"], 3), **common}))
+                          "step_over_matmul": round(med[name] / (seeds * med["matmul"]), 3),
+                          "peak_bytes": max(known) if known else None,
+                          **({"xla_temp_bytes": xla_temp[name]} if name in xla_temp else {}), **common}))
 
 
 if __name__ == "__main__":

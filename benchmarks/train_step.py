@@ -6,7 +6,10 @@ Run: `python -m benchmarks.train_step [key=value ...]` from the repository root.
   batch) were merged with the loss's encoder by XLA and cost no extra matmul.
 - `{"bench": "step", "seeds": S, ...}`: best step time over `reps` timed steps after one warm-up step (the
   ensemble sizes take turns), and tokens·seeds/s; `vs_separate` is S·t(1 seed)/t(S seeds), the speed-up
-  over running the seeds one by one.
+  over running the seeds one by one. Also `impl` (`jaxsae_S{S}`), `tokens_per_s` (= tokens·seeds/s),
+  `step_over_matmul` (best step / S / the best dense B×D @ D×M encoder matmul, timed in the same turns, i.e. per
+  seed), `peak_bytes` (the most one step raised the resident-set high-water mark, see
+  `benchmarks.sae_step.peak_rss_bytes`), `xla_temp_bytes` and `load_avg_1m` ([before, after] the whole run).
 - `{"bench": "cache", ...}`: float16 cache on local disk → float32 batches through the shuffle buffer.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax
 import numpy as np
 import tqdm
 
+from benchmarks.sae_step import load_avg_1m, peak_rss_bytes
 from jaxsae import configlib, data, sae, train
 
 
@@ -61,30 +65,45 @@ def bench_hlo(cfg: BenchConfig, sae_cfg: sae.SAEConfig) -> dict:
 def bench_steps(cfg: BenchConfig, sae_cfg: sae.SAEConfig) -> list[dict]:
     """Compile every ensemble size first, then time them in turns so that outside load hits them alike."""
     x = np.random.default_rng(0).normal(size=(cfg.batch, cfg.d_in)).astype(np.float32)
-    runs, first = {}, {}
+    runs, first, xla_temp = {}, {}, {}
     for n in tqdm.tqdm(cfg.seeds, desc="compile", file=sys.stderr):
         tcfg = train.TrainConfig(batch_size=cfg.batch, num_steps=1000, n_seeds=n)
         step, state = train.make_train_step(sae_cfg, tcfg), train.init_state(jax.random.key(0), sae_cfg, tcfg)
+        xla_temp[n] = int(step.lower(state, x).compile().memory_analysis().temp_size_in_bytes)
         t0 = time.perf_counter()
         state, m = step(state, x)
         jax.block_until_ready(m)
         first[n], runs[n] = time.perf_counter() - t0, [step, state]
-    times = {n: [] for n in cfg.seeds}
+    matmul = jax.jit(lambda a, b: a @ b)
+    W_DxM = np.random.default_rng(1).normal(size=(cfg.d_in, cfg.d_sae)).astype(np.float32)
+    jax.block_until_ready(matmul(x, W_DxM))
+    times, peaks, matmul_times = {n: [] for n in cfg.seeds}, {n: [] for n in cfg.seeds}, []
+
+    def one_step(n):
+        runs[n][1], m = runs[n][0](runs[n][1], x)
+        jax.block_until_ready(m)
+
     for _ in tqdm.trange(cfg.reps, desc="time", file=sys.stderr):
         for n in cfg.seeds:
             t0 = time.perf_counter()
-            runs[n][1], m = runs[n][0](runs[n][1], x)
-            jax.block_until_ready(m)
+            peaks[n].append(peak_rss_bytes(lambda: one_step(n)))  # noqa: B023 (called at once)
             times[n].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(matmul(x, W_DxM))
+        matmul_times.append(time.perf_counter() - t0)
     one = min(times[1]) if 1 in times else None
     rows = []
     for n in cfg.seeds:
         best = min(times[n])
-        rows.append({"bench": "step", "seeds": n, "batch": cfg.batch, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
-                     "k": cfg.k, "activation": cfg.activation, "aux_k": cfg.aux_k,
+        known = [p for p in peaks[n] if p is not None]
+        rows.append({"bench": "step", "impl": f"jaxsae_S{n}", "seeds": n, "batch": cfg.batch, "d_in": cfg.d_in,
+                     "d_sae": cfg.d_sae, "k": cfg.k, "activation": cfg.activation, "aux_k": cfg.aux_k,
                      "compile_and_first_s": round(first[n], 3), "step_s": round(best, 4),
                      "median_step_s": round(float(np.median(times[n])), 4),
                      "tokens_x_seeds_per_s": round(n * cfg.batch / best, 1),
+                     "tokens_per_s": round(n * cfg.batch / best, 1),
+                     "step_over_matmul": round(best / n / min(matmul_times), 3),
+                     "peak_bytes": max(known) if known else None, "xla_temp_bytes": xla_temp[n],
                      **({"vs_separate": round(n * one / best, 2)} if one else {})})
     return rows
 
@@ -113,10 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = configlib.parse(BenchConfig(), argv)
     if cfg is None:
         return 0
+    load_before = load_avg_1m()
     sae_cfg = sae.SAEConfig(d_in=cfg.d_in, d_sae=cfg.d_sae, k=cfg.k, activation=cfg.activation, aux_k=cfg.aux_k)
     print(json.dumps(bench_hlo(cfg, sae_cfg)), flush=True)
-    for row in bench_steps(cfg, sae_cfg):
-        print(json.dumps(row), flush=True)
+    rows = bench_steps(cfg, sae_cfg)
+    load = [load_before, load_avg_1m()]
+    for row in rows:
+        print(json.dumps({**row, "load_avg_1m": load, "load_avg_1m_before": load[0], "load_avg_1m_after": load[1]}),
+              flush=True)
     if cfg.cache_tokens:
         print(json.dumps(bench_cache(cfg)), flush=True)
     return 0

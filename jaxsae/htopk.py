@@ -121,18 +121,20 @@ def _lean_bwd(tile, res, cts):
 
 # The suffix sum G and the residual r are column-wise recurrences, so the backward walks column blocks of
 # width c, each over all rows at once, with [M, c] scatter targets that stay in cache (as TopK's backward
-# in `sae.py` does); d(val) is summed over the blocks.
+# in `sae.py` does); d(val) is summed over the blocks. The blocks are column slices (`sae._cols`), written
+# back in place, rather than [D // c, R, c] stacks, which cost a transposed copy of each operand.
 def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD):
     """(dvals, dW_dec, G_1 = dL/dr_0) by walking the prefixes backwards, column block by column block."""
     (B, K), (M, D) = vals_BxK.shape, W_dec_MxD.shape
-    to_blocks, from_blocks = sae._column_blocks(D)
+    c = sae._chunk_width(D)
     coef_K = 2.0 * ct_K / (B * D)  # dL/dr_j = coef_j · r_j
 
-    def walk_block(a):
-        W_Mxc, r_Bxc, G_Bxc = a  # r starts as r_K; G as ct_r
+    def walk_block(j, carry):
+        dW_MxD, dv_BxK, G_BxD = carry
+        W_Mxc, r_Bxc, G_Bxc = sae._cols(W_dec_MxD, j, c), sae._cols(rK_BxD, j, c), sae._cols(G_BxD, j, c)
 
-        def sub_prefix(kk, carry):
-            r_Bxc, G_Bxc, dW_Mxc, dv_BxK = carry
+        def sub_prefix(kk, inner):
+            r_Bxc, G_Bxc, dW_Mxc, dv_BxK = inner
             k = K - 1 - kk
             i_B, v_B = _col(idx_BxK, k), _col(vals_BxK, k)
             d_Bxc = _rows(W_Mxc, i_B)
@@ -141,28 +143,35 @@ def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD):
             dW_Mxc = dW_Mxc.at[i_B].add(v_B[:, None] * G_Bxc, mode="promise_in_bounds")
             return r_Bxc - v_B[:, None] * d_Bxc, G_Bxc, dW_Mxc, dv_BxK
 
-        init = (r_Bxc, G_Bxc, jnp.zeros(W_Mxc.shape, jnp.float32), jnp.zeros((B, K), jnp.float32))
-        _, G_Bxc, dW_Mxc, dv_BxK = jax.lax.fori_loop(0, K, sub_prefix, init, unroll=min(K, 4))
-        return dW_Mxc, dv_BxK, G_Bxc
+        # The block's d(val) share starts from zeros and is only written in the walk: reading the running sum
+        # there makes XLA copy the whole [B, K] carry at every prefix.
+        inner = (r_Bxc, G_Bxc, jnp.zeros((M, c), jnp.float32), jnp.zeros((B, K), jnp.float32))
+        _, G_Bxc, dW_Mxc, dv_block_BxK = jax.lax.fori_loop(0, K, sub_prefix, inner, unroll=min(K, 4))
+        return (jax.lax.dynamic_update_slice_in_dim(dW_MxD, dW_Mxc, j * c, axis=1), dv_BxK + dv_block_BxK,
+                jax.lax.dynamic_update_slice_in_dim(G_BxD, G_Bxc, j * c, axis=1))
 
-    dW_dec_CxMxc, dv_CxBxK, G_CxBxc = jax.lax.map(
-        walk_block, (to_blocks(W_dec_MxD), to_blocks(rK_BxD), to_blocks(ct_r_BxD.astype(jnp.float32))))
-    return dv_CxBxK.sum(0), from_blocks(dW_dec_CxMxc), from_blocks(G_CxBxc)
+    init = (jnp.zeros((M, D), jnp.float32), jnp.zeros((B, K), jnp.float32), ct_r_BxD.astype(jnp.float32))
+    dW_dec_MxD, dv_BxK, G_BxD = jax.lax.fori_loop(0, D // c, walk_block, init)
+    return dv_BxK, dW_dec_MxD, G_BxD
 
 
 def _encoder_scatter(idx_BxK, dpre_BxK, x_in_BxD, M: int):
     """(dW_enc [D, M], d(b_enc) [M]) of a TopK encoder: scatter-adds of dpre · x_in, in column blocks."""
     K, D = idx_BxK.shape[1], x_in_BxD.shape[1]
-    to_blocks, _ = sae._column_blocks(D)
+    c = sae._chunk_width(D)
 
-    def enc_block(x_Bxc):
+    def enc_block(j, dW_MxD):
+        x_Bxc = sae._cols(x_in_BxD, j, c)
+
         def one_k(k, acc_Mxc):
             return acc_Mxc.at[_col(idx_BxK, k)].add(_col(dpre_BxK, k)[:, None] * x_Bxc, mode="promise_in_bounds")
-        return jax.lax.fori_loop(0, K, one_k, jnp.zeros((M, x_Bxc.shape[1]), jnp.float32), unroll=min(K, 4))
 
-    dW_enc_CxMxc = jax.lax.map(enc_block, to_blocks(x_in_BxD))
+        acc_Mxc = jax.lax.fori_loop(0, K, one_k, jnp.zeros((M, c), jnp.float32), unroll=min(K, 4))
+        return jax.lax.dynamic_update_slice_in_dim(dW_MxD, acc_Mxc, j * c, axis=1)
+
+    dW_enc_MxD = jax.lax.fori_loop(0, D // c, enc_block, jnp.zeros((M, D), jnp.float32))
     db_enc_M = jnp.zeros((M,), jnp.float32).at[idx_BxK.reshape(-1)].add(dpre_BxK.reshape(-1))
-    return dW_enc_CxMxc.transpose(0, 2, 1).reshape(D, M), db_enc_M
+    return dW_enc_MxD.T, db_enc_M
 
 
 prefix_mse.defvjp(_lean_fwd, _lean_bwd)
@@ -172,33 +181,34 @@ prefix_mse.defvjp(_lean_fwd, _lean_bwd)
 def autoencode_prefix_mse(params: dict, x_BxD, sae_cfg: sae.SAEConfig, tile: int = 256):
     """(mse_K, r_BxD, Code) of a TopK SAE on x, lean like `prefix_mse`, its backward joined to the encoder's.
 
-    The forward is `sae.encode` then `prefix_mse`'s walk. The backward is `prefix_mse`'s walk, then the
-    encoder's scatter-adds: no [B, M] or [B, K, D] tensor in either pass.
+    The forward is TopK's encoder (`sae._topk_encode_aug`, the one `sae.encode` runs) then `prefix_mse`'s walk.
+    The backward is `prefix_mse`'s walk, then the encoder's scatter-adds: no [B, M] or [B, K, D] tensor in
+    either pass.
     """
     return _ae_fwd(params, x_BxD, sae_cfg, tile)[0]
 
 
 def _ae_fwd(params, x_BxD, sae_cfg, tile):
-    code = sae.encode(params, x_BxD, sae_cfg)
+    code, W_aug_ExM = sae._topk_encode_aug(params, x_BxD, sae_cfg)
     (mse_K, rK_BxD), _ = _lean_fwd(*code, params["W_dec"], params["b_dec"], x_BxD, tile)
-    return (mse_K, rK_BxD, code), (params, x_BxD, code, rK_BxD)
+    return (mse_K, rK_BxD, code), (params, x_BxD, code, rK_BxD, W_aug_ExM)
 
 
 def _ae_bwd(sae_cfg, tile, res, cts):
-    params, x_BxD, code, rK_BxD = res
+    params, x_BxD, code, rK_BxD, W_aug_ExM = res
     ct_K, ct_r_BxD, (ct_vals_BxK, _) = cts
-    W_enc_DxM, D = params["W_enc"], x_BxD.shape[1]
+    D = x_BxD.shape[1]
     dvals_BxK, dW_dec_MxD, G_BxD = _walk_back(*code, params["W_dec"], rK_BxD, ct_K, ct_r_BxD)
     dpre_BxK = jnp.where(code.vals_BxK > 0, dvals_BxK + ct_vals_BxK, 0.0)  # the ReLU after top_k
     dW_enc_DxM, db_enc_M = _encoder_scatter(code.idx_BxK, dpre_BxK, x_BxD - params["b_dec"], sae_cfg.d_sae)
     # The encoder reads x − b_dec: through it, dx = Σ_k dpre_k W_enc[:, idx_k] (formed only if x's gradient
-    # is used) and d(b_dec) = −Σ_b dx = −W_enc·d(b_enc).
-    enc_as_dec = {"W_dec": W_enc_DxM.T, "b_dec": jnp.zeros((D,), x_BxD.dtype)}
-    dx_enc_BxD = sae.decode(enc_as_dec, sae.Code(dpre_BxK, code.idx_BxK), sae_cfg)
+    # is used) and d(b_dec) = −Σ_b dx = −W_enc·d(b_enc). Both read W_enc as the forward's [W_enc; b_enc] buffer
+    # (`sae._topk_encode_aug`), and drop its last (b_enc) entry.
+    dx_enc_BxE = sae._gather_sum(dpre_BxK, code.idx_BxK, W_aug_ExM.T)
     grads = {**jax.tree.map(jnp.zeros_like, params), "W_enc": dW_enc_DxM, "b_enc": db_enc_M,
-             "W_dec": dW_dec_MxD, "b_dec": jnp.sum(G_BxD, axis=0) - W_enc_DxM @ db_enc_M}
+             "W_dec": dW_dec_MxD, "b_dec": jnp.sum(G_BxD, axis=0) - (W_aug_ExM @ db_enc_M)[:D]}
     grads = {name: g.astype(params[name].dtype) for name, g in grads.items()}
-    return grads, (dx_enc_BxD - G_BxD).astype(x_BxD.dtype)
+    return grads, (dx_enc_BxE[:, :D] - G_BxD).astype(x_BxD.dtype)
 
 
 autoencode_prefix_mse.defvjp(_ae_fwd, _ae_bwd)

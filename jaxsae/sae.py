@@ -154,10 +154,11 @@ def _gather_sum(vals_BxK: jax.Array, idx_BxK: jax.Array, W_MxD: jax.Array) -> ja
     return jax.lax.fori_loop(0, K, add_row, jnp.zeros((B, W_MxD.shape[1]), vals_BxK.dtype), unroll=min(K, 8))
 
 
-def _top_k(pre_BxM: jax.Array, k: int) -> Code:
+def _top_k(pre_NxM: jax.Array, k: int) -> Code:
     # The barrier keeps XLA:CPU on its TopK kernel: fusing the slice into consumers turns it into a full sort.
-    vals_BxK, idx_BxK = jax.lax.optimization_barrier(jax.lax.top_k(pre_BxM, k))
-    return Code(jax.nn.relu(vals_BxK), idx_BxK)
+    # The operand must be 2-D: on [S, B, M] XLA copies it to 2-D first, one more pass over [S, B, M].
+    vals_NxK, idx_NxK = jax.lax.optimization_barrier(jax.lax.top_k(pre_NxM, k))
+    return Code(jax.nn.relu(vals_NxK), idx_NxK)
 
 
 # The TopK train path works on S seeds at once (leading S axis; x is [1, B, D] when the seeds share the
@@ -166,12 +167,19 @@ def _top_k(pre_BxM: jax.Array, k: int) -> Code:
 # fuses well. `jax.vmap` over seeds folds its axis into S through `custom_vmap` rather than producing
 # batched gathers, which XLA:CPU does not fuse.
 def _fwd_seeds(k, W_enc_SxDxM, b_enc_SxM, W_dec_SxMxD, b_dec_SxD, x_XxBxD):
-    """(x̂ [S, B, D], vals [S, B, K], idx [S, B, K]) of S TopK SAEs."""
+    """(x̂ [S, B, D], vals [S, B, K], idx [S, B, K], [W_enc; b_enc] [S, D+1, M]) of S TopK SAEs."""
     x_in_SxBxD = x_XxBxD - b_dec_SxD[:, None]
-    pre_SxBxM = jnp.einsum("SBD,SDM->SBM", x_in_SxBxD, W_enc_SxDxM) + b_enc_SxM[:, None]
-    vals_SxBxK, idx_SxBxK = _top_k(pre_SxBxM, k)
+    (S, D, M), B = W_enc_SxDxM.shape, x_in_SxBxD.shape[1]
+    # b_enc rides in the matmul as the weight row of an extra input column of ones, so TopK reads the matmul's
+    # output itself: a separate bias add would read and write the whole [S, B, M] once more.
+    ones_SxBx1 = jnp.ones((S, B, 1), x_in_SxBxD.dtype)
+    x_aug_SxBxE = jnp.concatenate([jnp.broadcast_to(x_in_SxBxD, (S, B, D)), ones_SxBx1], axis=2)
+    W_aug_SxExM = jnp.concatenate([W_enc_SxDxM, b_enc_SxM[:, None]], axis=1)
+    pre_SBxM = jnp.einsum("SBE,SEM->SBM", x_aug_SxBxE, W_aug_SxExM).reshape(S * B, M)
+    vals_SBxK, idx_SBxK = _top_k(pre_SBxM, k)
+    vals_SxBxK, idx_SxBxK = vals_SBxK.reshape(S, B, k), idx_SBxK.reshape(S, B, k)
     x_hat_SxBxD = jax.lax.map(lambda a: _gather_sum(*a), (vals_SxBxK, idx_SxBxK, W_dec_SxMxD))
-    return x_hat_SxBxD + b_dec_SxD[:, None], vals_SxBxK, idx_SxBxK
+    return x_hat_SxBxD + b_dec_SxD[:, None], vals_SxBxK, idx_SxBxK, W_aug_SxExM
 
 
 def _chunk_width(D: int) -> int:
@@ -179,62 +187,66 @@ def _chunk_width(D: int) -> int:
     return min((c for c in range(1, D + 1) if D % c == 0), key=lambda c: abs(c - 144))
 
 
-def _column_blocks(D: int):
-    """(to_blocks, from_blocks): [R, D] <-> [D // c, R, c] column blocks of width c = `_chunk_width(D)`."""
-    c = _chunk_width(D)
-    to_blocks = lambda a_RxD: a_RxD.reshape(a_RxD.shape[0], D // c, c).transpose(1, 0, 2)  # noqa: E731
-    from_blocks = lambda a_CxRxc: a_CxRxc.transpose(1, 0, 2).reshape(a_CxRxc.shape[1], D)  # noqa: E731
-    return to_blocks, from_blocks
+def _cols(a_RxD: jax.Array, j, c: int) -> jax.Array:
+    """Columns [j·c, (j+1)·c) of a_RxD: a slice that fuses into its consumer, not a transposed copy."""
+    return jax.lax.dynamic_slice_in_dim(a_RxD, j * c, c, axis=1)
 
 
 def _bwd_one_seed(k, W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
     """(dW_dec [M, D], dW_enc [D, M], d(b_enc) [M]) of one seed.
 
-    Both passes walk D in blocks of c columns (`lax.map`), so each scatter-add hits an [M, c] accumulator
-    and each gathered [B, c] block that stay in cache, unlike full-width [M, D] rows on a CPU.
+    Both passes walk D in blocks of c columns, so each scatter-add hits an [M, c] accumulator and each
+    gathered [B, c] block that stay in cache, unlike full-width [M, D] rows on a CPU. The blocks are column
+    slices of the operands (`_cols`): stacking them as [D // c, R, c] costs a transpose and a copy of
+    W_dec, x_in and g each step.
     """
     M, D = W_dec_MxD.shape
-    B = g_BxD.shape[0]
-    blocks, unblock = _column_blocks(D)
-    g_CxBxc, x_CxBxc, W_dec_CxMxc = blocks(g_BxD), blocks(x_in_BxD), blocks(W_dec_MxD)
+    c = _chunk_width(D)
 
-    def dvals_block(a):  # the block's share of d(val)[b, k] = g_b · W_dec[idx[b, k]]
-        g_Bxc, W_Mxc = a
+    def dvals_block(j, dvals_BxK):  # adds the block's share of d(val)[b, k] = g_b · W_dec[idx[b, k]]
+        g_Bxc, W_Mxc = _cols(g_BxD, j, c), _cols(W_dec_MxD, j, c)
 
         def one_k(kk, dvals_BxK):
-            return dvals_BxK.at[:, kk].set(jnp.sum(g_Bxc * _gather_rows(W_Mxc, _col(idx_BxK, kk)), -1))
+            return dvals_BxK.at[:, kk].add(jnp.sum(g_Bxc * _gather_rows(W_Mxc, _col(idx_BxK, kk)), -1))
 
-        return jax.lax.fori_loop(0, k, one_k, jnp.zeros((B, k), g_BxD.dtype))
+        return jax.lax.fori_loop(0, k, one_k, dvals_BxK)
 
-    dvals_BxK = jax.lax.map(dvals_block, (g_CxBxc, W_dec_CxMxc)).sum(0) + g_vals_BxK
+    dvals_BxK = jax.lax.fori_loop(0, D // c, dvals_block, g_vals_BxK)
     dpre_BxK = jnp.where(vals_BxK > 0, dvals_BxK, 0.0)  # through the ReLU
 
-    def scatter_block(a):  # dW_dec[idx] += val · g and dW_enc[:, idx] += dpre · x_in, block columns only
-        g_Bxc, x_Bxc = a
+    def scatter_block(j, carry):  # dW_dec[idx] += val · g and dW_enc[:, idx] += dpre · x_in, block columns only
+        g_Bxc, x_Bxc = _cols(g_BxD, j, c), _cols(x_in_BxD, j, c)
 
-        def one_k(kk, carry):
-            dW_dec_Mxc, dW_enc_Mxc = carry
+        def one_k(kk, acc):
+            dW_dec_Mxc, dW_enc_Mxc = acc
             i_B = _col(idx_BxK, kk)
             return (dW_dec_Mxc.at[i_B].add(_col(vals_BxK, kk)[:, None] * g_Bxc, mode="promise_in_bounds"),
                     dW_enc_Mxc.at[i_B].add(_col(dpre_BxK, kk)[:, None] * x_Bxc, mode="promise_in_bounds"))
 
-        zeros = jnp.zeros((M, g_Bxc.shape[1]), g_BxD.dtype)
-        return jax.lax.fori_loop(0, k, one_k, (zeros, zeros))
+        zeros_Mxc = jnp.zeros((M, c), g_BxD.dtype)
+        dW_dec_Mxc, dW_enc_Mxc = jax.lax.fori_loop(0, k, one_k, (zeros_Mxc, zeros_Mxc))
+        return tuple(jax.lax.dynamic_update_slice_in_dim(full_MxD, block_Mxc, j * c, axis=1)
+                     for full_MxD, block_Mxc in zip(carry, (dW_dec_Mxc, dW_enc_Mxc)))
 
-    dW_dec_CxMxc, dW_enc_CxMxc = jax.lax.map(scatter_block, (g_CxBxc, x_CxBxc))
+    zeros_MxD = jnp.zeros((M, D), g_BxD.dtype)
+    dW_dec_MxD, dW_enc_MxD = jax.lax.fori_loop(0, D // c, scatter_block, (zeros_MxD, zeros_MxD))
     db_enc_M = jnp.zeros((M,), g_BxD.dtype).at[idx_BxK.reshape(-1)].add(dpre_BxK.reshape(-1))
-    return (unblock(dW_dec_CxMxc), dW_enc_CxMxc.transpose(0, 2, 1).reshape(D, M),
-            db_enc_M)
+    return dW_dec_MxD, dW_enc_MxD.T, db_enc_M
 
 
-def _dx_one_seed(W_enc_DxM, W_dec_MxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
+def _dx_one_seed(W_aug_ExM, W_dec_MxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
     """d(loss)/dx of one seed, through the K selected latents."""
     dvals_BxK = jnp.einsum("BD,BKD->BK", g_BxD, _gather_rows(W_dec_MxD, idx_BxK)) + g_vals_BxK
-    return _gather_sum(jnp.where(vals_BxK > 0, dvals_BxK, 0.0), idx_BxK, W_enc_DxM.T)
+    return _gather_sum(jnp.where(vals_BxK > 0, dvals_BxK, 0.0), idx_BxK, W_aug_ExM.T)[:, :-1]
 
 
-def _bwd_seeds(k, W_enc_SxDxM, W_dec_SxMxD, b_dec_SxD, x_XxBxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK):
-    """Gradients of S TopK SAEs touching only the selected latents; dx is per seed, [S, B, D]."""
+def _bwd_seeds(k, W_aug_SxExM, W_dec_SxMxD, b_dec_SxD, x_XxBxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK):
+    """Gradients of S TopK SAEs touching only the selected latents; dx is per seed, [S, B, D].
+
+    The encoder weights come as the forward's [W_enc; b_enc] (`W_aug`), a buffer of the step's own: reading the
+    W_enc parameter itself this late would make XLA copy it, so that the in-place Adam update cannot overwrite
+    it before this read.
+    """
     x_shared = x_XxBxD.shape[0] == 1
 
     def one_seed(a):
@@ -244,10 +256,10 @@ def _bwd_seeds(k, W_enc_SxDxM, W_dec_SxMxD, b_dec_SxD, x_XxBxD, vals_SxBxK, idx_
     xs = W_dec_SxMxD, b_dec_SxD, (b_dec_SxD if x_shared else x_XxBxD), vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK
     dW_dec_SxMxD, dW_enc_SxDxM, db_enc_SxM = jax.lax.map(one_seed, xs)
     # x_in = x − b_dec, so through the encoder d(b_dec) = −Σ_b dx_in[b] = −W_enc·d(b_enc): a mat-vec.
-    db_dec_SxD = g_SxBxD.sum(1) - jnp.einsum("SDM,SM->SD", W_enc_SxDxM, db_enc_SxM)
+    db_dec_SxD = g_SxBxD.sum(1) - jnp.einsum("SEM,SM->SE", W_aug_SxExM, db_enc_SxM)[:, :-1]
     # dx is only computed when the caller differentiates w.r.t. x (otherwise XLA drops it).
     dx_SxBxD = jax.lax.map(lambda a: _dx_one_seed(*a),
-                           (W_enc_SxDxM, W_dec_SxMxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK))
+                           (W_aug_SxExM, W_dec_SxMxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK))
     return dW_enc_SxDxM, db_enc_SxM, dW_dec_SxMxD, db_dec_SxD, dx_SxBxD
 
 
@@ -276,12 +288,12 @@ def _seed_batched(k: int):
         S = W_enc.shape[1] if batched[0] else W_enc.shape[0]
         params = [_fold(a, b, n) for a, b in zip((W_enc, b_enc, W_dec, b_dec), batched)]
         outs = fwd(*params, _fold_x(x, batched[4], n, S))
-        return tuple(o.reshape((n, S) + o.shape[1:]) for o in outs), (True,) * 3
+        return tuple(o.reshape((n, S) + o.shape[1:]) for o in outs), (True,) * 4
 
     @bwd.def_vmap
-    def bwd_rule(n, batched, W_enc, W_dec, b_dec, x, *rest):
-        S = W_enc.shape[1] if batched[0] else W_enc.shape[0]
-        folded = [_fold(a, b, n) for a, b in zip((W_enc, W_dec, b_dec), batched)]
+    def bwd_rule(n, batched, W_aug, W_dec, b_dec, x, *rest):
+        S = W_aug.shape[1] if batched[0] else W_aug.shape[0]
+        folded = [_fold(a, b, n) for a, b in zip((W_aug, W_dec, b_dec), batched)]
         folded_rest = [_fold(a, b, n) for a, b in zip(rest, batched[4:])]
         grads = bwd(*folded, _fold_x(x, batched[3], n, S), *folded_rest)
         return tuple(g.reshape((n, S) + g.shape[1:]) for g in grads), (True,) * 5
@@ -297,8 +309,8 @@ def _topk_autoencode(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
 
 def _topk_autoencode_fwd(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
     fwd, _ = _seed_batched(k)
-    x_hat, vals, idx = fwd(W_enc_DxM[None], b_enc_M[None], W_dec_MxD[None], b_dec_D[None], x_BxD[None])
-    return (x_hat[0], Code(vals[0], idx[0])), (W_enc_DxM, W_dec_MxD, b_dec_D, x_BxD, vals[0], idx[0])
+    x_hat, vals, idx, W_aug = fwd(W_enc_DxM[None], b_enc_M[None], W_dec_MxD[None], b_dec_D[None], x_BxD[None])
+    return (x_hat[0], Code(vals[0], idx[0])), (W_aug[0], W_dec_MxD, b_dec_D, x_BxD, vals[0], idx[0])
 
 
 def _topk_autoencode_bwd(k, res, cts):
@@ -308,6 +320,17 @@ def _topk_autoencode_bwd(k, res, cts):
 
 
 _topk_autoencode.defvjp(_topk_autoencode_fwd, _topk_autoencode_bwd)
+
+
+def _topk_encode_aug(params: dict, x_BxD: jax.Array, cfg: SAEConfig) -> tuple[Code, jax.Array]:
+    """(Code, [W_enc; b_enc] [D+1, M]): TopK's forward encoder (the one `loss` runs) and its weight buffer.
+
+    For hand-written backward passes (`htopk`): reading that buffer instead of the W_enc parameter keeps XLA
+    from copying W_enc ahead of the in-place optimiser update.
+    """
+    fwd, _ = _seed_batched(cfg.k)
+    _, vals, idx, W_aug = fwd(*(a[None] for a in _topk_args(params, x_BxD, cfg)))
+    return Code(vals[0], idx[0]), W_aug[0]
 
 
 def _batchtopk(pre_BxM: jax.Array, k: int) -> jax.Array:

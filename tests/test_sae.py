@@ -354,7 +354,7 @@ def _shapes(eqn):
 
 
 def test_topk_decode_and_train_gradient_never_form_dense_BxM():
-    B, M = 7, 101
+    B, M = 5, 101  # B differs from D and D + 1, so no weight ([D, M], or [D + 1, M] with b_enc) passes for [B, M]
     cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K)
     p = sae.init(jax.random.key(0), cfg)
     idx = jnp.zeros((B, K), jnp.int32)
