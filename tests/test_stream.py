@@ -127,6 +127,24 @@ def _counted(src):
     return calls
 
 
+def test_member_batches_are_each_layers_normalised_stream_in_blocks():
+    """Member l*S + s is layer l on data seed s (per_seed) or on the one seed (same); a process's block of members
+    and rows is that block of the whole batch."""
+    src = stream.LayersSource(MODEL, TOKENS, (2, 0), ctx_batch=4, normalizer_tokens=50)
+    ones = {layer: stream.ModelSource(MODEL, TOKENS, layer, ctx_batch=4, normalizer=src.normalizers[layer])
+            for layer in (2, 0)}
+    for seeds in ([7], [7, 8, 9]):
+        whole = next(src.member_batches(24, 3, seeds, start=2))
+        assert whole.shape == (6, 24, CFG.d_model) and whole.dtype == np.float32
+        for i in range(6):
+            layer, seed = (2, 0)[i // 3], seeds[i % 3 if len(seeds) > 1 else 0]
+            raw = next(ones[layer].batches(24, seed, start=2))
+            np.testing.assert_allclose(whole[i], (raw - src.normalizers[layer].mean_D) / src.normalizers[layer].scale,
+                                       rtol=1e-6, atol=1e-6)
+        block = next(src.member_batches(24, 3, seeds, slice(2, 5), start=2, rows=(6, 18)))
+        np.testing.assert_array_equal(block, whole[2:5, 6:18])
+
+
 @pytest.mark.parametrize("data_order", ["same", pytest.param("per_seed", marks=pytest.mark.slow)])
 def test_two_layers_train_as_two_one_layer_runs_on_one_forward_per_batch(tmp_path, data_order):
     """L=2 ensembles of S=2 in one step: each layer's SAEs (and saved folders) equal a one-layer run's, and the
