@@ -199,6 +199,18 @@ def test_streaming_from_the_model_two_processes_equal_one(tmp_path):
 
 
 @slow
+def test_streaming_several_layers_two_processes_equal_one(tmp_path):
+    """layers=1,2 over mesh seed=2 x data=2: each process holds one layer's two members (all rows of them)."""
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(2).integers(1, 1000, (24, 16)).astype(np.int32))
+    args = _train_args("model", tmp_path / "one", model="tiny", tokens=tmp_path / "tokens.npy", layers="1,2",
+                       ctx_batch=4, mesh_seed=2, mesh_data=2, d_sae=64, k=4, num_steps=12)
+    _one(args)
+    _two([a.replace(str(tmp_path / "one"), str(tmp_path / "two")) for a in args])
+    for layer in (1, 2):
+        _assert_same(tmp_path / "one" / f"L{layer}", tmp_path / "two" / f"L{layer}")
+
+
+@slow
 def test_stability_search_over_two_processes_equals_one(cache, tmp_path):
     import json
 
