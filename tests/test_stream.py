@@ -1,4 +1,6 @@
 """Streaming from the model: the batches equal a brute-force stream built from one forward over every context."""
+import copy
+
 import jax
 import numpy as np
 import pytest
@@ -173,6 +175,10 @@ def test_two_layers_train_as_two_one_layer_runs_on_one_forward_per_batch(tmp_pat
                 np.testing.assert_allclose(got_s[name], want_s[name], rtol=1e-5, atol=1e-6, err_msg=name)
         assert len(both_calls) == len(one_calls) > 2
     assert sorted(p.name for p in (tmp_path / "both").iterdir() if p.is_dir()) == ["L0", "L2", "checkpoints"]
+    swapped = copy.copy(both)  # the same state shapes: only config.json tells the layers apart
+    swapped.layers = (0, 2)
+    with pytest.raises(ValueError, match=r"stream.layers: \[2, 0\] -> \[0, 2\]"):
+        train.fit(swapped, sae_cfg, cfg("both"))
 
 
 @pytest.mark.slow
