@@ -322,7 +322,10 @@ def main(argv=None) -> int:
     cfg = configlib.override(StabilityConfig(), cfg_argv)
     if not cfg.run:
         raise ValueError("jaxsae stability needs run=RUN_DIR")
-    distributed.initialize(configlib.override(distributed.DistConfig(), dist_argv))
+    dist_cfg = configlib.override(distributed.DistConfig(), dist_argv)
+    # The search mesh is every device of the job and pads its tiles to their count: no batch to split.
+    distributed.check_split(dist_cfg, {"model": dist_cfg.num_processes * max(dist_cfg.cpu_devices, 1)}, 1)
+    distributed.initialize(dist_cfg)
     result = run_stability(cfg)
     if distributed.is_main():
         out = Path(cfg.out or Path(cfg.run) / "stability.json")

@@ -7,7 +7,8 @@ token contexts in a seeded random order; a context contributes its kept position
 `skip_first`/`exclude_tokens`) in order. The model runs on fixed-size chunks of `ctx_batch` contexts (one
 compiled shape), and only on the chunks that hold rows somebody asked for, so N processes share the forward
 passes. With `data_order=same` one forward feeds every seed of the ensemble. `LayersSource` streams several
-layers from the same forwards (the adapter's `residuals` returns them all from one pass).
+layers from the same forwards (the adapter's `residuals` returns them all from one pass); `train.fit` on it trains
+one ensemble per layer in one step (`member_batches`, `members`).
 """
 from __future__ import annotations
 
@@ -140,3 +141,27 @@ class LayersSource(_ResidualStream):
         """Endless {layer: [B, D] float32} batches from batch `start` on; `rows=(lo, hi)`: only those rows."""
         for x_BxLxD in self._stream(batch_size, seed, start, rows):
             yield {l: np.ascontiguousarray(x_BxLxD[:, i]) for i, l in enumerate(self.layers)}
+
+    def member_batches(self, batch_size: int, n_seeds: int, data_seeds: Sequence[int], members: slice = slice(None),
+                       start: int = 0, rows: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+        """Normalised float32 [m, rows, D] batches of `members` (a slice of the L*S) of one S-seed ensemble per
+        layer: member l*S + s reads layer l on data seed `data_seeds[s]` (or `data_seeds[0]`, data_order=same).
+
+        One stream per data seed in use, so with data_order=same one forward per chunk feeds every member.
+        """
+        ids = range(len(self.layers) * n_seeds)[members]
+        where = [(data_seeds[i % n_seeds] if len(data_seeds) > 1 else data_seeds[0], self.layers[i // n_seeds])
+                 for i in ids]
+        streams = {d: self.batches(batch_size, d, start, rows) for d in dict.fromkeys(d for d, _ in where)}
+        while True:
+            got = {d: next(it) for d, it in streams.items()}
+            normed = {key: self.normalizers[key[1]](got[key[0]][key[1]]) for key in dict.fromkeys(where)}
+            yield np.stack([np.asarray(normed[key], np.float32) for key in where])
+
+    def members(self, n_seeds: int) -> list[tuple[str, Normalizer, dict, dict]]:
+        """(folder, normaliser, extra, manifest) of each member l*S + s: L{layer}/seed_{s} with its layer's
+        Normalizer; the manifest describes the stream as a harvested cache's would (SAELens metadata)."""
+        stream = {"model": self.model.name, "ctx_len": int(self.tokens_NxT.shape[1]),
+                  "skip_first": int(self.model.skip_first), "exclude_tokens": [int(t) for t in self.model.exclude_tokens]}
+        return [(f"L{layer}/seed_{s}", self.normalizers[layer], {"seed": s, "layer": layer}, {**stream, "layer": layer})
+                for layer in self.layers for s in range(n_seeds)]

@@ -5,8 +5,9 @@ global-norm clip → Adam with warm-up + decay → renormalise decoder rows → 
 dead once it has not fired for `dead_after_tokens` tokens; the dead mask feeds the next step's AuxK).
 `fit` runs it over an activation source with a progress bar, a JSON-lines log, orbax checkpoints that also
 record the data position (resuming gives the same final state bit for bit; damaged checkpoints are skipped,
-see `jaxsae.checkpoint`), and saves every seed in the SAELens layout. `jaxsae train key=value ...` is the
-command line.
+see `jaxsae.checkpoint`), and saves every seed in the SAELens layout. On a source of several layers
+(`stream.LayersSource`, `jaxsae train source=model layers=3,5`) it trains one S-seed ensemble per layer in the same
+step: L*S members, fed by one LM forward per batch. `jaxsae train key=value ...` is the command line.
 
 Extending a run: `fit` on an `out_dir` that holds a finished or interrupted run, with `num_steps`/`num_tokens`
 changed and nothing else that matters, continues it from its checkpoint. The warm-up + decay schedule is
@@ -91,7 +92,7 @@ class TrainConfig:
 
 
 class TrainState(NamedTuple):
-    """Everything a step reads and writes; every leaf has a leading seed axis S."""
+    """Everything a step reads and writes; every leaf has a leading seed axis S (L*S members for L layers)."""
 
     params: dict  # SAE params, e.g. W_enc [S, D, M]
     opt_state: Any  # optax state (Adam moments mirror params)
@@ -221,9 +222,11 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); restore it or use a new out_dir") from None
 
 
-def _check_config(out: Path, sae_cfg, train_cfg, resuming: bool, write: bool = True) -> dict | None:
-    """Write config.json for a new run; for one being resumed check it matches up to the length, and return it."""
-    cfg = {"sae": dataclasses.asdict(sae_cfg), "train": dataclasses.asdict(train_cfg)}
+def _check_config(out: Path, sae_cfg, train_cfg, resuming: bool, write: bool = True, more: dict | None = None
+                  ) -> dict | None:
+    """Write config.json for a new run; for one being resumed check it matches up to the length, and return it.
+    `more`: further groups of settings, e.g. {"stream": {"layers": [3, 5]}}."""
+    cfg = {"sae": dataclasses.asdict(sae_cfg), "train": dataclasses.asdict(train_cfg), **(more or {})}
     path = out / "config.json"
     if not resuming:
         if write:
@@ -257,29 +260,49 @@ def _compute_part(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **{k: getattr(TrainConfig, k) for k in _RESUME_MAY_CHANGE})
 
 
+def _members_cfg(train_cfg: TrainConfig, n_layers: int) -> TrainConfig:
+    """The step's config for one ensemble per layer (n_layers > 0): L*S members on the seed axis, each its own batch."""
+    if not n_layers:
+        return train_cfg
+    return dataclasses.replace(train_cfg, n_seeds=n_layers * train_cfg.n_seeds, data_order="per_seed")
+
+
 @functools.lru_cache(maxsize=8)
-def _compiled(sae_cfg, train_cfg, loss_fn, mesh):
-    """(train_step, init(key, b_dec_init), state shardings), reused across `fit` calls on one mesh."""
-    state_sh = sharding.state_shardings(mesh, _abstract_state(sae_cfg, train_cfg))
-    init = jax.jit(lambda key, b_dec_init: init_state(key, sae_cfg, train_cfg, b_dec_init), out_shardings=state_sh)
-    return make_train_step(sae_cfg, train_cfg, loss_fn, mesh), init, state_sh
+def _compiled(sae_cfg, train_cfg, loss_fn, mesh, n_layers: int = 0):
+    """(train_step, init(key, b_dec_init), state shardings), reused across `fit` calls on one mesh. `n_layers` > 0:
+    that many ensembles on the seed axis, each initialised as a one-layer run is (the same S keys)."""
+    step_cfg = _members_cfg(train_cfg, n_layers)
+    state_sh = sharding.state_shardings(mesh, _abstract_state(sae_cfg, step_cfg))
+
+    def init(key, b_dec_init):
+        state = init_state(key, sae_cfg, train_cfg, b_dec_init)
+        return jax.tree.map(lambda a: jnp.concatenate([a] * n_layers), state) if n_layers else state
+
+    return make_train_step(sae_cfg, step_cfg, loss_fn, mesh), jax.jit(init, out_shardings=state_sh), state_sh
 
 
 def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callable | None = None,
         b_dec_init=None) -> TrainState:
-    """Train the ensemble on `source`, resuming from `out_dir`'s latest intact checkpoint if there is one."""
+    """Train the ensemble on `source`, resuming from `out_dir`'s latest intact checkpoint if there is one.
+
+    A source of several layers (`stream.LayersSource`) gets one ensemble per layer: member l*S + s is layer l's seed
+    s, starts as seed s of a one-layer run does, and is saved to L{layer}/seed_{s}/ with its layer's Normalizer.
+    """
     if source.d_in != sae_cfg.d_in:
         raise ValueError(f"source d_in={source.d_in} but sae d_in={sae_cfg.d_in}")
     mesh = sharding.make_mesh(train_cfg.mesh_seed, train_cfg.mesh_data, train_cfg.mesh_model)
-    step_fn, init, state_sh = _compiled(sae_cfg, _compute_part(train_cfg), loss_fn, mesh)
+    n_layers = len(source.layers) if hasattr(source, "member_batches") else 0  # 0: one ensemble, no layer axis
+    step_cfg = _members_cfg(train_cfg, n_layers)
+    step_fn, init, state_sh = _compiled(sae_cfg, _compute_part(train_cfg), loss_fn, mesh, n_layers)
     out = Path(train_cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manager = checkpoint.manager(out, train_cfg.keep_checkpoints)
     position = {"data_order": train_cfg.data_order, "data_seeds": train_cfg.data_seeds,
                 "batch_size": train_cfg.batch_size, "num_tokens_in_source": source.num_tokens}
     main_process = distributed.is_main()  # files written once are written by process 0
-    old_cfg = _check_config(out, sae_cfg, train_cfg, resuming=bool(manager.all_steps()), write=main_process)
-    restored = checkpoint.restore_latest(manager, _abstract_state(sae_cfg, train_cfg), state_sh, position)
+    old_cfg = _check_config(out, sae_cfg, train_cfg, resuming=bool(manager.all_steps()), write=main_process,
+                            more={"stream": {"layers": list(source.layers)}} if n_layers else {})
+    restored = checkpoint.restore_latest(manager, _abstract_state(sae_cfg, step_cfg), state_sh, position)
     if restored is None:
         start, state = 0, init(jax.random.key(train_cfg.seed), b_dec_init)
     else:
@@ -289,16 +312,18 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
         checkpoint.trim_log(out / "metrics.jsonl", start)
 
     # Each process reads only its block of every global batch: rows over (data, fsdp), seeds over seed.
-    per_seed, S, B = train_cfg.data_order == "per_seed", train_cfg.n_seeds, train_cfg.batch_size
+    per_seed, S, B = step_cfg.data_order == "per_seed", step_cfg.n_seeds, train_cfg.batch_size
     shape = (S, B, sae_cfg.d_in) if per_seed else (B, sae_cfg.d_in)
     batch_sh = sharding.batch_sharding(mesh, per_seed)
     box = distributed.process_box(batch_sh, shape)
     rows = None if (box[-2].start, box[-2].stop) == (0, B) else (box[-2].start, box[-2].stop)
-    if per_seed:
+    if n_layers:  # this process's members, each normalised with its layer's Normalizer
+        batches = source.member_batches(B, train_cfg.n_seeds, train_cfg.data_seeds, box[0], start, rows)
+    elif per_seed:
         batches = data.stacked_batches(source, B, train_cfg.data_seeds[box[0]], start, rows)
     else:  # a source of one's own needs `rows` only under several processes
         batches = source.batches(B, train_cfg.data_seeds[0], start, **({"rows": rows} if rows else {}))
-    normalize = source.normalizer or (lambda x: x)
+    normalize = (None if n_layers else source.normalizer) or (lambda x: x)
     total = train_cfg.total_steps
     try:
         with open(out / "metrics.jsonl", "a") if main_process else open(os.devnull, "w") as log, \
@@ -326,10 +351,12 @@ def fit(source, sae_cfg: sae.SAEConfig, train_cfg: TrainConfig, loss_fn: Callabl
         manager.close()
 
     params = distributed.to_host(state.params)
-    for s in range(train_cfg.n_seeds if main_process else 0):
-        io.save_saelens(out / f"seed_{s}", jax.tree.map(lambda a: a[s], params), sae_cfg, source.normalizer,
-                        extra={"seed": s, "steps": total, "train_cfg": dataclasses.asdict(train_cfg)}, overwrite=True,
-                        metadata=io.saelens_metadata(getattr(source, "manifest", None)))
+    members = source.members(train_cfg.n_seeds) if n_layers else [
+        (f"seed_{s}", source.normalizer, {"seed": s}, getattr(source, "manifest", None)) for s in range(S)]
+    for i, (folder, normalizer, extra, manifest) in enumerate(members if main_process else []):
+        io.save_saelens(out / folder, jax.tree.map(lambda a: a[i], params), sae_cfg, normalizer,
+                        extra={**extra, "steps": total, "train_cfg": dataclasses.asdict(train_cfg)}, overwrite=True,
+                        metadata=io.saelens_metadata(manifest))
     return state
 
 
@@ -343,6 +370,7 @@ class RunConfig:
     synthetic_k: int = 8  # synthetic source: directions summed per token
     model: str = "smollm2-135m"  # source=model: a registered model name or a "module:factory" spec
     layer: int = 14  # source=model: residual stream after this block
+    layers: tuple[int, ...] = ()  # source=model: several blocks fed by one forward, one ensemble each (L{layer}/seed_{s})
     corpus: str = "general"  # source=model: the model's named corpus (its train split) to stream
     tokens: str = ""  # source=model: stream these token contexts instead (.npy of int [N, T]); overrides corpus
     ctx_len: int = 256  # source=model: tokens per context
@@ -362,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     dist_cfg = configlib.override(distributed.DistConfig(), dist_argv)
     distributed.check_split(dist_cfg, {"seed": train_cfg.mesh_seed, "data": train_cfg.mesh_data,
                                        "model": train_cfg.mesh_model}, train_cfg.batch_size)
+    if run.layers and (run.source != "model" or run.heldout):
+        raise ValueError(f"layers={','.join(map(str, run.layers))} needs source=model and no heldout= (a cache holds "
+                         f"one layer), got source={run.source!r} heldout={run.heldout!r}")
     distributed.initialize(dist_cfg)
     if run.source == "model":
         from jaxsae import adapter, harvest, stream
@@ -369,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         model = adapter.load(run.model)
         tokens = np.load(run.tokens, mmap_mode="r") if run.tokens else \
             harvest.corpus_tokens(model, harvest.HarvestConfig(corpus=run.corpus, ctx_len=run.ctx_len))
-        source = stream.ModelSource(model, tokens, run.layer, run.ctx_batch)
+        source = stream.LayersSource(model, tokens, run.layers, run.ctx_batch) if run.layers else \
+            stream.ModelSource(model, tokens, run.layer, run.ctx_batch)
         d_in = source.d_in
     elif run.source == "synthetic":
         d_in = configlib.override(sae.SAEConfig(), sae_argv).d_in
@@ -390,16 +422,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         eval_source, eval_on = source, f"{run.source} (training source, not held out)"
     x = next(eval_source.batches(run.eval_tokens, seed=12345))
-    x = (source.normalizer or (lambda a: a))(x)
-    summary = evaluate(distributed.to_host(state.params), sae_cfg, x)
-    summary.update(
-        dead_frac_train=np.mean(distributed.to_host(state.tokens_since_fired) >= train_cfg.dead_after_tokens,
-                                axis=1).tolist(),
-        eval_on=eval_on, eval_tokens=len(x), steps=train_cfg.total_steps, out_dir=train_cfg.out_dir,
-    )
-    if distributed.is_main():
-        print(json.dumps(summary))
-        (Path(train_cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    params, since_SxM = distributed.to_host((state.params, state.tokens_since_fired))
+    if run.layers:  # one summary per layer, in its folder, of its S members
+        S = train_cfg.n_seeds
+        parts = {f"L{layer}": (jax.tree.map(lambda a: a[i * S : (i + 1) * S], params), since_SxM[i * S : (i + 1) * S],
+                               source.normalizers[layer](x[layer])) for i, layer in enumerate(source.layers)}
+    else:
+        parts = {"": (params, since_SxM, (source.normalizer or (lambda a: a))(x))}
+    for folder, (params, since_SxM, x_NxD) in parts.items():
+        out = Path(train_cfg.out_dir) / folder
+        summary = evaluate(params, sae_cfg, x_NxD)
+        summary.update(dead_frac_train=np.mean(since_SxM >= train_cfg.dead_after_tokens, axis=1).tolist(),
+                       eval_on=eval_on, eval_tokens=len(x_NxD), steps=train_cfg.total_steps, out_dir=str(out))
+        if distributed.is_main():
+            print(json.dumps(summary))
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return 0
 
 

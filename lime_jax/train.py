@@ -345,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                     distributed.DistConfig])
     cfg = configlib.override(TrainConfig(), train_argv)
     model_cfg = configlib.override(PRESETS[cfg.preset](), model_argv)
-    distributed.initialize(configlib.override(distributed.DistConfig(), dist_argv))
+    dist_cfg = configlib.override(distributed.DistConfig(), dist_argv)
+    distributed.check_split(dist_cfg, {"data": cfg.mesh_data, "fsdp": cfg.mesh_fsdp}, cfg.batch_size)
+    distributed.initialize(dist_cfg)
     fit(model_cfg, cfg)
     if distributed.is_main():
         print((Path(cfg.out_dir) / "summary.json").read_text())

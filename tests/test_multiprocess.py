@@ -153,6 +153,23 @@ def test_a_job_that_splits_evenly_passes_the_check(cfg, mesh, batch):
     distributed.check_split(cfg, mesh, batch)
 
 
+@pytest.mark.parametrize("command, argv, message", [
+    ("lime_jax.train", ["mesh_data=3"], "num_processes=2 does not divide the mesh (data=3 = 3 devices)"),
+    ("lime_jax.train", ["mesh_data=2", "mesh_fsdp=2", "batch_size=6"], "batch_size=6 does not split into the 4 "),
+    ("jaxsae.stability", ["run=nowhere", "process_id=2"], "process_id=2 is out of range"),
+], ids=["lime-mesh", "lime-batch", "stability-id"])
+def test_other_commands_check_the_split_before_joining(tmp_path, command, argv, message):
+    """lime_jax train and jaxsae stability check as jaxsae train does: one line, no coordinator contacted."""
+    import importlib
+
+    out = f"out_dir={tmp_path / 'run'}" if command == "lime_jax.train" else f"out={tmp_path / 'out.json'}"
+    with pytest.raises(ValueError) as err:
+        importlib.import_module(command).main(["num_processes=2", "coordinator=127.0.0.1:1", "init_timeout_s=2", out,
+                                               *argv])
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not jax.distributed.is_initialized() and not list(tmp_path.iterdir())
+
+
 @slow
 @pytest.mark.parametrize("extra, message", [
     (["num_processes=2", "process_id=2", "coordinator=127.0.0.1:1"], "process_id=2 is out of range"),
@@ -179,6 +196,18 @@ def test_streaming_from_the_model_two_processes_equal_one(tmp_path):
     _one(args)
     _two([a.replace(str(tmp_path / "one"), str(tmp_path / "two")) for a in args])
     _assert_same(tmp_path / "one", tmp_path / "two")
+
+
+@slow
+def test_streaming_several_layers_two_processes_equal_one(tmp_path):
+    """layers=1,2 over mesh seed=2 x data=2: each process holds one layer's two members (all rows of them)."""
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(2).integers(1, 1000, (24, 16)).astype(np.int32))
+    args = _train_args("model", tmp_path / "one", model="tiny", tokens=tmp_path / "tokens.npy", layers="1,2",
+                       ctx_batch=4, mesh_seed=2, mesh_data=2, d_sae=64, k=4, num_steps=12)
+    _one(args)
+    _two([a.replace(str(tmp_path / "one"), str(tmp_path / "two")) for a in args])
+    for layer in (1, 2):
+        _assert_same(tmp_path / "one" / f"L{layer}", tmp_path / "two" / f"L{layer}")
 
 
 @slow

@@ -1,4 +1,6 @@
 """Streaming from the model: the batches equal a brute-force stream built from one forward over every context."""
+import copy
+
 import jax
 import numpy as np
 import pytest
@@ -118,3 +120,95 @@ def test_one_forward_feeds_several_layers():
         stream.LayersSource(MODEL, TOKENS, (1, 1))
     with pytest.raises(ValueError, match="layer=3"):
         stream.LayersSource(MODEL, TOKENS, (0, 3))
+
+
+def _counted(src):
+    """`src` with its forward passes counted in the returned list."""
+    calls, forward = [], src._forward
+    src._forward = lambda params, t: calls.append(1) or forward(params, t)
+    return calls
+
+
+def test_member_batches_are_each_layers_normalised_stream_in_blocks():
+    """Member l*S + s is layer l on data seed s (per_seed) or on the one seed (same); a process's block of members
+    and rows is that block of the whole batch."""
+    src = stream.LayersSource(MODEL, TOKENS, (2, 0), ctx_batch=4, normalizer_tokens=50)
+    ones = {layer: stream.ModelSource(MODEL, TOKENS, layer, ctx_batch=4, normalizer=src.normalizers[layer])
+            for layer in (2, 0)}
+    for seeds in ([7], [7, 8, 9]):
+        whole = next(src.member_batches(24, 3, seeds, start=2))
+        assert whole.shape == (6, 24, CFG.d_model) and whole.dtype == np.float32
+        for i in range(6):
+            layer, seed = (2, 0)[i // 3], seeds[i % 3 if len(seeds) > 1 else 0]
+            raw = next(ones[layer].batches(24, seed, start=2))
+            np.testing.assert_allclose(whole[i], (raw - src.normalizers[layer].mean_D) / src.normalizers[layer].scale,
+                                       rtol=1e-6, atol=1e-6)
+        block = next(src.member_batches(24, 3, seeds, slice(2, 5), start=2, rows=(6, 18)))
+        np.testing.assert_array_equal(block, whole[2:5, 6:18])
+
+
+@pytest.mark.parametrize("data_order", ["same", pytest.param("per_seed", marks=pytest.mark.slow)])
+def test_two_layers_train_as_two_one_layer_runs_on_one_forward_per_batch(tmp_path, data_order):
+    """L=2 ensembles of S=2 in one step: each layer's SAEs (and saved folders) equal a one-layer run's, and the
+    run makes as many LM forwards as one one-layer run (one per chunk of contexts, whatever the number of layers)."""
+    from jaxsae import io, sae, train
+
+    sae_cfg = sae.SAEConfig(d_in=CFG.d_model, d_sae=64, k=4)
+
+    def cfg(out):
+        return train.TrainConfig(num_steps=6, batch_size=24, n_seeds=2, data_order=data_order, warmup_steps=2,
+                                 lr=3e-3, log_every=3, checkpoint_every=0, out_dir=str(tmp_path / out))
+
+    both = stream.LayersSource(MODEL, TOKENS, (2, 0), ctx_batch=4, normalizer_tokens=50)
+    both_calls = _counted(both)
+    params = jax.device_get(train.fit(both, sae_cfg, cfg("both")).params)
+    for i, layer in enumerate((2, 0)):
+        one = stream.ModelSource(MODEL, TOKENS, layer, ctx_batch=4, normalizer_tokens=50)
+        one_calls = _counted(one)
+        want = jax.device_get(train.fit(one, sae_cfg, cfg(f"one{layer}")).params)
+        for name in want:
+            np.testing.assert_allclose(params[name][2 * i : 2 * i + 2], want[name], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"layer {layer} {name}")
+        for s in range(2):  # saved with that layer's normaliser folded in
+            got_s, want_s = (io.load_any(tmp_path / d)[0] for d in (f"both/L{layer}/seed_{s}", f"one{layer}/seed_{s}"))
+            for name in want_s:
+                np.testing.assert_allclose(got_s[name], want_s[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        assert len(both_calls) == len(one_calls) > 2
+    assert sorted(p.name for p in (tmp_path / "both").iterdir() if p.is_dir()) == ["L0", "L2", "checkpoints"]
+    swapped = copy.copy(both)  # the same state shapes: only config.json tells the layers apart
+    swapped.layers = (0, 2)
+    with pytest.raises(ValueError, match=r"stream.layers: \[2, 0\] -> \[0, 2\]"):
+        train.fit(swapped, sae_cfg, cfg("both"))
+
+
+@pytest.mark.slow
+def test_train_command_with_layers_writes_one_folder_per_layer(tmp_path):
+    """`jaxsae train source=model layers=3,5`: L{layer}/seed_{s} SAE folders and L{layer}/summary.json."""
+    import json
+
+    from jaxsae import io, train
+
+    tokens = tmp_path / "tokens.npy"
+    np.save(tokens, np.random.default_rng(3).integers(1, 1000, (12, 16)).astype(np.int32))
+    out = tmp_path / "run"
+    train.main(["source=model", "model=tiny", "layers=3,5", f"tokens={tokens}", "ctx_batch=4", "d_sae=64", "k=4",
+                "n_seeds=2", "batch_size=32", "num_steps=3", "eval_tokens=64", f"out_dir={out}"])
+    assert json.loads((out / "config.json").read_text())["stream"] == {"layers": [3, 5]}
+    for layer in (3, 5):
+        assert len(json.loads((out / f"L{layer}" / "summary.json").read_text())["ev"]) == 2
+        for s in range(2):
+            cfg = json.loads((out / f"L{layer}" / f"seed_{s}" / io.CFG).read_text())
+            assert cfg["metadata"]["hook_name"] == f"blocks.{layer}.hook_resid_post"
+            assert (cfg["jaxsae"]["layer"], cfg["jaxsae"]["seed"]) == (layer, s)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["source=synthetic", "layers=1,2"], "layers=1,2 needs source=model"),
+    (["source=model", "layers=1,2", "heldout=some_cache"], "layers=1,2 needs source=model and no heldout="),
+])
+def test_layers_need_a_model_stream(tmp_path, argv, message):
+    from jaxsae import train
+
+    with pytest.raises(ValueError, match=message):
+        train.main([*argv, f"out_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run").exists()
