@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae.adapter import token_nll  # noqa: F401  (the LM loss lives once, with the adapter contract)
+from lime_jax import sharding as lm_sharding
 from lime_jax.config import ROUTINGS, LlamaConfig
 
 Params = dict
@@ -199,7 +200,8 @@ def _embed(params: Params, tokens_BxT, cfg: LlamaConfig):
     # The gather's output keeps the tokens' batch sharding (needed under explicitly sharded meshes).
     sharding = jax.typeof(tokens_BxT).sharding
     out_sharding = sharding.update(spec=jax.sharding.PartitionSpec(*sharding.spec, None))
-    return params["embed"].at[tokens_BxT].get(out_sharding=out_sharding).astype(cfg.dtype), ()
+    h_BxTxD = params["embed"].at[tokens_BxT].get(out_sharding=out_sharding).astype(cfg.dtype)
+    return lm_sharding.constrain_embedded(h_BxTxD), ()
 
 
 def _layer(params: Params, i: int, cfg: LlamaConfig) -> Params:
