@@ -1,14 +1,14 @@
 """One full training step (forward, backward, AdamW) of Llama and the three LIMe routers at one shape.
 
-Run from the repository root: `python -m benchmarks.lime_step [--shape L,D,B,T] [--d_models 64,128,256]
-[--vocab V] [--rounds N] [--depths 2,4,8]`. For each width (--d_models, default: the D of --shape) prints one
-JSON line per implementation (`llama`, `lime_static`, `lime_dynamic`, `lime_v2`): median `step_s` over rounds
-(each round times every implementation once, so all see the same machine load), `tokens_per_s`,
-`speed_vs_llama`, the FLOPs formula's ratio, `peak_bytes`, XLA's planned memory of the compiled step
-(arguments + outputs + temporaries - aliased; the CPU runtime reports no measured peak), and `load_avg_1m`
-before and after the timed rounds (a figure counts only on a quiet machine). Then, for each depth in --depths, one line per implementation with `temp_bytes` (the step's
-temporaries: activations saved for the backward pass and workspace), to show how activation memory grows
-with depth.
+Run from the repository root: `python -m benchmarks.lime_step [--shape L,D,B,T] [--d_models 64,128,256] [--vocab
+V] [--rounds N] [--depths 2,4,8]`. For each width (--d_models, default: the D of --shape) prints one JSON line
+per implementation (`llama`, `lime_static`, `lime_dynamic`, `lime_v2`): median `step_s` over rounds (each round
+times every implementation once, so all see the same machine load), `tokens_per_s`, `speed_vs_llama`, the FLOPs
+formula's ratio, `peak_bytes`, XLA's planned memory of the compiled step (arguments + outputs + temporaries -
+aliased; the CPU runtime reports no measured peak), and `load_avg_1m` before and after the timed rounds (a
+figure counts only on a quiet machine). Then, for each depth in --depths, one line per implementation with
+`temp_bytes` (the step's temporaries: activations saved for the backward pass and workspace), to show how
+activation memory grows with depth.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--d_models", default="", help="widths to sweep, e.g. 64,128,256 (default: D of --shape)")
     ap.add_argument("--vocab", type=int, default=8192, help="vocabulary size (the experiment keeps 8192 tokens)")
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds (median reported)")
-    ap.add_argument("--depths", default="2,4,8", help="depths for the compile-only memory scan at the last width ('' skips)")
+    ap.add_argument("--depths", default="2,4,8",
+                    help="depths for the compile-only memory scan at the last width ('' skips)")
     args = ap.parse_args()
     L, D, B, T = (int(s) for s in args.shape.split(","))
     for width in [int(s) for s in args.d_models.split(",") if s] or [D]:
