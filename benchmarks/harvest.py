@@ -1,13 +1,17 @@
 """Harvest throughput: SmolLM2-135M forward to the middle layer, lime_jax (jit) vs HF transformers (torch CPU).
 
 `python -m benchmarks.harvest [batch_sizes=4,8,16] [ctx_len=128] [repeats=3] [impls=lime_jax,transformers]`
-prints JSON lines {impl, bench, layer, batch, seq, seconds_per_call, tokens_per_s}: random token ids, one
-untimed call per shape (compilation / warm-up), then the best of `repeats` timed calls (the machine is
-shared, so the minimum is the least noisy figure). Implementations alternate per batch size so both see the
-same load. lime_jax also times the CE splice (`bench: splice_forward`, the full forward with the residual at
-`layer` passed through). With transformers, a first line {"check": ...} gives the largest difference between
-the two implementations' residuals on the same tokens. transformers runs the same GGUF, truncated to
-blocks 0..layer with the final norm removed, so both return the residual after block `layer`.
+prints JSON lines {impl, bench, layer, batch, seq, seconds_per_call, tokens_per_s, load_avg_1m}: random token
+ids, one untimed call per shape (compilation / warm-up), then the best of `repeats` timed calls. Implementations
+alternate per batch size so both see the same load. Per batch size, a line with `bench: matmul_bound` gives
+`matmul_bound_tokens_per_s`: the forward's FLOPs per token up to `layer` (`forward_flops_per_token`) over the
+rate XLA reaches on the bare matmuls of one block at this batch ([B*T, D] x [D, N*H], [D, K*H] twice, [N*H, D],
+[D, F] twice, [F, D]; jitted together, timed in the same run), i.e. the speed if everything but those matmuls
+were free. lime_jax runs on per-block weights (`model.unstack_layers`, as its adapter does) and also times the
+CE splice (`bench: splice_forward`, the full forward with the residual at `layer` passed through). With
+transformers, a first line {"check": ...} gives the largest difference between the two implementations'
+residuals on the same tokens. transformers runs the same GGUF, truncated to blocks 0..layer with the final norm
+removed, so both return the residual after block `layer`.
 """
 from __future__ import annotations
 
@@ -43,6 +47,29 @@ def _best_time(fn, repeats: int) -> float:
     return min(times)
 
 
+def _load_avg_1m() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def forward_flops_per_token(cfg, layer: int, T: int) -> float:
+    """Forward FLOPs per token through blocks 0..layer: projections and MLP, plus QK^T and AV over the full
+    T x T (PaLM's convention; causal masking would halve the attention part, ~4% of the total at T=128)."""
+    D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    return (layer + 1) * (2 * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + 4 * T * N * H)
+
+
+def _block_matmuls(cfg, rows: int):
+    """(jitted fn running one block's matmuls on [rows, .] inputs, their FLOPs)."""
+    D, NH, KH, F = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
+    shapes = [(D, NH), (D, KH), (D, KH), (NH, D), (D, F), (D, F), (F, D)]
+    key = iter(jax.random.split(jax.random.key(0), 2 * len(shapes)))
+    xs = [jax.random.normal(next(key), (rows, k)) for k, _ in shapes]
+    ws = [jax.random.normal(next(key), (k, n)) for k, n in shapes]
+    fn = jax.jit(lambda xs, ws: [x @ w for x, w in zip(xs, ws)])
+    return (lambda: fn(xs, ws)), sum(2 * rows * k * n for k, n in shapes)
+
+
 def _transformers_forward(layer: int):
     """A torch function tokens -> residual after block `layer`, from the same GGUF; None if not installed."""
     try:
@@ -67,7 +94,8 @@ def main(argv=None) -> int:
     bc = configlib.parse(BenchConfig(), argv)
     if bc is None:
         return 0
-    cfg, params = gguf.load_smollm2()
+    cfg, stacked = gguf.load_smollm2()
+    params = model.unstack_layers(stacked, cfg)  # the layout lime_jax.adapter (harvest, streaming, CE) uses
     runs = {}
     if "lime_jax" in bc.impls:
         runs["lime_jax", "harvest_forward"] = lambda t: model.residuals(params, t, cfg, bc.layer)[bc.layer]
@@ -84,10 +112,20 @@ def main(argv=None) -> int:
     for b in bc.batch_sizes:
         tokens = np.random.default_rng(b).integers(0, cfg.vocab, (b, bc.ctx_len)).astype(np.int32)
         for (impl, bench), fn in runs.items():
+            load = _load_avg_1m()
             s = _best_time(lambda: fn(tokens), bc.repeats)
             print(json.dumps({"impl": impl, "bench": bench, "layer": bc.layer, "batch": b, "seq": bc.ctx_len,
-                              "seconds_per_call": round(s, 3), "tokens_per_s": round(b * bc.ctx_len / s, 1)}),
-                  flush=True)
+                              "seconds_per_call": round(s, 3), "tokens_per_s": round(b * bc.ctx_len / s, 1),
+                              "load_avg_1m": load}), flush=True)
+        matmuls, flops = _block_matmuls(cfg, b * bc.ctx_len)
+        load = _load_avg_1m()
+        s = _best_time(matmuls, bc.repeats)
+        per_token = forward_flops_per_token(cfg, bc.layer, bc.ctx_len)
+        print(json.dumps({"impl": "xla_matmuls", "bench": "matmul_bound", "layer": bc.layer, "batch": b,
+                          "seq": bc.ctx_len, "matmul_gflop_per_s": round(flops / s / 1e9, 1),
+                          "forward_flops_per_token": per_token,
+                          "matmul_bound_tokens_per_s": round(flops / s / per_token, 1), "load_avg_1m": load}),
+              flush=True)
     return 0
 
 

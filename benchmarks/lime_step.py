@@ -1,13 +1,14 @@
 """One full training step (forward, backward, AdamW) of Llama and the three LIMe routers at one shape.
 
-Run from the repository root: `python -m benchmarks.lime_step [--shape L,D,B,T] [--vocab V] [--rounds N]
-[--depths 2,4,8]`. Prints one JSON line per implementation (`llama`, `lime_static`, `lime_dynamic`,
-`lime_v2`): median step time over rounds (each round times every implementation once, so all see the same
-machine load), `tokens_per_s`, the ratio to Llama, the FLOPs formula's ratio, and `peak_bytes`, XLA's planned
-memory of the compiled step (arguments + outputs + temporaries - aliased; the CPU runtime reports no
-measured peak). Then, for each depth in --depths, one line per implementation with `temp_bytes` (the step's
-temporaries: activations saved for the backward pass and workspace), to show how activation memory grows
-with depth.
+Run from the repository root: `python -m benchmarks.lime_step [--shape L,D,B,T] [--d_models 64,128,256] [--vocab
+V] [--rounds N] [--depths 2,4,8]`. For each width (--d_models, default: the D of --shape) prints one JSON line
+per implementation (`llama`, `lime_static`, `lime_dynamic`, `lime_v2`): median `step_s` over rounds (each round
+times every implementation once, so all see the same machine load), `tokens_per_s`, `speed_vs_llama`, the FLOPs
+formula's ratio, `peak_bytes`, XLA's planned memory of the compiled step (arguments + outputs + temporaries -
+aliased; the CPU runtime reports no measured peak), and `load_avg_1m` before and after the timed rounds (a
+figure counts only on a quiet machine). Then, for each depth in --depths, one line per implementation with
+`temp_bytes` (the step's temporaries: activations saved for the backward pass and workspace), to show how
+activation memory grows with depth.
 """
 from __future__ import annotations
 
@@ -43,15 +44,38 @@ def _compiled(model_cfg: config.LlamaConfig, train_cfg: train.TrainConfig, B: in
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="12,64,8,128", help="L,D,B,T: layers, d_model, sequences, positions")
+    ap.add_argument("--d_models", default="", help="widths to sweep, e.g. 64,128,256 (default: D of --shape)")
     ap.add_argument("--vocab", type=int, default=8192, help="vocabulary size (the experiment keeps 8192 tokens)")
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds (median reported)")
-    ap.add_argument("--depths", default="2,4,8", help="depths for the compile-only memory scan ('' skips)")
+    ap.add_argument("--depths", default="2,4,8",
+                    help="depths for the compile-only memory scan at the last width ('' skips)")
     args = ap.parse_args()
     L, D, B, T = (int(s) for s in args.shape.split(","))
-    train_cfg = train.TrainConfig(seq_len=T, batch_size=B, num_steps=1000)
+    for width in [int(s) for s in args.d_models.split(",") if s] or [D]:
+        mems = _time_width(L, width, B, T, args)
+    for depth in [int(s) for s in args.depths.split(",") if s]:
+        for name, routing in IMPLS.items():
+            # At the last width; the timed depth was compiled above, and compiling it again would only cost time.
+            cfg = _model(routing, depth, width, T, args.vocab)
+            mem = mems[name] if depth == L else _compiled(cfg, _train_cfg(B, T), B, T)[1]
+            print(json.dumps({"impl": name, "depth_scan": True, "L": depth, "D": width, "B": B, "T": T,
+                              "temp_bytes": int(mem.temp_size_in_bytes)}), flush=True)
+
+
+def _load_avg_1m() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def _train_cfg(B: int, T: int) -> train.TrainConfig:
+    return train.TrainConfig(seq_len=T, batch_size=B, num_steps=1000)
+
+
+def _time_width(L: int, D: int, B: int, T: int, args) -> dict:
+    """Times every implementation at one width, prints their lines; returns their memory analyses."""
+    train_cfg = _train_cfg(B, T)
     meta = {"machine": f"{platform.machine()} {jax.devices()[0].device_kind}, {jax.device_count()} device(s)",
             "L": L, "D": D, "B": B, "T": T, "vocab": args.vocab}
-
     steps, states, mems = {}, {}, {}
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, args.vocab, (B, T)), jnp.int32)
     for name, routing in IMPLS.items():
@@ -61,12 +85,14 @@ def main() -> None:
         states[name], m = steps[name](states[name], tokens)  # warm-up: compile and first run
         jax.block_until_ready(m)
     times = {name: [] for name in IMPLS}
-    for _ in tqdm.trange(args.rounds, desc="rounds"):
+    load_before = _load_avg_1m()
+    for _ in tqdm.trange(args.rounds, desc=f"rounds at D={D}"):
         for name in IMPLS:
             t0 = time.perf_counter()
             states[name], m = steps[name](states[name], tokens)
             jax.block_until_ready(m)
             times[name].append(time.perf_counter() - t0)
+    load_after = _load_avg_1m()
     base = np.median(times["llama"])
     base_flops = _model("none", L, D, T, args.vocab).flops_per_token
     for name, routing in IMPLS.items():
@@ -75,8 +101,9 @@ def main() -> None:
         print(json.dumps({"impl": name, **meta, "step_s": round(t, 4), "tokens_per_s": round(B * T / t, 1),
                           "speed_vs_llama": round(base / t, 4),
                           "flops_vs_llama": round(_model(routing, L, D, T, args.vocab).flops_per_token / base_flops, 4),
-                          "peak_bytes": int(peak), "temp_bytes": int(mem.temp_size_in_bytes)}), flush=True)
-
+                          "peak_bytes": int(peak), "temp_bytes": int(mem.temp_size_in_bytes),
+                          "load_avg_1m": load_before, "load_avg_1m_after": load_after}), flush=True)
+    return mems
     for depth in [int(s) for s in args.depths.split(",") if s]:
         for name, routing in IMPLS.items():
             # The timed depth was compiled above; compiling it again would only cost time.

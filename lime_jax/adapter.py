@@ -20,7 +20,8 @@ EXCLUDE_TOKENS = (0,)  # <|endoftext|>, which the packer puts between documents 
 def from_llama(name: str, cfg: config.LlamaConfig, params: dict) -> ModelAdapter:
     """Any lime_jax Llama/LIMe model (cfg, params) as an adapter over the SmolLM2-tokenised corpora."""
     return ModelAdapter(
-        name=name, d_model=cfg.d_model, n_layers=cfg.n_layers, params=params,
+        # Per-block weights: the forward then reads them in place instead of slicing stacks on every call.
+        name=name, d_model=cfg.d_model, n_layers=cfg.n_layers, params=model.unstack_layers(params, cfg),
         residuals=lambda p, tokens_BxT, layers: model.residuals(p, tokens_BxT, cfg, layers),
         splice=lambda p, tokens_BxT, layer, fn: model.splice(p, tokens_BxT, cfg, layer, fn),
         skip_first=SKIP_FIRST, exclude_tokens=EXCLUDE_TOKENS, token_contexts=corpora.token_contexts,

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae.adapter import token_nll  # noqa: F401  (the LM loss lives once, with the adapter contract)
+from lime_jax import sharding as lm_sharding
 from lime_jax.config import ROUTINGS, LlamaConfig
 
 Params = dict
@@ -199,11 +200,14 @@ def _embed(params: Params, tokens_BxT, cfg: LlamaConfig):
     # The gather's output keeps the tokens' batch sharding (needed under explicitly sharded meshes).
     sharding = jax.typeof(tokens_BxT).sharding
     out_sharding = sharding.update(spec=jax.sharding.PartitionSpec(*sharding.spec, None))
-    return params["embed"].at[tokens_BxT].get(out_sharding=out_sharding).astype(cfg.dtype), ()
+    h_BxTxD = params["embed"].at[tokens_BxT].get(out_sharding=out_sharding).astype(cfg.dtype)
+    return lm_sharding.constrain_embedded(h_BxTxD), ()
 
 
 def _layer(params: Params, i: int, cfg: LlamaConfig) -> Params:
     """Block i's weights; routed layers i >= 1 also get their router (row i - 1 of the L - 1 stacked ones)."""
+    if isinstance(params["layers"], (tuple, list)):  # unstack_layers' layout: already per block
+        return params["layers"][i]
     lp = {k: v[i] for k, v in params["layers"].items() if k != "router"}
     if cfg.routing != "none" and i > 0:
         lp["router"] = jax.tree.map(lambda r: r[i - 1], params["layers"]["router"])
@@ -215,13 +219,27 @@ def _blocks(params: Params, carry, cfg: LlamaConfig, start: int, stop: int):
     step = functools.partial(_block, cfg=cfg)
     if cfg.remat:
         step = jax.checkpoint(step)
-    if cfg.routing == "none":
+    if cfg.routing == "none" and isinstance(params["layers"], dict):
         return jax.lax.scan(step, carry, jax.tree.map(lambda p: p[start:stop], params["layers"]))
     values = []
     for i in range(start, stop):
         carry, v_BxTxKxH = step(carry, _layer(params, i, cfg))
         values.append(v_BxTxKxH)
     return carry, jnp.stack(values)
+
+
+def unstack_layers(params: Params, cfg: LlamaConfig) -> Params:
+    """params with "layers" as a tuple of per-block weight dicts, for the inference entry points.
+
+    `apply`, `residuals`, `splice` and `values` accept either layout and compute the same numbers. With
+    stacked [L, ...] weights every call slices each block's weights out of the stacks inside the program, a
+    copy of all weights per forward (14 MB per SmolLM2 block; XLA:CPU does not feed a slice to a matmul in
+    place), which is a sizeable part of a forward of a few hundred tokens. Per-block arrays are read where
+    they lie. Train on the stacked layout (optimiser state and sharding specs expect it).
+    """
+    if not isinstance(params["layers"], dict):
+        raise ValueError(f"params['layers'] is already unstacked ({type(params['layers']).__name__})")
+    return {**params, "layers": tuple(_layer(params, i, cfg) for i in range(cfg.n_layers))}
 
 
 def _logits(params: Params, h_BxTxD, cfg: LlamaConfig) -> jax.Array:

@@ -31,7 +31,7 @@ def plan_lm(model_cfg, cfg, plan: jplan.PlanConfig) -> dict:
     time_ = jplan.roofline(stats, plan)
     processes = max(1, mesh.size // plan.devices_per_process)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    model_flops = 3 * model_cfg.flops_per_token * tokens_per_step / mesh.size  # forward + backward, per device
+    model_flops = model_cfg.flops_per_token * tokens_per_step / mesh.size  # forward + backward, per device
     return {"what": f"lm ({model_cfg.routing})", "devices": mesh.size, "mesh": dict(mesh.shape),
             "processes": processes, "params": model_cfg.num_params,
             "state_bytes_total": sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract)),

@@ -58,3 +58,34 @@ def tree_shardings(mesh: Mesh, tree, specs: Specs = Specs()):
 
 def batch_sharding(mesh: Mesh, specs: Specs = Specs()) -> NamedSharding:
     return NamedSharding(mesh, specs.batch)
+
+
+def _auto_mesh():
+    """The context mesh when it has the batch axes and lets XLA choose shardings (Auto axes), else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not all(a in mesh.axis_names for a in BATCH):
+        return None
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return None  # explicit meshes carry their shardings in the types already
+    return mesh
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """x with its leading (batch) axis split over the context mesh's batch axes; x itself outside a mesh."""
+    if _auto_mesh() is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH, *[None] * (x.ndim - 1)))
+
+
+def constrain_embedded(h_BxTxD: jax.Array) -> jax.Array:
+    """Embedding rows as gathered from the fsdp-split table (batch over "data", D over "fsdp"), then batch-split.
+
+    Left free, the gather's D tiling spreads through the residual stream of an unrolled LIMe layer loop, and
+    the backward pass then asks for the whole batch's [B, T, D] cotangent on every device (an "involuntary
+    full rematerialization"). Pinned here, the forward is one all-to-all over "fsdp" and the table's gradient
+    is a scatter-add of each device's own rows.
+    """
+    if _auto_mesh() is None:
+        return h_BxTxD
+    h_BxTxD = jax.lax.with_sharding_constraint(h_BxTxD, P("data", None, "fsdp"))
+    return jax.lax.with_sharding_constraint(h_BxTxD, P(BATCH, None, None))

@@ -132,7 +132,11 @@ def make_train_step(model_cfg: config.LlamaConfig, cfg: TrainConfig, mesh=None):
     tx, lr = optimizer(cfg), lr_schedule(cfg)
 
     def train_step(state: TrainState, tokens_BxT: jax.Array):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens_BxT, model_cfg)
+        if mesh is not None:  # the model pins its activations to the batch split of the context mesh
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens_BxT, model_cfg)
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens_BxT, model_cfg)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr(state.step)}

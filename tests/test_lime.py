@@ -37,6 +37,16 @@ def test_sharded_train_step_equals_unsharded(routing):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+def test_sharded_step_keeps_the_residual_stream_batch_split(capfd):
+    """The paper_1b plan hit this: the embedding gather's d_model tiling spread through the unrolled LIMe
+    layers and XLA replicated a whole [B, T, D] activation ("involuntary full rematerialization")."""
+    cfg = dataclasses.replace(SMALL, routing="static", d_ff=40)  # a shape no other test compiles
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    step = train.make_train_step(cfg, TRAIN, mesh)
+    step.lower(train.abstract_state(cfg, TRAIN), jax.ShapeDtypeStruct((8, 16), jnp.int32)).compile()
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
 def test_mesh_rejects_what_does_not_divide():
     with pytest.raises(ValueError, match="d_model=30"):
         sharding.check_divides(sharding.make_mesh(data=2, fsdp=4), 30, 8)

@@ -65,6 +65,30 @@ def test_apply_matches_numpy_reference(tie):
     np.testing.assert_allclose(model.apply(params, tokens, cfg), _np_forward(params, tokens, cfg), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("routing", ["none", "dynamic"])
+def test_unstacked_layers_match_numpy_reference(routing):
+    """The inference layout (per-block weight dicts): logits vs the numpy Llama (identity routing for LIMe),
+    residuals and a splice vs the numpy forward's own blocks."""
+    params = model.init(jax.random.key(17), SMALL)
+    cfg = SMALL
+    if routing != "none":
+        params, cfg = model.to_lime(params, SMALL, routing)
+    unstacked, tokens = model.unstack_layers(params, cfg), _tokens(cfg)
+    assert isinstance(unstacked["layers"], tuple) and len(unstacked["layers"]) == cfg.n_layers
+    expected = _np_forward(params if routing == "none" else model.init(jax.random.key(17), SMALL), tokens, SMALL)
+    np.testing.assert_allclose(model.apply(unstacked, tokens, cfg), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(model.splice(unstacked, tokens, cfg, 1, lambda h: h), expected, rtol=1e-4, atol=1e-4)
+    one_block = dataclasses.replace(SMALL, n_layers=1)
+    first = {**params, "layers": {k: v[:1] for k, v in params["layers"].items() if k != "router"}}
+    h0 = model.residuals(unstacked, tokens, cfg, 0)[0]
+    # The residual after block 0 is the 1-block model's pre-norm state: its logits through the numpy head.
+    x = np.asarray(h0) / np.sqrt((np.asarray(h0) ** 2).mean(-1, keepdims=True) + cfg.norm_eps)
+    np.testing.assert_allclose(x * np.asarray(params["final_norm"]) @ np.asarray(params["embed"]).T,
+                               _np_forward(first, tokens, one_block), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="already unstacked"):
+        model.unstack_layers(unstacked, cfg)
+
+
 def test_token_nll_matches_log_softmax_formula():
     rng = np.random.default_rng(1)
     logits, tokens = rng.normal(size=(2, 5, 7)), rng.integers(0, 7, (2, 5))
