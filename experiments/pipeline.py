@@ -161,15 +161,7 @@ def _stability(cfg: PipelineConfig, params_S: dict, sae_cfg: sae.SAEConfig, norm
                                        exclude_tokens=tuple(m["exclude_tokens"]))
         print(json.dumps({"ablation": name, "seed": 0, **ce[name]}), flush=True)
 
-    def frac(mask_SxM) -> float:
-        return float(mask_SxM.sum() / alive_SxM.sum())
-
-    by_tau = {}
-    for t, p in p_by_tau.items():
-        levels = np.rint(p[alive_SxM] * (S - 1)).astype(int)  # p takes the values j / (S - 1)
-        by_tau[str(t)] = {"mean": float(p[alive_SxM].mean()), "frac_stable": frac(alive_SxM & (p >= cfg.stable_min)),
-                          "frac_p1": frac(alive_SxM & (p == 1)), "frac_p0": frac(alive_SxM & (p == 0)),
-                          "hist": np.bincount(levels, minlength=S).tolist()}
+    by_tau = analysis.stability_by_tau(p_by_tau, alive_SxM, cfg.stable_min)
     ablation = {}
     for g, name in enumerate(names, start=1):
         d_ev_S = ev_SxG[:, 0] - ev_SxG[:, g]

@@ -294,14 +294,14 @@ def run_real(cfg: Config) -> dict:
                 "ce_delta": ce["none"]["ce_delta"], "note": "seeds 0..P-1, each against the fresh seeds",
                 "mean_stability_by_tau": {str(t): float(v.mean()) for t, v in base_p.items()}}
 
+    by_tau = analysis.stability_by_tau(p_by_tau, alive, cfg.stable_min)
     return {
         "mean_stability": float(p[alive].mean()), "mean_stability_all_latents": float(p.mean()),
         "frac_stable": float(np.mean(p[alive] >= cfg.stable_min)), "dead_frac": float(np.mean(~alive)),
-        "by_tau": {str(t): {"mean_stability": float(v[alive].mean()), "frac_stable": float(np.mean(v[alive] >= cfg.stable_min)),
-                            "frac_p1": float(np.mean(v[alive] == 1)), "frac_p0": float(np.mean(v[alive] == 0))}
-                   for t, v in p_by_tau.items()},
-        "stability_hist": {str(t): np.bincount(np.rint(v[alive] * (S - 1)).astype(int), minlength=S).tolist()
-                           for t, v in p_by_tau.items()},
+        # The report's layout: `mean_stability` per τ, the histograms apart.
+        "by_tau": {t: {"mean_stability": b["mean"], **{k: b[k] for k in ("frac_stable", "frac_p1", "frac_p0")}}
+                   for t, b in by_tau.items()},
+        "stability_hist": {t: b["hist"] for t, b in by_tau.items()},
         "spearman_stability_logfreq": _spearman(p[alive], np.log10(freq[alive])),
         "ev_per_seed": ev[:, 0].tolist(), "ce_full_seed0": ce["none"], "hungarian": hung,
         "ablation": ablation, "groups": {"stable": stats(stable), "unstable": stats(unstable)},

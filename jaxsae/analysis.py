@@ -444,3 +444,20 @@ def stability_by_frequency(p_SxM: np.ndarray, freq_SxM: np.ndarray,
     sum_B = np.bincount(bin_SxM[alive], weights=p_SxM[alive], minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         return edges, np.where(count_B > 0, sum_B / np.maximum(count_B, 1), np.nan), count_B
+
+
+def stability_by_tau(p_by_tau: dict, alive_SxM: np.ndarray, stable_min: float) -> dict[str, dict]:
+    """Per τ (keyed str(τ)), over the alive latents of all seeds: mean p, the fractions stable (p >= stable_min),
+    with p = 1 and with p = 0, and `hist`, the count of latents at each level p = j / (S - 1), j = 0..S-1."""
+    alive_SxM = np.asarray(alive_SxM, bool)
+    S, n = alive_SxM.shape[0], int(alive_SxM.sum())
+    if S < 2 or n == 0:
+        raise ValueError(f"stability needs at least 2 seeds and one alive latent, got {S} seeds and {n} alive")
+    out = {}
+    for tau, p_SxM in p_by_tau.items():
+        p_A = np.asarray(p_SxM, np.float64)[alive_SxM]
+        levels_A = np.rint(p_A * (S - 1)).astype(int)  # p takes the values j / (S - 1)
+        out[str(tau)] = {"mean": float(p_A.mean()), "frac_stable": float(np.mean(p_A >= stable_min)),
+                         "frac_p1": float(np.mean(p_A == 1)), "frac_p0": float(np.mean(p_A == 0)),
+                         "hist": np.bincount(levels_A, minlength=S).tolist()}
+    return out

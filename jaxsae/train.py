@@ -222,37 +222,50 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); restore it or use a new out_dir") from None
 
 
-def _check_config(out: Path, sae_cfg, train_cfg, resuming: bool, write: bool = True, more: dict | None = None
-                  ) -> dict | None:
-    """Write config.json for a new run; for one being resumed check it matches up to the length, and return it.
-    `more`: further groups of settings, e.g. {"stream": {"layers": [3, 5]}}."""
-    cfg = {"sae": dataclasses.asdict(sae_cfg), "train": dataclasses.asdict(train_cfg), **(more or {})}
+def check_run_config(out: Path, run: dict, resuming: bool, may_change, write: bool = True) -> dict | None:
+    """Write config.json for a new run (None); for a resumed one check it matches but for `may_change`, and return it."""
     path = out / "config.json"
     if not resuming:
         if write:
-            path.write_text(json.dumps(cfg, indent=1))
+            path.write_text(json.dumps(run, indent=1))
         return None
     old = _read_config(path)
-    diff = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g in cfg for k, v in cfg[g].items()
-            if old.get(g, {}).get(k) != v and k not in _RESUME_MAY_CHANGE | _LENGTH]
+    diff = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g in run for k, v in run[g].items()
+            if old.get(g, {}).get(k) != v and k not in may_change]
     if diff:
         raise ValueError(f"{out} holds a run with another configuration; use a new out_dir. Differences: {diff}")
     return old
 
 
-def _set_length(out: Path, old: dict, train_cfg: TrainConfig, start: int, write: bool = True) -> None:
-    """A resumed run's new total: at least the restored step; if changed, a line says so and config.json records it."""
-    old_train = old["train"]
-    old_total = old_train["num_steps"] or old_train["num_tokens"] // old_train["batch_size"]
-    total = train_cfg.total_steps
+def set_run_length(out: Path, old: dict, start: int, lengths: dict, old_total: int, total: int, schedule: str,
+                   write: bool = True) -> None:
+    """A resumed run's new total of `total` steps, set by `lengths` (the train fields that set it; one of them is
+    the total itself): at least the restored step; if changed, a line on stderr says so and config.json records
+    `lengths` under "train"."""
     if total < start:
-        raise ValueError(f"num_steps={train_cfg.num_steps}, num_tokens={train_cfg.num_tokens} give {total} steps, "
-                         f"fewer than the {start} already taken by the checkpoint in {out}")
+        given = ", ".join(f"{k}={v}" for k, v in lengths.items())
+        says = f"is fewer than the {start} steps" if len(lengths) == 1 else f"give {total} steps, fewer than the {start}"
+        raise ValueError(f"{given} {says} already taken by the checkpoint in {out}")
     if total != old_total and write:
         print(f"{out}: run length {old_total} -> {total} steps; resuming at step {start} on the warm-up + "
-              f"{train_cfg.decay} schedule redefined over {total} steps", file=sys.stderr, flush=True)
-        old_train.update(num_steps=train_cfg.num_steps, num_tokens=train_cfg.num_tokens)
+              f"{schedule} schedule redefined over {total} steps", file=sys.stderr, flush=True)
+        old["train"].update(lengths)
         (out / "config.json").write_text(json.dumps(old, indent=1))
+
+
+def _check_config(out: Path, sae_cfg, train_cfg, resuming: bool, write: bool = True, more: dict | None = None
+                  ) -> dict | None:
+    """`check_run_config` for an SAE run; `more`: further groups of settings, e.g. {"stream": {"layers": [3, 5]}}."""
+    run = {"sae": dataclasses.asdict(sae_cfg), "train": dataclasses.asdict(train_cfg), **(more or {})}
+    return check_run_config(out, run, resuming, _RESUME_MAY_CHANGE | _LENGTH, write)
+
+
+def _set_length(out: Path, old: dict, train_cfg: TrainConfig, start: int, write: bool = True) -> None:
+    """`set_run_length` for an SAE run, whose length is num_steps or else num_tokens // batch_size."""
+    old_train = old["train"]
+    old_total = old_train["num_steps"] or old_train["num_tokens"] // old_train["batch_size"]
+    set_run_length(out, old, start, {"num_steps": train_cfg.num_steps, "num_tokens": train_cfg.num_tokens},
+                   old_total, train_cfg.total_steps, train_cfg.decay, write)
 
 
 def _compute_part(cfg: TrainConfig) -> TrainConfig:

@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxsae import checkpoint, configlib, distributed
+from jaxsae import train as jaxsae_train
 from lime_jax import config, model, sharding
 
 PRESETS = {"tiny": config.tiny, "paper_1b": config.paper_1b, "smollm2_135m": config.smollm2_135m}
@@ -201,37 +202,6 @@ def _compiled(model_cfg: config.LlamaConfig, cfg: TrainConfig, mesh):
     return make_train_step(model_cfg, cfg, mesh), init, state_sh
 
 
-def _check_config(out: Path, run: dict, write: bool = True) -> dict | None:
-    """Write config.json for a new run (None), or check a resumed run matches up to num_steps and return its config."""
-    path = out / "config.json"
-    if not path.exists():
-        if write:
-            path.write_text(json.dumps(run, indent=1))
-        return None
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); restore it or use a new out_dir") from None
-    diff = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g in run for k, v in run[g].items()
-            if old.get(g, {}).get(k) != v and k not in _RESUME_MAY_CHANGE + ("num_steps",)]
-    if diff:
-        raise ValueError(f"{out} holds a run with another configuration; use a new out_dir. Differences: {diff}")
-    return old
-
-
-def _set_length(out: Path, old: dict, cfg: TrainConfig, start: int, write: bool = True) -> None:
-    """A resumed run's new num_steps: at least the restored step; if changed, a line says so and config.json has it."""
-    old_total = old["train"]["num_steps"]
-    if cfg.num_steps < start:
-        raise ValueError(f"num_steps={cfg.num_steps} is fewer than the {start} steps already taken by the "
-                         f"checkpoint in {out}")
-    if cfg.num_steps != old_total and write:
-        print(f"{out}: run length {old_total} -> {cfg.num_steps} steps; resuming at step {start} on the warm-up + "
-              f"cosine schedule redefined over {cfg.num_steps} steps", file=sys.stderr, flush=True)
-        old["train"]["num_steps"] = cfg.num_steps
-        (out / "config.json").write_text(json.dumps(old, indent=1))
-
-
 def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldout_NxT=None) -> TrainState:
     """Train on `tokens_NxT` (default: the corpus's packed train contexts), resuming from out_dir's checkpoint.
 
@@ -248,8 +218,9 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     main_process = distributed.is_main()  # files written once are written by process 0
-    old_cfg = _check_config(out, {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)},
-                            write=main_process)
+    run = {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}
+    old_cfg = jaxsae_train.check_run_config(out, run, resuming=(out / "config.json").exists(),
+                                            may_change=_RESUME_MAY_CHANGE + ("num_steps",), write=main_process)
     mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     step_fn, init, state_sh = _compiled(model_cfg, _compute_part(cfg), mesh)
     batch_sh = sharding.batch_sharding(mesh)
@@ -262,7 +233,8 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
     else:
         start, state = restored[0], TrainState(*restored[1])
     if old_cfg is not None:
-        _set_length(out, old_cfg, cfg, start, write=main_process)
+        jaxsae_train.set_run_length(out, old_cfg, start, {"num_steps": cfg.num_steps}, old_cfg["train"]["num_steps"],
+                                    cfg.num_steps, "cosine", write=main_process)
     if main_process:
         checkpoint.trim_log(out / "metrics.jsonl", start)
     shape = (cfg.batch_size, cfg.seq_len)

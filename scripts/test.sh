@@ -14,5 +14,6 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
 fi
 # pytest exits 5 when it collects no test; with `set -e` that fails the run instead of passing silently.
 # Two workers: many tests start real processes (CLIs, 2-process jobs) whose start-up and compiles are single-threaded
-# (on this 2-core machine: 13 min instead of 18). Pass `-n 0` to run in one process.
-python -m pytest -q -n 2 tests "$@"
+# (on this 2-core machine: 13 min instead of 18). `loadgroup` keeps the smoke runs on one worker (they share one
+# command process and one fake corpus); the longest files start first (tests/conftest.py). `-n 0`: one process.
+python -m pytest -q -n 2 --dist loadgroup tests "$@"

@@ -291,3 +291,25 @@ def test_refit_encoder_keeps_decoder_and_recovers_sparse_code():
                                     TrainConfig(lr=1e-2, num_steps=5, batch_size=128, n_seeds=1),
                                     frozen=("W_dec", "b_dec"))
     assert frozen["b_dec"].tobytes() == init["b_dec"].tobytes() and not np.array_equal(frozen["W_enc"], init["W_enc"])
+
+
+def test_stability_by_tau_against_a_loop():
+    """Per-τ summary over alive latents, against a loop that counts latent by latent."""
+    rng = np.random.default_rng(3)
+    S, M = 4, 12
+    p_by_tau = {t: rng.integers(0, S, (S, M)) / (S - 1) for t in (0.5, 0.9)}
+    alive = rng.random((S, M)) > 0.3
+    got = analysis.stability_by_tau(p_by_tau, alive, stable_min=2 / 3)  # a level of p: `>=` matters
+    assert list(got) == ["0.5", "0.9"]
+    for t, p in p_by_tau.items():
+        vals = [p[s, m] for s in range(S) for m in range(M) if alive[s, m]]
+        hist = [0] * S
+        for v in vals:
+            hist[round(v * (S - 1))] += 1
+        want = {"mean": sum(vals) / len(vals), "frac_stable": sum(v >= 2 / 3 for v in vals) / len(vals),
+                "frac_p1": sum(v == 1 for v in vals) / len(vals), "frac_p0": sum(v == 0 for v in vals) / len(vals)}
+        for k, v in want.items():
+            assert got[str(t)][k] == pytest.approx(v), k
+        assert got[str(t)]["hist"] == hist
+    with pytest.raises(ValueError, match="0 alive"):
+        analysis.stability_by_tau(p_by_tau, np.zeros((S, M), bool), 0.5)

@@ -7,6 +7,12 @@ No test needs the network or the fetched corpora: a session fixture writes tiny 
 word-level stand-in for the SmolLM2 tokenizer, and harvests activation caches from the random-weight `tiny`
 model; the experiments read those with `model=tiny`. Tests that load SmolLM2's GGUF (weights or tokenizer) are
 also marked slow. Each asserts exit code 0 and the output the tables and reports are built from.
+
+Most of a command's CPU time is Python and JAX starting up and XLA compiling, so the commands of one pytest
+process run one after another in one long-lived command process (`_CommandProcess`): each is run as
+`python -m` runs it (`runpy` as `__main__`, its own argv and working directory, its stdout and stderr file
+descriptors captured, exit code from SystemExit), in a process that, like a user's, has JAX's default devices,
+not conftest's 8. Commands that start processes of their own (htopk_step, multiprocess) still do.
 """
 from __future__ import annotations
 
@@ -14,9 +20,13 @@ import importlib.util
 import json
 import os
 import re
+import runpy
+import select
 import shutil
 import subprocess
 import sys
+import tempfile
+import traceback
 import types
 from pathlib import Path
 
@@ -29,23 +39,110 @@ CTX = 64  # tokens per packed context (the real caches use 256; the tiny model's
 CACHE_TOKENS = {("general", "train"): 2048, ("general", "heldout"): 512, ("code", "train"): 1024,
                 ("code", "heldout"): 512}  # activation rows harvested per (corpus, split)
 
-pytestmark = pytest.mark.smoke
+# One xdist worker runs them all (`--dist loadgroup`, scripts/test.sh): one command process and one `world`.
+pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group("smoke")]
 
 
 # ---------------------------------------------------------------- helpers
 
 
+def _serve() -> None:
+    """The command process: reads one JSON request per line on stdin ({"args", "cwd", "out", "err"}), runs
+    `python -m ARGS` in `cwd` with fds 1 and 2 sent to the files `out` and `err`, and answers its exit code."""
+    reply = os.fdopen(os.dup(1), "w")  # the answers go to the original stdout, a pipe to the test,
+    os.dup2(2, 1)  # which nothing else writes to, not even output between commands
+    requests = os.fdopen(os.dup(0))
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # a command that reads stdin reads nothing, never the requests
+    home, argv = os.getcwd(), list(sys.argv)
+    for line in requests:
+        req = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        with open(req["out"], "w") as out, open(req["err"], "w") as err:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.argv = ["-m", *req["args"][1:]]
+            try:
+                os.chdir(req["cwd"])
+                runpy.run_module(req["args"][0], run_name="__main__", alter_sys=True)
+                code = 0
+            except SystemExit as stop:  # sys.exit(code) as the interpreter would turn it into a status
+                code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+                if not isinstance(stop.code, (int, type(None))):
+                    print(stop.code, file=sys.stderr)
+            except BaseException:  # noqa: BLE001 - an uncaught exception: its traceback and status 1
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                for fd in saved:
+                    os.close(fd)
+                os.chdir(home)
+                sys.argv = list(argv)
+        reply.write(json.dumps({"code": code}) + "\n")
+        reply.flush()
+
+
+class _CommandProcess:
+    """One command process per pytest process, started on first use and again after one dies or hangs."""
+
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def run(cls, cwd: Path, args: tuple[str, ...], timeout: int) -> tuple[int | None, str, str]:
+        """(exit code, or None when the process died or timed out; stdout; stderr) of `python -m ARGS` in cwd."""
+        if cls.proc is None or cls.proc.poll() is not None:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+            # conftest forces 8 fake CPU devices for the in-process tests; the commands run as a user runs them.
+            env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                      env.get("XLA_FLAGS", "")).strip()
+            boot = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_smoke; "
+                    "sys.path.pop(0); test_smoke._serve()")
+            cls.proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        env=env, text=True, cwd=REPO)
+        with tempfile.TemporaryDirectory() as logs:
+            out, err = Path(logs) / "stdout", Path(logs) / "stderr"
+            cls.proc.stdin.write(json.dumps({"args": args, "cwd": str(cwd), "out": str(out), "err": str(err)}) + "\n")
+            cls.proc.stdin.flush()
+            ready, _, _ = select.select([cls.proc.stdout], [], [], timeout)
+            line = cls.proc.stdout.readline() if ready else ""
+            if not line:  # died or hung: the next command gets a fresh process
+                cls.proc.kill()
+                cls.proc.wait()
+            code = json.loads(line)["code"] if line else None
+            return code, out.read_text() if out.exists() else "", err.read_text() if err.exists() else ""
+
+
+    @classmethod
+    def stop(cls) -> None:
+        """End of input: the process finishes its loop and exits (killed if it does not within a minute)."""
+        if cls.proc is not None:
+            cls.proc.stdin.close()
+            try:
+                cls.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                cls.proc.kill()
+                cls.proc.wait()
+            cls.proc = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _command_process():
+    yield
+    _CommandProcess.stop()
+
+
 def run(cwd: Path, *args: str, timeout: int = 600) -> str:
     """`python -m ARGS` from `cwd` with this checkout first on the path; its stdout. Fails on a non-zero exit."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    # conftest forces 8 fake CPU devices for the in-process tests; the commands run as a user runs them.
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, (f"`python -m {' '.join(args)}` exited {proc.returncode}\n"
-                                  f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}")
-    return proc.stdout
+    code, stdout, stderr = _CommandProcess.run(cwd, args, timeout)
+    said = "died or timed out" if code is None else f"exited {code}"
+    assert code == 0, f"`python -m {' '.join(args)}` {said}\nstdout:\n{stdout[-2000:]}\nstderr:\n{stderr[-4000:]}"
+    return stdout
 
 
 def json_lines(stdout: str) -> list[dict]:
