@@ -1,4 +1,5 @@
 """User errors on every CLI: one line naming the problem and the value, exit code 2, nothing written."""
+import os
 import pathlib
 import subprocess
 import sys
@@ -6,6 +7,9 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# a bare environment, plus the session's persistent compile cache (tests/conftest.py)
+ENV = {"JAX_PLATFORMS": "cpu", "PATH": "", "PYTHONPATH": str(ROOT),
+       **{k: v for k, v in os.environ.items() if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}}
 
 CASES = [
     (["jaxsae", "train", "k=64", "d_sae=16"], "k must be in [1, d_sae=16], got k=64"),
@@ -21,7 +25,7 @@ CASES = [
 
 def _run(cli, args, cwd):
     return subprocess.run([sys.executable, "-m", f"{cli}.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={"JAX_PLATFORMS": "cpu", "PATH": "", "PYTHONPATH": str(ROOT)})
+                          env=ENV)
 
 
 @pytest.mark.parametrize("argv, message", CASES, ids=[" ".join(c[0][1:]) for c in CASES])

@@ -20,7 +20,8 @@ from jaxsae import distributed, io
 from jaxsae.data import CacheWriter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ENV = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
+ENV = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT),
+       **{k: v for k, v in os.environ.items() if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}}  # the session's compile cache (conftest)
 slow = pytest.mark.slow  # every test that starts processes
 
 

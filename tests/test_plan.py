@@ -1,5 +1,6 @@
 """`jaxsae plan` / `lime_jax plan`: XLA's per-device accounting against counts written out by hand."""
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -7,12 +8,15 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# a bare environment, plus the session's persistent compile cache (tests/conftest.py)
+ENV = {"JAX_PLATFORMS": "cpu", "PATH": "", "PYTHONPATH": str(ROOT),
+       **{k: v for k, v in os.environ.items() if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}}
 pytestmark = pytest.mark.smoke
 
 
 def _plan(cli, *args):
     r = subprocess.run([sys.executable, "-m", f"{cli}.cli", "plan", *args], capture_output=True, text=True,
-                       cwd=ROOT, env={"JAX_PLATFORMS": "cpu", "PATH": "", "PYTHONPATH": str(ROOT)}, timeout=300)
+                       cwd=ROOT, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
