@@ -154,10 +154,15 @@ def _gather_sum(vals_BxK: jax.Array, idx_BxK: jax.Array, W_MxD: jax.Array) -> ja
     return jax.lax.fori_loop(0, K, add_row, jnp.zeros((B, W_MxD.shape[1]), vals_BxK.dtype), unroll=min(K, 8))
 
 
-def _top_k(pre_NxM: jax.Array, k: int) -> Code:
+def _top_k(pre_NxM: jax.Array, k: int, shape: tuple[int, ...] | None = None) -> Code:
     # The barrier keeps XLA:CPU on its TopK kernel: fusing the slice into consumers turns it into a full sort.
-    # The operand must be 2-D: on [S, B, M] XLA copies it to 2-D first, one more pass over [S, B, M].
-    vals_NxK, idx_NxK = jax.lax.optimization_barrier(jax.lax.top_k(pre_NxM, k))
+    # The operand must be 2-D: on [S, B, M] XLA copies it to 2-D first, one more pass over [S, B, M]. The
+    # results are reshaped to `shape` before the barrier: a barrier on the 2-D results of a batch-sharded
+    # [S·B, M] crashes XLA's CPU compiler (a failed HLO downcast check, jax 0.10.2).
+    vals_NxK, idx_NxK = jax.lax.top_k(pre_NxM, k)
+    if shape is not None:
+        vals_NxK, idx_NxK = vals_NxK.reshape(shape), idx_NxK.reshape(shape)
+    vals_NxK, idx_NxK = jax.lax.optimization_barrier((vals_NxK, idx_NxK))
     return Code(jax.nn.relu(vals_NxK), idx_NxK)
 
 
@@ -176,8 +181,7 @@ def _fwd_seeds(k, W_enc_SxDxM, b_enc_SxM, W_dec_SxMxD, b_dec_SxD, x_XxBxD):
     x_aug_SxBxE = jnp.concatenate([jnp.broadcast_to(x_in_SxBxD, (S, B, D)), ones_SxBx1], axis=2)
     W_aug_SxExM = jnp.concatenate([W_enc_SxDxM, b_enc_SxM[:, None]], axis=1)
     pre_SBxM = jnp.einsum("SBE,SEM->SBM", x_aug_SxBxE, W_aug_SxExM).reshape(S * B, M)
-    vals_SBxK, idx_SBxK = _top_k(pre_SBxM, k)
-    vals_SxBxK, idx_SxBxK = vals_SBxK.reshape(S, B, k), idx_SBxK.reshape(S, B, k)
+    vals_SxBxK, idx_SxBxK = _top_k(pre_SBxM, k, (S, B, k))
     x_hat_SxBxD = jax.lax.map(lambda a: _gather_sum(*a), (vals_SxBxK, idx_SxBxK, W_dec_SxMxD))
     return x_hat_SxBxD + b_dec_SxD[:, None], vals_SxBxK, idx_SxBxK, W_aug_SxExM
 

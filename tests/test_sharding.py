@@ -85,3 +85,22 @@ def test_resume_on_another_mesh(tmp_path):
     assert moved.params["W_dec"].sharding.spec == P("seed", "model", None)
     for a, b in zip(jax.tree.leaves(jax.device_get(whole)), jax.tree.leaves(jax.device_get(moved))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_batch_over_the_data_axis_compiles_and_matches():
+    """One batch for all seeds (data_order=same), split over data: XLA:CPU once aborted compiling this step."""
+    cfg = dataclasses.replace(TRAIN, data_order="same", n_seeds=4)
+    x = np.random.default_rng(1).normal(size=(3, 32, 8)).astype(np.float32)
+
+    def run(mesh):
+        step = train.make_train_step(SAE, cfg, mesh=mesh)
+        state = train.init_state(jax.random.key(0), SAE, cfg)
+        if mesh is not None:
+            state = jax.device_put(state, sharding.state_shardings(mesh, state))
+        for t in range(3):
+            state, _ = step(state, x[t])
+        return jax.device_get(state.params)
+
+    ref, got = run(None), run(sharding.make_mesh(1, 4, 1))
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-6)
