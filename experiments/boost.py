@@ -271,7 +271,8 @@ def _length_curve(cfg, corpora, normalizer, base, base_cfg, base_hash, model, ev
             row = {"threshold": float(jr_params["threshold"][0])}
             for corpus, key in (("general", "general"), (name, "domain")):
                 fires = boost.firing(jr_params, jr_cfg, heldout[corpus])
-                with_ce = model is not None and arm == "domain"  # CE splices only for the paper's residual
+                # CE splices (minutes each here) only for the paper's residual with its own threshold.
+                with_ce = model is not None and arm == "domain" and label == "domain_threshold"
                 r = _evaluate(*stitched, corpora[corpus], normalizer, cfg, model if with_ce else None,
                               evals[("base", corpus)] if with_ce else None)
                 row.update({f"{key}_ev": r["ev"], f"{key}_ce_delta": r.get("ce_delta"), f"{key}_l0": r["l0"],
@@ -533,7 +534,7 @@ def _curve_lines(summary: dict) -> list[str]:
              f"The ablation arm (not in the paper) trains on the domain tokens plus {curve['mix_general']:.0%} "
              "general tokens, same target and batch size, at the lengths "
              f"{curve['mix_steps']}. `fires` = share of held-out tokens on which any residual latent is active; "
-             "`res. L0` = active residual latents per token. CE Δ only for the paper's residual.",
+             "`res. L0` = active residual latents per token. CE Δ only for the paper's residual with the domain threshold.",
              "", "![length curve](residual_steps.png)", ""]
     verdicts = []
     for name in cfg["domains"]:

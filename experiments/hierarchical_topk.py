@@ -6,7 +6,8 @@ one TopK SAE per k in `ks`, and with `matryoshka=true` one Matryoshka BatchTopK 
 nested latent prefixes, k = k_max). It evaluates, per seed, the HTopK SAE and the k_max TopK SAE truncated to each j in `ks` (their
 first j latents per token), each TopK SAE at its own k, and the Matryoshka SAE (frozen into JumpReLU form)
 cut to each prefix width, with the HTopK SAE also at j = the L0 of each Matryoshka prefix (equal L0).
-Metrics: EV, L0, dead fraction, CE delta from splicing into SmolLM2-135M (not at the equal-L0 points), and
+Metrics: EV, L0, dead fraction, CE delta from splicing into SmolLM2-135M (not at the equal-L0 points, and for
+the truncated TopK only with `ce_truncated`), and
 wall-clock training time; each with its mean and spread over the seeds. Writes `summary.json`, `report.md`
 and `ev_vs_l0.png` to `results_dir`.
 
@@ -37,7 +38,7 @@ class HTopKExperimentConfig:
     d_sae: int = 4608  # latents of every SAE
     k_max: int = 64  # K of the HierarchicalTopK SAE, and k of the Matryoshka BatchTopK SAE
     ks: tuple[int, ...] = (8, 16, 32, 64)  # sparsities: one TopK SAE trained at each; HTopK and TopK-k_max truncated to each
-    n_seeds: int = 3  # ensemble size of every SAE (vmapped; same batches, one init key per seed)
+    n_seeds: int = 1  # ensemble size of every SAE (vmapped; same batches, one init key per seed)
     matryoshka: bool = False  # also train the Matryoshka BatchTopK SAE
     mat_widths: tuple[int, ...] = ()  # its cumulative prefix widths; empty = d_sae/8, d_sae/4, d_sae/2, d_sae
     batch_size: int = 2048  # tokens per training step
@@ -50,6 +51,7 @@ class HTopKExperimentConfig:
     convert_tokens: int = 16_384  # training tokens that set the Matryoshka SAE's JumpReLU threshold
     eval_tokens: int = 65_536  # held-out activations for EV, L0 and dead fraction
     ce_contexts: int = 16  # held-out contexts spliced into SmolLM2 for the CE delta (0 skips it)
+    ce_truncated: bool = True  # also the CE delta of the truncated k_max TopK SAE (a side result)
     seed: int = 0  # init and data-order seed, shared by every SAE
     synthetic: bool = False  # quick check on synthetic sparse data: no model, no CE delta
     synthetic_d_in: int = 64  # synthetic data: width
@@ -222,8 +224,8 @@ def run(cfg: HTopKExperimentConfig) -> dict | None:
             continue
         results["topk"][k] = pool(name, params_S, sae_cfg, f"k{k}")
         if k == cfg.k_max:  # top_k is sorted, so truncating its code to j = re-encoding with k=j
-            results["topk_truncated"] = {j: pool(name, params_S, dataclasses.replace(base, k=j), f"k{j}")
-                                         for j in ks}
+            results["topk_truncated"] = {j: pool(name, params_S, dataclasses.replace(base, k=j), f"k{j}",
+                                                 ce=cfg.ce_truncated or j == cfg.k_max) for j in ks}
     if mat is not None and htopk_params is not None:
         # Equal L0: the HTopK SAE truncated to j = each Matryoshka prefix's seed-mean L0, rounded.
         mat["htopk_at_equal_l0"] = {}
