@@ -479,46 +479,56 @@ def _trend(points: list[dict], base_general_ev: float, label: str = "domain_thre
 
 
 def plot_curve(summary: dict, path: Path) -> None:
-    """General and domain EV of base + residual against residual steps (one panel per domain), and the base's
-    training curve."""
+    """General and domain EV of base + residual against residual steps, one column per domain (top: the whole
+    range, bottom: zoomed on the base's level), and the base's training curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curve, doms = summary["residual_steps"], summary["config"]["domains"]
-    fig, axes = plt.subplots(1, len(doms) + 1, figsize=(5.2 * (len(doms) + 1), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], doms):
+    fig, axes = plt.subplots(2, len(doms) + 1, figsize=(5.2 * (len(doms) + 1), 8), squeeze=False)
+    styles = (("domain", "domain_threshold", "o-", "residual, θ set on domain text"),
+              ("domain", "general_rate_threshold", "s--", f"residual, θ for {curve['general_fire_rate']:.0%} general firing"),
+              ("mixed", "domain_threshold", "^:", f"residual on {curve['mix_general']:.0%}-general data, θ on domain"),
+              ("mixed", "general_rate_threshold", "v:", f"residual on {curve['mix_general']:.0%}-general data, θ for "
+                                                       f"{curve['general_fire_rate']:.0%} general firing"))
+    for col, name in enumerate(doms):
         base = curve["base"][name]
-        for key, color in (("general_ev", "C0"), ("domain_ev", "C1")):
-            what = "general" if key == "general_ev" else name
-            for arm, label, style in (("domain", "domain_threshold", "o-"), ("domain", "general_rate_threshold", "s--"),
-                                      ("mixed", "domain_threshold", "^:")):
-                pts = _curve_points(summary, name, arm)
-                if pts:
-                    tag = {"domain_threshold": "θ on domain", "general_rate_threshold":
-                           f"θ for {curve['general_fire_rate']:.0%} general firing"}[label]
-                    ax.plot([p["steps"] for p in pts], [p[label][key] for p in pts], style, color=color,
-                            label=f"{what} EV: {'mixed-data residual' if arm == 'mixed' else 'residual'}, {tag}")
-            ax.axhline(base[key], color=color, lw=1, alpha=0.6, label=f"{what} EV: base alone")
-        ax.set_xscale("log")
-        ax.set_xlabel(f"residual training steps (× {summary['config']['batch_size']} tokens)")
-        ax.set_ylabel("EV of base + residual (held out)")
-        ax.set_ylim(max(-1.5, ax.get_ylim()[0]), 1.0)  # the collapse below −1.5 is in the tables
-        ax.set_title(f"residual for `{name}`")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        for row in (0, 1):
+            ax = axes[row][col]
+            vals = []
+            for key, color in (("general_ev", "C0"), ("domain_ev", "C1")):
+                what = "general" if key == "general_ev" else name
+                for arm, label, style, tag in styles:
+                    pts = _curve_points(summary, name, arm)
+                    if pts:
+                        ys = [p[label][key] for p in pts]
+                        vals += ys
+                        ax.plot([p["steps"] for p in pts], ys, style, color=color, label=f"{what} EV: {tag}")
+                ax.axhline(base[key], color=color, lw=1, alpha=0.6, label=f"{what} EV: base alone")
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_ylim(min(vals + [0.0]) - 0.1, 1.0)
+                ax.set_title(f"residual for `{name}`: EV of base + residual (held out)")
+                ax.legend(fontsize=6)
+            else:
+                ax.set_ylim(min(base["domain_ev"], base["general_ev"]) - 0.1, 0.95)  # the residual's points near the base
+                ax.set_title("zoomed on the base's level")
+                ax.set_xlabel(f"residual training steps (× {summary['config']['batch_size']} tokens)")
     bc = summary.get("base_curve") or []
     ax = axes[0][-1]
     if bc:
-        ax.plot([r["tokens"] for r in bc], [r["train_ev"] for r in bc], "o-", ms=3)
-    ax.set_xlabel("base training token-steps")
+        ax.plot([r["tokens"] / 1e6 for r in bc], [r["train_ev"] for r in bc], "o-", ms=3)
+    ax.set_xlabel("base training token-steps (millions)")
     ax.set_ylabel("EV on the training batch")
     ax.set_title("base SAE (BatchTopK) on general text")
     ax.grid(alpha=0.3)
+    axes[1][-1].axis("off")
     fig.suptitle("SAE Boost: does the general-text collapse shrink as the residual trains?")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -572,10 +582,17 @@ def _curve_lines(summary: dict) -> list[str]:
                          f"~{tr['steps_to_1pct']:,.0f} steps (~{tr['steps_to_1pct'] * cfg['batch_size']:.2g} token-steps). ")
             elif tr["slope"] is not None:
                 text += f"The loss does not shrink with training (fitted exponent {tr['slope']:+.2f}): no budget reaches 1% on this trend. "
-            gl = pts[-1]["general_rate_threshold"]
-            text += (f"Threshold set on general text ({rate:.0%} firing), at {pts[-1]['steps']:,} steps: general EV "
-                     f"{gl['general_ev']:.4f} ({(gl['general_ev'] - base['general_ev']) / abs(base['general_ev']):+.1%}), "
-                     f"domain EV {gl['domain_ev']:.4f} (base {base['domain_ev']:.4f}, domain threshold {last['domain_ev']:.4f}).")
+            gl, g0 = pts[-1]["general_rate_threshold"], pts[0]["general_rate_threshold"]
+            tr_g = _trend(pts, base["general_ev"], "general_rate_threshold")
+            curve["trend"][name + "/general_rate_threshold"] = tr_g
+            text += (f"With the threshold set on general text ({rate:.0%} firing): general EV loss {g(g0):.1%} → "
+                     f"{g(gl):.1%}" + (f" (fit: ∝ steps^{tr_g['slope']:.2f}, 1% at ~{tr_g['steps_to_1pct']:,.0f} steps if "
+                                       "the trend held)" if tr_g["steps_to_1pct"] is not None else "")
+                     + f"; at {pts[-1]['steps']:,} steps general EV {gl['general_ev']:.4f}, general CE Δ "
+                     f"{_fmt(gl['general_ce_delta'])} (base {_fmt(base['general_ce_delta'])}), domain EV {gl['domain_ev']:.4f} "
+                     f"(base {base['domain_ev']:.4f}, domain threshold {last['domain_ev']:.4f}), domain CE Δ "
+                     f"{_fmt(gl['domain_ce_delta'])} (base {_fmt(base['domain_ce_delta'])}, domain threshold "
+                     f"{_fmt(last['domain_ce_delta'])}).")
             mixed = _curve_points(summary, name, "mixed")
             if mixed:
                 mx = mixed[-1]["domain_threshold"]
