@@ -159,3 +159,38 @@ def extend(key: jax.Array, base_params: dict, base_cfg: sae.SAEConfig, new_laten
     params = {n: jnp.concatenate([base_params[n], fresh[n]], axis=0 if n == "W_dec" else -1)
               for n in ("W_enc", "b_enc", "W_dec")}
     return {**params, "b_dec": jnp.asarray(base_params["b_dec"])}, cfg
+
+
+def jumprelu_at_firing_rate(params: dict, cfg: sae.SAEConfig, x_NxD: jax.Array, rate: float,
+                            chunk: int = 4096) -> tuple[dict, sae.SAEConfig]:
+    """Freeze a BatchTopK SAE into JumpReLU form with ONE threshold under which a fraction `rate` of the rows
+    of x_NxD fire at least one latent (fewer if that would need a negative threshold, which is clamped to 0).
+
+    `sae.batchtopk_to_jumprelu` sets the threshold on the residual's own domain; this sets it on text the
+    residual should leave alone (general text), to bound how often it fires there.
+    """
+    if cfg.activation != "batchtopk":
+        raise ValueError(f"expected a batchtopk config, got activation={cfg.activation!r}")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must lie in [0, 1), got {rate}")
+    x_NxD = jnp.asarray(x_NxD)
+    if x_NxD.ndim != 2 or x_NxD.shape[0] < 1:
+        raise ValueError(f"need activations [N >= 1, d_in={cfg.d_in}], got shape {x_NxD.shape}")
+    top = jax.jit(lambda x: jnp.max(sae.pre_activations(params, x, cfg), axis=-1))
+    max_N = np.concatenate([np.asarray(top(x_NxD[i:i + chunk])) for i in range(0, x_NxD.shape[0], chunk)])
+    n_fire = int(np.floor(rate * len(max_N)))
+    # A row fires iff its largest pre-activation exceeds θ; θ = the (N − n_fire)-th smallest leaves n_fire above it.
+    theta = max(float(np.sort(max_N)[len(max_N) - n_fire - 1]), 0.0)
+    new_cfg = dataclasses.replace(cfg, activation="jumprelu")
+    return {**params, "threshold": jnp.full((cfg.d_sae,), theta, jnp.float32)}, new_cfg
+
+
+def firing(params: dict, cfg: sae.SAEConfig, x_NxD: jax.Array, chunk: int = 4096) -> dict:
+    """{"l0": mean latents active per row, "any": fraction of rows with at least one active latent} of an SAE
+    with dense activations (a residual, alone) on the rows of x_NxD."""
+    if cfg.activation == "topk":
+        raise ValueError("firing needs an SAE with dense activations (jumprelu, batchtopk, relu), got topk")
+    x_NxD = jnp.asarray(x_NxD)
+    count = jax.jit(lambda x: jnp.sum(sae.encode(params, x, cfg) != 0, axis=-1))
+    n_N = np.concatenate([np.asarray(count(x_NxD[i:i + chunk])) for i in range(0, x_NxD.shape[0], chunk)])
+    return {"l0": float(n_N.mean()), "any": float(np.mean(n_N > 0))}

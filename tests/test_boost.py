@@ -220,3 +220,70 @@ def test_experiment_rejects_bad_domain_caches(tmp_path, code_train_tokens, code_
                                     budgets=(64,), ce_contexts=0)
     with pytest.raises(ValueError, match=match):
         exp._cache_corpora(cfg)
+
+
+def test_threshold_at_a_general_firing_rate_matches_a_brute_force_count():
+    rng = np.random.default_rng(5)
+    res = _residual(_jumprelu_base()[0], 0, activation="batchtopk")
+    x = rng.standard_normal((500, D)).astype(np.float32)
+    pre = x @ res.params["W_enc"] + res.params["b_enc"]  # no decoder bias: the encoder reads x
+    for rate in (0.0, 0.01, 0.1, 0.37):
+        params, cfg = boost.jumprelu_at_firing_rate(res.params, res.cfg, x, rate, chunk=128)
+        assert cfg.activation == "jumprelu" and np.ptp(np.asarray(params["threshold"])) == 0
+        theta = float(params["threshold"][0])
+        # brute force: count the rows in which some latent clears the threshold
+        fired = sum(any(pre[n, m] > theta for m in range(M_RES)) for n in range(len(x)))
+        assert fired == int(np.floor(rate * len(x))), rate
+        stats = boost.firing(params, cfg, x, chunk=128)
+        assert stats["any"] == pytest.approx(fired / len(x))
+        assert stats["l0"] == pytest.approx(np.mean(np.sum(pre > theta, axis=1)))
+    # a threshold that would have to be negative is clamped to 0 (then fewer rows fire than asked)
+    shifted = {**res.params, "b_enc": res.params["b_enc"] - 100.0}
+    params, _ = boost.jumprelu_at_firing_rate(shifted, res.cfg, x, 0.5)
+    assert float(params["threshold"][0]) == 0.0
+    with pytest.raises(ValueError, match="rate must lie"):
+        boost.jumprelu_at_firing_rate(res.params, res.cfg, x, 1.0)
+    with pytest.raises(ValueError, match="expected a batchtopk"):
+        boost.jumprelu_at_firing_rate(res.params, dataclasses.replace(res.cfg, activation="jumprelu"), x, 0.1)
+
+
+@pytest.mark.slow
+def test_length_curve_on_synthetic_data(tmp_path):
+    from experiments import boost as exp
+
+    cfg = exp.BoostExperimentConfig(
+        synthetic=True, synthetic_d_in=16, synthetic_tokens=1024, base_d_sae=32, base_k=2, base_steps=8,
+        res_d_sae=8, res_k=1, res_steps=4, budgets=(), baselines=False, res_curve=(2, 4, 6), curve_caps=(6, 4),
+        mix_steps=(4,), general_fire_rate=0.25, batch_size=64, eval_tokens=256, convert_tokens=128,
+        out_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"))
+    summary = exp.run(cfg)
+    assert set(summary["domains"]["code"]) == {"base", "boosted"}  # no baselines
+    points = summary["residual_steps"]["points"]
+    assert [(p["steps"], p["domain"], p["arm"]) for p in points] == [
+        (2, "code", "domain"), (2, "russian", "domain"), (4, "code", "domain"), (4, "russian", "domain"),
+        (4, "code", "mixed"), (4, "russian", "mixed"), (6, "code", "domain")]
+    for p in points:
+        g = p["general_rate_threshold"]
+        assert 0.0 <= g["residual_fires_general"] <= 1.0 and g["residual_l0_general"] >= g["residual_fires_general"]
+        assert p["passes"] == pytest.approx(p["steps"] * 64 / p["train_tokens"])
+    # the general-rate threshold lets at most ~25% of (held-out) general tokens fire, unlike a domain threshold
+    assert np.mean([p["general_rate_threshold"]["residual_fires_general"] for p in points]) < 0.5
+    # a rerun resumes: every point is read back, nothing retrained
+    again = exp.run(dataclasses.replace(cfg, curve_cached_only=True))
+    assert again["residual_steps"]["points"] == points and again["residual_steps"]["missing"] == []
+    longer = exp.run(dataclasses.replace(cfg, res_curve=(2, 4, 6, 8), curve_caps=(8, 4), curve_cached_only=True))
+    assert longer["residual_steps"]["missing"] == ["domain/code@8"]
+    assert len(summary["base_curve"]) >= 2 and "Length curve" in exp.report(summary)
+    exp.plot_curve(summary, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_curve_config_errors():
+    from experiments import boost as exp
+
+    with pytest.raises(ValueError, match="res_curve must be increasing"):
+        exp.BoostExperimentConfig(res_curve=(300, 100))
+    with pytest.raises(ValueError, match="one cap per domain"):
+        exp.BoostExperimentConfig(res_curve=(100,), curve_caps=(100,))
+    with pytest.raises(ValueError, match="mix_steps"):
+        exp.BoostExperimentConfig(res_curve=(100,), mix_steps=(300,))
