@@ -543,6 +543,12 @@ def _trend_ends(summary: dict, name: str, arm: str = "domain", label: str = "gen
     return " → ".join(f"{loss(p):.1%} ({p['steps']:,} steps)" for p in ends)
 
 
+def _last(summary: dict, name: str, arm: str, label: str, key: str) -> str:
+    """One metric of an arm's longest length, formatted ('—' when the arm was not run)."""
+    pts = _curve_points(summary, name, arm)
+    return f"{pts[-1][label][key]:.4f} ({pts[-1]['steps']:,} steps)" if pts else "—"
+
+
 def _curve_lines(summary: dict) -> list[str]:
     """The length-curve section of report.md: per-domain tables and the verdict with its extrapolation."""
     curve, cfg = summary["residual_steps"], summary["config"]
@@ -623,7 +629,12 @@ def _curve_lines(summary: dict) -> list[str]:
                   f"{rate:.0%} general firing, the general-EV loss at the first and last lengths is "
                   + ", ".join(f"{n} {_trend_ends(summary, n)}" for n in cfg["domains"])
                   + ", and with general tokens in the training data (the ablation arm) "
-                  + ", ".join(f"{n} {_trend_ends(summary, n, 'mixed', 'domain_threshold')}" for n in cfg["domains"]) + ".")
+                  + ", ".join(f"{n} {_trend_ends(summary, n, 'mixed', 'domain_threshold')}" for n in cfg["domains"])
+                  + ". Both together (ablation arm, threshold set on general text): "
+                  + ", ".join(f"{n} {_trend_ends(summary, n, 'mixed', 'general_rate_threshold')}, domain EV "
+                              f"{_last(summary, n, 'mixed', 'general_rate_threshold', 'domain_ev')} against "
+                              f"{_last(summary, n, 'domain', 'domain_threshold', 'domain_ev')} for the paper's residual "
+                              "at its longest length" for n in cfg["domains"]) + ".")
     elif slopes and all(v is not None and v < 0 for v in slopes.values()):
         answer = "**General EV approaches the base as the residual trains (the loss shrinks in every domain).**"
     else:
