@@ -168,6 +168,8 @@ def hf_llama(cfg, params):
         rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_len, tie_word_embeddings=cfg.tie_embeddings)
     p = jax.tree.map(np.asarray, params)
     L = p["layers"]
+    if not isinstance(L, dict):  # per-block weights (model.unstack_layers, as the adapter holds them): restack
+        L = {name: np.stack([block[name] for block in L]) for name in L[0]}
     sd = {"embed_tokens.weight": p["embed"], "norm.weight": p["final_norm"]}
     for i in range(cfg.n_layers):
         sd.update({f"layers.{i}.{name}.weight": w for name, w in {

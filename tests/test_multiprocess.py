@@ -176,7 +176,8 @@ def test_other_commands_check_the_split_before_joining(tmp_path, command, argv, 
     (["num_processes=2", "process_id=2", "coordinator=127.0.0.1:1"], "process_id=2 is out of range"),
     (["num_processes=3", "coordinator=127.0.0.1:1", "mesh_data=2"], "num_processes=3 does not divide the mesh"),
     (["num_processes=2"], "needs coordinator=HOST:PORT"),
-    (["num_processes=2", "process_id=1", "coordinator=127.0.0.1:9", "init_timeout_s=3"], "did not answer within 3 s"),
+    (["num_processes=2", "process_id=1", "coordinator=127.0.0.1:9", "init_timeout_s=3", "mesh_data=2"],
+     "did not answer within 3 s"),
 ])
 def test_bad_distributed_settings_are_one_line(cache, tmp_path, extra, message):
     r = subprocess.run([sys.executable, "-m", "jaxsae.cli", "train", *_train_args(cache, tmp_path / "run"), *extra],

@@ -295,8 +295,10 @@ def test_benchmark_harvest(tmp_path):
     """lime_jax's side of the harvest benchmark: loads the real SmolLM2 GGUF."""
     rows = json_lines(run(tmp_path, "benchmarks.harvest", "batch_sizes=1", "ctx_len=8", "layer=0", "repeats=1",
                           "impls=lime_jax"))
-    assert [(r["impl"], r["bench"]) for r in rows] == [("lime_jax", "harvest_forward"), ("lime_jax", "splice_forward")]
-    assert all(r["batch"] == 1 and r["seq"] == 8 and r["tokens_per_s"] > 0 for r in rows)
+    assert [(r["impl"], r["bench"]) for r in rows] == [("lime_jax", "harvest_forward"), ("lime_jax", "splice_forward"),
+                                                        ("xla_matmuls", "matmul_bound")]
+    assert all(r["batch"] == 1 and r["seq"] == 8 and r["tokens_per_s"] > 0 for r in rows[:2])
+    assert rows[2]["matmul_bound_tokens_per_s"] > 0
 
 
 @pytest.mark.slow
@@ -309,7 +311,8 @@ def test_benchmark_harvest_transformers(tmp_path):
     check = rows[0]
     assert check["check"] == "transformers_vs_lime_jax_residual"
     assert check["max_abs_diff"] <= 1e-5 * max(1.0, check["max_abs_value"])
-    assert [(r["impl"], r["bench"]) for r in rows[1:]] == [("transformers", "harvest_forward")]
+    assert [(r["impl"], r["bench"]) for r in rows[1:]] == [("transformers", "harvest_forward"),
+                                                            ("xla_matmuls", "matmul_bound")]
 
 
 # ---------------------------------------------------------------- experiments
