@@ -74,11 +74,30 @@ def check_split(cfg: DistConfig, mesh: dict[str, int], batch_size: int) -> None:
                          f"(over num_processes={P})")
 
 
+# XLA:CPU may run a program's independent collectives at the same time on its small thread pool. With several
+# CPU devices on few cores, two devices can then enter two all-reduces in different orders while every pool
+# thread waits inside one of them: a deadlock (one process aborts with "Termination timeout for `all reduce
+# RendezvousKey...`"; across processes the job stalls with no CPU use). Seen in 4 of 6 runs of
+# benchmarks/multiprocess's 1 x 4 job at its default size; XLA's memory-ordered scheduler did not deadlock there.
+CPU_COLLECTIVES_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def use_cpu_devices(n: int) -> None:
+    """n CPU devices in this process (`jax_num_cpu_devices`), scheduled so their collectives cannot deadlock.
+
+    Call before JAX starts its backend (XLA reads XLA_FLAGS once); an explicit setting of the flag is kept.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {CPU_COLLECTIVES_XLA_FLAG}".strip()
+    jax.config.update("jax_num_cpu_devices", n)
+
+
 def initialize(cfg: DistConfig) -> None:
     """Join the job described by `cfg` (a no-op for one process); call before any JAX computation."""
     check(cfg)
     if cfg.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", cfg.cpu_devices)
+        use_cpu_devices(cfg.cpu_devices)
     if cfg.distributed == "off" and not cfg.coordinator:
         return
     if jax.distributed.is_initialized():
