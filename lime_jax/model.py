@@ -19,7 +19,9 @@ the current layer reproduces plain Llama (`to_lime` converts a Llama that way).
   v2:           K/V heads read an unconstrained mix (router [L-1, K, L, K]) of every earlier layer's pre-RoPE K||V.
 Routed models run their layers in an unrolled Python loop over a growing tuple of earlier states: summing
 per-source terms keeps one copy of each state for the backward pass (O(L B T D)), where a scan carrying a
-stacked buffer would store the whole buffer at every layer (O(L^2 B T D)).
+stacked buffer would store the whole buffer at every layer (O(L^2 B T D)). Attention and the routed mixes run
+head-major ([B, heads, T, H], [K, B, T, ...]), the layout of their batched matmuls, and K and V come from one
+matmul over wk||wv.
 """
 from __future__ import annotations
 
@@ -118,81 +120,106 @@ def _rms(x: jax.Array, eps: float) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
 
 
-def _rope(x_BxTxNxH: jax.Array, theta: float) -> jax.Array:
-    """Rotate-half RoPE at positions 0..T-1 (pairs i and i + H/2, the HF Llama layout)."""
-    T, H = x_BxTxNxH.shape[1], x_BxTxNxH.shape[-1]
+def _rope(x_xTxH: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half RoPE at positions 0..T-1 along axis -2 (pairs i and i + H/2, the HF Llama layout)."""
+    T, H = x_xTxH.shape[-2], x_xTxH.shape[-1]
     inv_freq = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
     angle_TxH2 = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq
-    cos, sin = jnp.cos(angle_TxH2)[:, None, :], jnp.sin(angle_TxH2)[:, None, :]
-    x = x_BxTxNxH.astype(jnp.float32)
+    cos, sin = jnp.cos(angle_TxH2), jnp.sin(angle_TxH2)
+    x = x_xTxH.astype(jnp.float32)
     x1, x2 = x[..., : H // 2], x[..., H // 2 :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_xTxH.dtype)
 
 
-def _attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, cfg: LlamaConfig) -> jax.Array:
-    """Causal GQA: query head n = k * G + g attends with KV head k = n // G."""
-    B, T, N, H = q_BxTxNxH.shape
+def _attention(q_BxNxTxH, k_BxKxSxH, v_BxKxSxH, cfg: LlamaConfig) -> jax.Array:
+    """Causal GQA on head-major tensors (query head n = k * G + g attends with KV head k = n // G).
+
+    Head-major [B, heads, T, H] is the layout of the two batched dots (batch B and the KV head, rows (G, T)),
+    so they run without transposing their operands or results.
+    """
+    B, N, T, H = q_BxNxTxH.shape
     K = cfg.n_kv_heads
-    q_BxTxKxGxH = _rope(q_BxTxNxH, cfg.rope_theta).reshape(B, T, K, N // K, H)
-    k_BxSxKxH = _rope(k_BxTxKxH, cfg.rope_theta)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH).astype(jnp.float32) * H ** -0.5
+    q_BxKxGxTxH = _rope(q_BxNxTxH, cfg.rope_theta).reshape(B, K, N // K, T, H)
+    k_BxKxSxH = _rope(k_BxKxSxH, cfg.rope_theta)
+    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q_BxKxGxTxH, k_BxKxSxH).astype(jnp.float32) * H ** -0.5
     causal_TxS = jnp.tril(jnp.ones((T, T), bool))
-    probs = jax.nn.softmax(jnp.where(causal_TxS, scores, -jnp.inf), axis=-1).astype(v_BxTxKxH.dtype)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BxTxKxH).reshape(B, T, N, H)
+    probs = jax.nn.softmax(jnp.where(causal_TxS, scores, -jnp.inf), axis=-1).astype(v_BxKxSxH.dtype)
+    return jnp.einsum("BKGTS,BKSH->BKGTH", probs, v_BxKxSxH).reshape(B, N, T, H)
+
+
+def _wkv(lp: Params) -> jax.Array:
+    """K and V projection weights side by side, [D, K, 2H] (keys then values per head), for one matmul."""
+    return lp["wkv"] if "wkv" in lp else jnp.concatenate([lp["wk"], lp["wv"]], axis=-1)
+
+
+def _split_kv(kv_BxKxTx2H):
+    H = kv_BxKxTx2H.shape[-1] // 2
+    return kv_BxKxTx2H[..., :H], kv_BxKxTx2H[..., H:]
+
+
+def _mix(w, sources):
+    """Head-major mix over depth, [K, ...]: w [K, J] weighs whole sources, w [K, J, R] their heads [R, ...].
+
+    One einsum per source, not a broadcast product: autodiff would store each broadcast copy.
+    """
+    spec = "K,...->K..." if w.ndim == 2 else "KR,R...->K..."
+    return sum(jnp.einsum(spec, w[:, j], src) for j, src in enumerate(sources))
+
+
+def _mix_tokens(w_BxTxKxJ, sources):
+    """Per-token mix (dynamic routing), head-major [K, B, T, D]."""
+    return sum(jnp.einsum("BTK,BTD->KBTD", w_BxTxKxJ[..., j], src) for j, src in enumerate(sources))
 
 
 def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig):
-    """Attention's K and V for this layer (routed under LIMe) and the sources with this layer's appended."""
+    """Attention's K and V for this layer, head-major [B, K, T, H] (routed under LIMe), and the sources with
+    this layer's appended."""
     dt = x_BxTxD.dtype
-    project = lambda w: jnp.einsum("BTD,DKH->BTKH", x_BxTxD, w)  # noqa: E731
     if cfg.routing == "none":
-        return project(lp["wk"]), project(lp["wv"]), sources
+        return (*_split_kv(jnp.einsum("BTD,DKE->BKTE", x_BxTxD, _wkv(lp))), sources)
     n = len(sources) + 1  # this layer reads sources 0..l
     if cfg.routing == "v2":
-        k_BxTxKxH, v_BxTxKxH = project(lp["wk"]), project(lp["wv"])
-        sources = sources + (jnp.concatenate([k_BxTxKxH, v_BxTxKxH], axis=-1),)
-        if n == 1:  # layer 0: no router, its own K/V (the official fixed identity slice)
-            return k_BxTxKxH, v_BxTxKxH, sources
-        route_KxJxR = lp["router"][:, :n]
-        kv_BxTxKx2H = sum(jnp.einsum("KR,BTRE->BTKE", route_KxJxR[:, j], src) for j, src in enumerate(sources))
-        H = cfg.head_dim
-        return kv_BxTxKx2H[..., :H], kv_BxTxKx2H[..., H:], sources
+        # Sources head-major [K, B, T, 2H]: mixing heads over depth is then a plain [K, R] x [R, B*T*2H] matmul.
+        kv_KxBxTx2H = jnp.einsum("BTD,DKE->KBTE", x_BxTxD, _wkv(lp))
+        sources = sources + (kv_KxBxTx2H,)
+        if n > 1:  # layer 0: no router, its own K/V (the official fixed identity slice)
+            kv_KxBxTx2H = _mix(lp["router"][:, :n], sources)
+        return (*_split_kv(jnp.swapaxes(kv_KxBxTx2H, 0, 1)), sources)
     # v1: mix gain-free normalised states over depth, then apply this layer's norm gain (mixing is linear).
-    # One einsum per source, not a broadcast product: autodiff would store each broadcast [B, T, K, D] copy.
     sources = sources + (_rms(h_BxTxD, cfg.norm_eps).astype(dt),)
     if n == 1:  # layer 0: a softmax over one source is 1, so no router and the plain projection
-        return project(lp["wk"]), project(lp["wv"]), sources
+        return (*_split_kv(jnp.einsum("BTD,DKE->BKTE", x_BxTxD, _wkv(lp))), sources)
     if cfg.routing == "static":
         w_KxJ = jax.nn.softmax(lp["router"][:, :n].astype(jnp.float32), axis=-1).astype(dt)
-        mixed_BxTxKxD = sum(jnp.einsum("K,BTD->BTKD", w_KxJ[:, j], src) for j, src in enumerate(sources))
+        mixed_KxBxTxD = _mix(w_KxJ, sources)
     else:
         logits_BxTxKxJ = (jnp.einsum("BTD,DKJ->BTKJ", x_BxTxD, lp["router"]["w"][..., :n]).astype(jnp.float32)
                           + lp["router"]["b"][:, :n].astype(jnp.float32))
         w_BxTxKxJ = jax.nn.softmax(logits_BxTxKxJ, axis=-1).astype(dt)
-        mixed_BxTxKxD = sum(jnp.einsum("BTK,BTD->BTKD", w_BxTxKxJ[..., j], src) for j, src in enumerate(sources))
-    # The norm gain scales the (small) projection weights rather than the [B, T, K, D] mix: same result,
-    # less memory traffic and no saved copy of the scaled mix.
-    g_Dx1x1 = lp["attn_norm"][:, None, None]
-    k = jnp.einsum("BTKD,DKH->BTKH", mixed_BxTxKxD, lp["wk"] * g_Dx1x1)
-    v = jnp.einsum("BTKD,DKH->BTKH", mixed_BxTxKxD, lp["wv"] * g_Dx1x1)
-    return k, v, sources
+        mixed_KxBxTxD = _mix_tokens(w_BxTxKxJ, sources)
+    # Head-major mix [K, B, T, D]: the per-head projection is a batched matmul over its leading axis. The norm
+    # gain scales the (small) projection weights rather than the mix: same result, less memory traffic.
+    wkv_KxDx2H = jnp.einsum("DKE,D->KDE", _wkv(lp), lp["attn_norm"])
+    kv_KxBxTx2H = jnp.einsum("KBTD,KDE->KBTE", mixed_KxBxTxD, wkv_KxDx2H)
+    return (*_split_kv(jnp.swapaxes(kv_KxBxTx2H, 0, 1)), sources)
 
 
 def _block(carry, lp: Params, cfg: LlamaConfig):
-    """One pre-norm decoder block: h += attn(norm(h)); h += swiglu(norm(h)). Also returns its (routed) V."""
+    """One pre-norm decoder block: h += attn(norm(h)); h += swiglu(norm(h)). Also returns its (routed) V,
+    head-major [B, K, T, H]."""
     h_BxTxD, sources = carry
     dt = jnp.dtype(cfg.dtype)
     lp = jax.tree.map(lambda p: p.astype(dt), lp)
     x_BxTxD = (_rms(h_BxTxD, cfg.norm_eps) * lp["attn_norm"]).astype(dt)
-    q_BxTxNxH = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, lp["wq"])
-    k_BxTxKxH, v_BxTxKxH, sources = _keys_values(lp, h_BxTxD, x_BxTxD, sources, cfg)
-    o_BxTxNxH = _attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, cfg)
-    h_BxTxD = h_BxTxD + jnp.einsum("BTNH,NHD->BTD", o_BxTxNxH, lp["wo"])
+    q_BxNxTxH = jnp.einsum("BTD,DNH->BNTH", x_BxTxD, lp["wq"])
+    k_BxKxTxH, v_BxKxTxH, sources = _keys_values(lp, h_BxTxD, x_BxTxD, sources, cfg)
+    o_BxNxTxH = _attention(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, cfg)
+    h_BxTxD = h_BxTxD + jnp.einsum("BNTH,NHD->BTD", o_BxNxTxH, lp["wo"])
     x_BxTxD = (_rms(h_BxTxD, cfg.norm_eps) * lp["mlp_norm"]).astype(dt)
     gate_BxTxF = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x_BxTxD, lp["w_gate"]))
     up_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, lp["w_up"])
     h_BxTxD = h_BxTxD + jnp.einsum("BTF,FD->BTD", gate_BxTxF * up_BxTxF, lp["w_down"])
-    return (h_BxTxD, sources), v_BxTxKxH
+    return (h_BxTxD, sources), v_BxKxTxH
 
 
 def _embed(params: Params, tokens_BxT, cfg: LlamaConfig):
@@ -215,7 +242,7 @@ def _layer(params: Params, i: int, cfg: LlamaConfig) -> Params:
 
 
 def _blocks(params: Params, carry, cfg: LlamaConfig, start: int, stop: int):
-    """Run blocks start..stop-1; returns the carry and each block's V stacked [stop - start, B, T, K, H]."""
+    """Run blocks start..stop-1; returns the carry and each block's V stacked [stop - start, B, K, T, H]."""
     step = functools.partial(_block, cfg=cfg)
     if cfg.remat:
         step = jax.checkpoint(step)
@@ -235,11 +262,14 @@ def unstack_layers(params: Params, cfg: LlamaConfig) -> Params:
     stacked [L, ...] weights every call slices each block's weights out of the stacks inside the program, a
     copy of all weights per forward (14 MB per SmolLM2 block; XLA:CPU does not feed a slice to a matmul in
     place), which is a sizeable part of a forward of a few hundred tokens. Per-block arrays are read where
-    they lie. Train on the stacked layout (optimiser state and sharding specs expect it).
+    they lie. Each block also holds `wkv`, its K and V weights side by side [D, K, 2H] (the one K/V matmul's
+    operand, read in place instead of concatenated per call; `wk`/`wv` stay for readers of the weights).
+    Train on the stacked layout (optimiser state and sharding specs expect it).
     """
     if not isinstance(params["layers"], dict):
         raise ValueError(f"params['layers'] is already unstacked ({type(params['layers']).__name__})")
-    return {**params, "layers": tuple(_layer(params, i, cfg) for i in range(cfg.n_layers))}
+    blocks = tuple(_layer(params, i, cfg) for i in range(cfg.n_layers))
+    return {**params, "layers": tuple({**lp, "wkv": _wkv(lp)} for lp in blocks)}
 
 
 def _logits(params: Params, h_BxTxD, cfg: LlamaConfig) -> jax.Array:
@@ -327,7 +357,8 @@ def splice(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, layer: int,
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _values(params, tokens_BxT, cfg):
-    return _blocks(params, _embed(params, tokens_BxT, cfg), cfg, 0, cfg.n_layers)[1]
+    v_LxBxKxTxH = _blocks(params, _embed(params, tokens_BxT, cfg), cfg, 0, cfg.n_layers)[1]
+    return v_LxBxKxTxH.transpose(0, 1, 3, 2, 4)
 
 
 def values(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig) -> jax.Array:

