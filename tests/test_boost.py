@@ -165,15 +165,29 @@ def test_extend_keeps_the_base_latents_first():
     assert "threshold" not in params
 
 
-@pytest.mark.slow
-def test_experiment_end_to_end_on_synthetic_data(tmp_path):
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """(config, summary) of the experiment on synthetic data; its out_dir keeps the base and residual runs, which
+    the length-curve test resumes (finished: restored, not retrained) instead of training the same ones again."""
     from experiments import boost as exp
 
+    tmp_path = tmp_path_factory.mktemp("boost")
     cfg = exp.BoostExperimentConfig(
         synthetic=True, synthetic_d_in=16, synthetic_tokens=1024, base_d_sae=32, base_k=2, base_steps=8,
         res_d_sae=8, res_k=1, res_steps=4, extend_latents=8, budgets=(128,), batch_size=64, eval_tokens=256,
         convert_tokens=128, out_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"))
-    summary = exp.run(cfg)
+    return cfg, exp.run(cfg)
+
+
+shares_run = pytest.mark.xdist_group("boost_synthetic_run")  # one worker runs both: the run is made once
+
+
+@pytest.mark.slow
+@shares_run
+def test_experiment_end_to_end_on_synthetic_data(synthetic_run):
+    from experiments import boost as exp
+
+    cfg, summary = synthetic_run
     assert set(summary["domains"]) == {"code", "russian"} == set(summary["all_residuals"])
     for rows in summary["domains"].values():
         assert set(rows) == {"base", "boosted", "finetuned", "extended"}
@@ -184,7 +198,7 @@ def test_experiment_end_to_end_on_synthetic_data(tmp_path):
     assert summary["domains"]["code"]["base"]["general_ev"] == summary["domains"]["russian"]["base"]["general_ev"]
     assert [r["unique_tokens"] for r in summary["budget_sweep"]["rows"]] == [128, 1024]
     assert "| base alone |" in exp.report(summary)
-    loaded, _ = boost.load_residual(tmp_path / "runs" / "residual_code" / "residual")
+    loaded, _ = boost.load_residual(f"{cfg.out_dir}/residual_code/residual")
     assert loaded.cfg.activation == "jumprelu" and loaded.info.layer == cfg.layer
 
 
@@ -248,14 +262,13 @@ def test_threshold_at_a_general_firing_rate_matches_a_brute_force_count():
 
 
 @pytest.mark.slow
-def test_length_curve_on_synthetic_data(tmp_path):
+@shares_run
+def test_length_curve_on_synthetic_data(synthetic_run, tmp_path):
     from experiments import boost as exp
 
-    cfg = exp.BoostExperimentConfig(
-        synthetic=True, synthetic_d_in=16, synthetic_tokens=1024, base_d_sae=32, base_k=2, base_steps=8,
-        res_d_sae=8, res_k=1, res_steps=4, budgets=(), baselines=False, res_curve=(2, 4, 6), curve_caps=(6, 4),
-        mix_steps=(4,), general_fire_rate=0.25, batch_size=64, eval_tokens=256, convert_tokens=128,
-        out_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"))
+    # The same base and residuals (restored from the shared run's out_dir); only the curve's runs are new.
+    cfg = dataclasses.replace(synthetic_run[0], budgets=(), baselines=False, res_curve=(2, 4, 6), curve_caps=(6, 4),
+                              mix_steps=(4,), general_fire_rate=0.25, results_dir=str(tmp_path / "results"))
     summary = exp.run(cfg)
     assert set(summary["domains"]["code"]) == {"base", "boosted"}  # no baselines
     points = summary["residual_steps"]["points"]

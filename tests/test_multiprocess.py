@@ -23,6 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT),
        **{k: v for k, v in os.environ.items() if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}}  # the session's compile cache (conftest)
 slow = pytest.mark.slow  # every test that starts processes
+# Tests that read one shared `trained` job: one xdist worker runs them all (`--dist loadgroup`), so it is run once.
+shares_jobs = pytest.mark.xdist_group("multiprocess_trained")
 
 
 def _train_args(cache, out, **kw):
@@ -66,15 +68,33 @@ def cache(tmp_path_factory):
     return str(path)
 
 
+MESHES = {"rows-split": dict(mesh_data=4), "seeds-split-per-seed-orders": dict(mesh_seed=2, mesh_data=2,
+                                                                              data_order="per_seed")}
+
+
+@pytest.fixture(scope="module")
+def trained(cache, tmp_path_factory):
+    """trained(mesh id) -> (folder, 2-process stdout): the 30-step job of that mesh, run once by 1 process (into
+    folder/one) and once by 2 (folder/two), shared by the tests that read it (each launch is ~10 s of start-up)."""
+    done = {}
+
+    def get(mesh_id):
+        if mesh_id not in done:
+            root = tmp_path_factory.mktemp(mesh_id)
+            _one(_train_args(cache, root / "one", **MESHES[mesh_id]))
+            done[mesh_id] = root, _two(_train_args(cache, root / "two", **MESHES[mesh_id])).stdout
+        return done[mesh_id]
+    return get
+
+
 @slow
-@pytest.mark.parametrize("mesh", [dict(mesh_data=4), dict(mesh_seed=2, mesh_data=2, data_order="per_seed")],
-                         ids=["rows-split", "seeds-split-per-seed-orders"])
-def test_two_processes_train_what_one_process_trains(cache, tmp_path, mesh):
-    _one(_train_args(cache, tmp_path / "one", **mesh))
-    r = _two(_train_args(cache, tmp_path / "two", **mesh))
-    _assert_same(tmp_path / "one", tmp_path / "two")
-    assert "[0] " in r.stdout and "[1] " in r.stdout  # both processes' output, prefixed
-    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3  # written once, by process 0
+@shares_jobs
+@pytest.mark.parametrize("mesh_id", list(MESHES))
+def test_two_processes_train_what_one_process_trains(trained, mesh_id):
+    root, stdout = trained(mesh_id)
+    _assert_same(root / "one", root / "two")
+    assert "[0] " in stdout and "[1] " in stdout  # both processes' output, prefixed
+    assert len((root / "two" / "metrics.jsonl").read_text().splitlines()) == 3  # written once, by process 0
 
 
 def _as_if_killed_after_step_10(run, copy):
@@ -88,14 +108,14 @@ def _as_if_killed_after_step_10(run, copy):
 
 
 @slow
-def test_a_killed_two_process_run_resumes_in_two_or_one_processes(cache, tmp_path):
+@shares_jobs
+def test_a_killed_two_process_run_resumes_in_two_or_one_processes(cache, trained, tmp_path):
     """Resumed from a 2-process checkpoint by 2 processes, or by 1: the uninterrupted 2-process run's SAEs."""
-    args = dict(mesh_data=4)
-    _two(_train_args(cache, tmp_path / "two", **args))
+    two = trained("rows-split")[0] / "two"  # the uninterrupted run, read only: each resume works on a copy
     for name, resume in (("again_two", _two), ("again_one", _one)):
-        _as_if_killed_after_step_10(tmp_path / "two", tmp_path / name)
-        resume(_train_args(cache, tmp_path / name, **args))
-        _assert_same(tmp_path / "two", tmp_path / name)
+        _as_if_killed_after_step_10(two, tmp_path / name)
+        resume(_train_args(cache, tmp_path / name, **MESHES["rows-split"]))
+        _assert_same(two, tmp_path / name)
         log = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in log] == [10, 20, 30], name
 
@@ -171,19 +191,30 @@ def test_other_commands_check_the_split_before_joining(tmp_path, command, argv, 
     assert not jax.distributed.is_initialized() and not list(tmp_path.iterdir())
 
 
-@slow
 @pytest.mark.parametrize("extra, message", [
     (["num_processes=2", "process_id=2", "coordinator=127.0.0.1:1"], "process_id=2 is out of range"),
     (["num_processes=3", "coordinator=127.0.0.1:1", "mesh_data=2"], "num_processes=3 does not divide the mesh"),
     (["num_processes=2"], "needs coordinator=HOST:PORT"),
-    (["num_processes=2", "process_id=1", "coordinator=127.0.0.1:9", "init_timeout_s=3", "mesh_data=2"],
-     "did not answer within 3 s"),
 ])
-def test_bad_distributed_settings_are_one_line(cache, tmp_path, extra, message):
+def test_settings_that_cannot_split_are_one_line_from_the_command(cache, tmp_path, capsys, extra, message):
+    """The `jaxsae` command's own main (what `python -m jaxsae.cli` exits with), in this process: these fail from
+    the settings alone, before JAX's distributed runtime starts, so no process of their own is needed."""
+    from jaxsae import cli
+
+    assert cli.main(["train", *_train_args(cache, tmp_path / "run"), *extra]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("jaxsae train: error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert not jax.distributed.is_initialized() and not (tmp_path / "run").exists()
+
+
+@slow
+def test_a_coordinator_that_never_answers_is_one_line(cache, tmp_path):
+    """The case that reaches JAX's distributed runtime (in a process of its own): a named timeout, not a hang."""
+    extra = ["num_processes=2", "process_id=1", "coordinator=127.0.0.1:9", "init_timeout_s=3", "mesh_data=2"]
     r = subprocess.run([sys.executable, "-m", "jaxsae.cli", "train", *_train_args(cache, tmp_path / "run"), *extra],
                        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("jaxsae train: error:")]
-    assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+    assert r.returncode == 2 and len(errors) == 1 and "did not answer within 3 s" in errors[0], r.stderr[-2000:]
     assert not (tmp_path / "run").exists()
 
 
@@ -202,7 +233,8 @@ def test_streaming_from_the_model_two_processes_equal_one(tmp_path):
 
 @slow
 def test_streaming_several_layers_two_processes_equal_one(tmp_path):
-    """layers=1,2 over mesh seed=2 x data=2: each process holds one layer's two members (all rows of them)."""
+    """layers=1,2 over mesh seed=2 x data=2: each process holds one layer's two members (all rows of them). Both
+    jobs also write the layered run's folders (this 1-process run is the `jaxsae train layers=...` command test)."""
     np.save(tmp_path / "tokens.npy", np.random.default_rng(2).integers(1, 1000, (24, 16)).astype(np.int32))
     args = _train_args("model", tmp_path / "one", model="tiny", tokens=tmp_path / "tokens.npy", layers="1,2",
                        ctx_batch=4, mesh_seed=2, mesh_data=2, d_sae=64, k=4, num_steps=12)
@@ -210,6 +242,15 @@ def test_streaming_several_layers_two_processes_equal_one(tmp_path):
     _two([a.replace(str(tmp_path / "one"), str(tmp_path / "two")) for a in args])
     for layer in (1, 2):
         _assert_same(tmp_path / "one" / f"L{layer}", tmp_path / "two" / f"L{layer}")
+    for run in ("one", "two"):  # the command's layout: L{layer}/seed_{s} SAE folders and L{layer}/summary.json
+        out = tmp_path / run
+        assert json.loads((out / "config.json").read_text())["stream"] == {"layers": [1, 2]}, run
+        for layer in (1, 2):
+            assert len(json.loads((out / f"L{layer}" / "summary.json").read_text())["ev"]) == 2
+            for s in range(2):
+                cfg = json.loads((out / f"L{layer}" / f"seed_{s}" / io.CFG).read_text())
+                assert cfg["metadata"]["hook_name"] == f"blocks.{layer}.hook_resid_post"
+                assert (cfg["jaxsae"]["layer"], cfg["jaxsae"]["seed"]) == (layer, s)
 
 
 @slow

@@ -181,27 +181,6 @@ def test_two_layers_train_as_two_one_layer_runs_on_one_forward_per_batch(tmp_pat
         train.fit(swapped, sae_cfg, cfg("both"))
 
 
-@pytest.mark.slow
-def test_train_command_with_layers_writes_one_folder_per_layer(tmp_path):
-    """`jaxsae train source=model layers=3,5`: L{layer}/seed_{s} SAE folders and L{layer}/summary.json."""
-    import json
-
-    from jaxsae import io, train
-
-    tokens = tmp_path / "tokens.npy"
-    np.save(tokens, np.random.default_rng(3).integers(1, 1000, (12, 16)).astype(np.int32))
-    out = tmp_path / "run"
-    train.main(["source=model", "model=tiny", "layers=3,5", f"tokens={tokens}", "ctx_batch=4", "d_sae=64", "k=4",
-                "n_seeds=2", "batch_size=32", "num_steps=3", "eval_tokens=64", f"out_dir={out}"])
-    assert json.loads((out / "config.json").read_text())["stream"] == {"layers": [3, 5]}
-    for layer in (3, 5):
-        assert len(json.loads((out / f"L{layer}" / "summary.json").read_text())["ev"]) == 2
-        for s in range(2):
-            cfg = json.loads((out / f"L{layer}" / f"seed_{s}" / io.CFG).read_text())
-            assert cfg["metadata"]["hook_name"] == f"blocks.{layer}.hook_resid_post"
-            assert (cfg["jaxsae"]["layer"], cfg["jaxsae"]["seed"]) == (layer, s)
-
-
 @pytest.mark.parametrize("argv, message", [
     (["source=synthetic", "layers=1,2"], "layers=1,2 needs source=model"),
     (["source=model", "layers=1,2", "heldout=some_cache"], "layers=1,2 needs source=model and no heldout="),
