@@ -14,7 +14,9 @@ part=pretrained: SmolLM2-135M (`pre_model=tiny`: a random-weight stand-in for sm
 general corpus in three arms that read the same tokens in the same order with the same AdamW settings:
   smollm2_all     plain SmolLM2, every weight learning;
   lime_v2_router  SmolLM2 converted to LIMe v2 (`model.to_lime`), only the routers learning (`trainable=router`);
-  lime_v2_all     the converted model, every weight learning.
+  lime_v2_all     the converted model, every weight learning;
+  lime_v2_router_current  the control: only the routers' current-layer blocks learning (a mix of each layer's own
+                  K/V heads, no reads of earlier layers), at the routers' learning rate.
 The conversion uses v2 because it is exact and trainable at once: v2's router is an unconstrained linear mix, so
 "read only the current layer" is representable exactly (the converted model computes SmolLM2's logits), and the
 loss is linear in every router entry, so each gets a full-size gradient from the first step. A v1 softmax router
@@ -49,7 +51,8 @@ ROUTINGS = ("none", "static", "dynamic", "v2")
 NAMES = {"none": "llama", "static": "lime_static", "dynamic": "lime_dynamic", "v2": "lime_v2"}
 PROBE_WORDS = (" is", " are", " was", " were")
 PARTS = ("scratch", "pretrained", "report")
-ARMS = {"smollm2_all": ("none", "all"), "lime_v2_router": ("v2", "router"), "lime_v2_all": ("v2", "all")}
+ARMS = {"smollm2_all": ("none", "all"), "lime_v2_router": ("v2", "router"), "lime_v2_all": ("v2", "all"),
+        "lime_v2_router_current": ("v2", "router_current")}
 PRE_MODELS = ("smollm2", "tiny")
 
 
@@ -77,7 +80,7 @@ class LimeExperimentConfig:
     # part=pretrained
     pre_model: str = "smollm2"  # smollm2 (the GGUF) | tiny (config.tiny at random init, seed 0: smoke tests)
     pre_tiny_layers: int = 12  # n_layers of the tiny stand-in
-    pre_arms: tuple[str, ...] = tuple(ARMS)  # smollm2_all | lime_v2_router | lime_v2_all
+    pre_arms: tuple[str, ...] = tuple(ARMS)  # smollm2_all | lime_v2_router | lime_v2_all | lime_v2_router_current
     pre_steps: int = 24  # optimiser steps of every arm
     pre_batch_size: int = 2  # sequences per step
     pre_seq_len: int = 256  # tokens per sequence (256: the cached packed contexts)
@@ -301,7 +304,9 @@ def pretrained(cfg: LimeExperimentConfig) -> dict:
         params = state.params
         result = {"routing": routing, "trainable": trainable, "steps": cfg.pre_steps, "tokens": run["tokens"],
                   "train_seconds": run["train_seconds"],
-                  "trainable_params": model_cfg.router_entries if trainable == "router" else model_cfg.num_params,
+                  "trainable_params": {"router": model_cfg.router_entries, "all": model_cfg.num_params,
+                                       "router_current": model_cfg.n_kv_heads ** 2 * (model_cfg.n_layers - 1),
+                                       }[trainable],
                   **_evaluate_state(params, model_cfg, general_NxT, code_NxT, entropy_NxT, bs),
                   "curve": _curve(run_dir, "tokens")}
         if routing != "none":
@@ -548,6 +553,10 @@ def _verdict(before: dict, arms: dict) -> list[str]:
             lines.append(f"- {arm} minus smollm2_all, after training: general "
                          f"{_paired(r['general_seq'], base['general_seq'])}, code "
                          f"{_paired(r['code_seq'], base['code_seq'])}.")
+    if "lime_v2_router" in arms and "lime_v2_router_current" in arms:
+        a, b = arms["lime_v2_router"], arms["lime_v2_router_current"]
+        lines.append(f"- lime_v2_router minus lime_v2_router_current (what reading earlier layers adds): general "
+                     f"{_paired(a['general_seq'], b['general_seq'])}, code {_paired(a['code_seq'], b['code_seq'])}.")
     return lines + [""]
 
 

@@ -19,6 +19,8 @@ Continuing a pretrained model: `fit(..., init_params=params)` starts from those 
 `lime_jax.gguf`, converted with `model.to_lime`) instead of a random init. `trainable="router"` trains only the
 LIMe routers: every other weight is frozen (no gradient is computed for it, its update is exactly zero, no
 weight decay), so a retrofit can be judged with the pretrained model left exactly as it was.
+`trainable="router_current"` (v2) trains only the routers' current-layer blocks (a mix of the layer's own K/V
+heads): the control that tells cross-layer routing from extra fast-learning parameters.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ from jaxsae import train as jaxsae_train
 from lime_jax import config, model, sharding
 
 PRESETS = {"tiny": config.tiny, "paper_1b": config.paper_1b, "smollm2_135m": config.smollm2_135m}
-TRAINABLE = ("all", "router")
+TRAINABLE = ("all", "router", "router_current")
 # Dense peak FLOP/s per device for MFU (bf16 tensor cores; the H100/H200 figure is Levanter's table).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5p": 459e12,
               "TPU v5 lite": 197e12, "TPU v6 lite": 918e12}
@@ -66,7 +68,7 @@ class TrainConfig:
     b2: float = 0.95  # Adam beta2
     eps: float = 1e-8  # Adam epsilon
     grad_clip: float = 1.0  # clip the gradient to this global norm (0 disables)
-    trainable: str = "all"  # weights that learn: all | router (LIMe routers only; the rest frozen, not even decayed)
+    trainable: str = "all"  # weights that learn: all | router (LIMe routers) | router_current (v2: current layer)
     seed: int = 0  # parameter init key and data order
     mesh_data: int = 1  # devices along the mesh's data axis
     mesh_fsdp: int = 1  # devices along the mesh's fsdp axis (batch and d_model of every weight split over it)
@@ -141,13 +143,29 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 def _check_trainable(model_cfg: config.LlamaConfig, cfg: TrainConfig) -> None:
     if cfg.trainable == "router" and model_cfg.routing == "none":
         raise ValueError("trainable='router' needs a LIMe model (routing static, dynamic or v2), got routing='none'")
+    if cfg.trainable == "router_current" and model_cfg.routing != "v2":
+        raise ValueError(f"trainable='router_current' needs routing='v2', got routing={model_cfg.routing!r}")
 
 
 def _frozen_as_constants(params: dict, cfg: TrainConfig) -> dict:
-    """params with the frozen ones behind stop_gradient: autodiff then never computes their (unused) gradients."""
+    """params with the frozen ones behind stop_gradient: autodiff then never computes their (unused) gradients.
+
+    router_current: of the v2 router [L-1, K, L, K] (row i is layer i + 1's) only the current-layer blocks get a
+    gradient; the entries reading earlier layers get none, so from `model.to_lime` they stay exactly zero.
+    """
     if cfg.trainable == "all":
         return params
-    return jax.tree_util.tree_map_with_path(lambda p, x: x if _learns(p, cfg) else jax.lax.stop_gradient(x), params)
+
+    def leaf(path, x):
+        if not _learns(path, cfg):
+            return jax.lax.stop_gradient(x)
+        if cfg.trainable == "router_current":
+            layer_Rx1 = jnp.arange(1, x.shape[0] + 1)[:, None]
+            current_Rx1xJx1 = (jnp.arange(x.shape[2])[None, :] == layer_Rx1)[:, None, :, None]
+            return jnp.where(current_Rx1xJx1, x, jax.lax.stop_gradient(x))
+        return x
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
 
 
 def init_state(key: jax.Array, model_cfg: config.LlamaConfig, cfg: TrainConfig) -> TrainState:

@@ -214,3 +214,22 @@ def test_fit_starts_from_init_params(tmp_path):
     with pytest.raises(ValueError, match=r"init_params\['embed'\] has shape \(3, 16\)"):
         train.fit(cfg, dataclasses.replace(tc, out_dir=str(tmp_path / "bad")), tokens, heldout,
                   init_params={**params, "embed": jnp.zeros((3, 16))})
+
+
+def test_router_current_trains_only_the_current_layer_blocks():
+    """router_current from to_lime: the entries reading earlier layers stay exactly zero, the current-layer
+    blocks (the v2 identity) move, every other weight stays as it was."""
+    plain = jax.tree.map(np.array, model.init(jax.random.key(2), SMALL))  # host copies: the step donates its state
+    params, cfg = model.to_lime(plain, SMALL, "v2")  # router [L-1, K, L, K] = [1, 2, 2, 2]: layer 1 reads 0 and 1
+    tc = dataclasses.replace(TRAIN, warmup_steps=0, lr=0.01, trainable="router_current")
+    state = train.state_from_params(params, tc)
+    r0 = np.array(params["layers"]["router"])
+    step = train.make_train_step(cfg, tc)
+    for s in range(3):
+        state, _ = step(state, jnp.asarray(_tokens(4, seed=s)))
+    r = np.asarray(state.params["layers"]["router"])
+    np.testing.assert_array_equal(r[0, :, 0, :], 0.0)  # layer 1's reads of layer 0
+    assert np.abs(r[0, :, 1, :] - r0[0, :, 1, :]).min() > 0  # every current-layer entry moved
+    np.testing.assert_array_equal(state.params["layers"]["wk"], plain["layers"]["wk"])
+    with pytest.raises(ValueError, match="router_current' needs routing='v2'"):
+        train.make_train_step(dataclasses.replace(SMALL, routing="static"), tc)

@@ -433,7 +433,7 @@ def test_experiment_lime_pretrained_tiny(tmp_path, world):
         "pre_batch_size=2", f"pre_seq_len={CTX}", "pre_warmup_steps=1", "pre_log_every=1", "pre_eval_contexts=2",
         "pre_entropy_contexts=2", f"out_dir={tmp_path / 'runs'}", f"results_dir={out}")
     pre = json.loads((out / "summary.json").read_text())["pretrained"]
-    assert list(pre["arms"]) == ["smollm2_all", "lime_v2_router", "lime_v2_all"]
+    assert list(pre["arms"]) == ["smollm2_all", "lime_v2_router", "lime_v2_all", "lime_v2_router_current"]
     assert has_fields(pre["before"], "general_loss", "code_loss", "value_entropy")
     for arm, r in pre["arms"].items():
         assert np.isfinite(r["general_loss"]) and np.isfinite(r["code_loss"]) and len(r["value_entropy"]) == 2
