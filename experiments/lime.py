@@ -435,7 +435,9 @@ def _scratch_report(summary: dict) -> list[str]:
             verdict = ("lower" if np.mean(diffs) < 0 else "higher")
             lines.append(f"  **{name} ends {verdict} than Llama on {'every' if same_sign else 'not every'} seed; the "
                          f"mean difference is {'larger' if beyond else 'smaller'} than the seed-to-seed spread**"
-                         + (" (a consistent paired effect)." if same_sign else " (not a consistent effect)."))
+                         + (f" (the same sign on all {len(diffs)} seeds, which two equally good models would also "
+                            f"show with probability {2.0 ** (1 - len(diffs)):.2f})." if same_sign
+                            else " (not a consistent effect)."))
     lines += ["", "### Representations (first seed)", "",
               "Values' matrix entropy (mean over layers) and the is/are/was/were probe (mean over layers), LIMe minus "
               "Llama:"]
@@ -501,11 +503,13 @@ def _pretrained_report(pre: dict) -> list[str]:
         "`model.to_lime` (routers reading only the current layer: the converted model gives SmolLM2's logits, "
         "`tests/test_lime.py::test_smollm2_converted_to_lime_gives_its_own_logits`; v2 because that is exact *and* "
         "linear in the router, so every router entry gets a full gradient from step 0, where a v1 softmax router "
-        "started near one-hot is saturated and barely learns). Three arms on the same general-corpus tokens in the "
-        f"same order: {c['pre_steps']} steps x {c['pre_batch_size']} x {c['pre_seq_len']} = {tokens:,} tokens each; "
+        f"started near one-hot is saturated and barely learns). {len(arms)} arms on the same general-corpus tokens "
+        f"in the same order: {c['pre_steps']} steps x {c['pre_batch_size']} x {c['pre_seq_len']} = {tokens:,} "
+        "tokens each; "
         f"AdamW (β 0.9/0.95, weight decay 0.1 on matrices), peak lr {c['pre_lr']} for pretrained weights and "
-        f"{c['pre_router_lr']} for the routers (which start at the identity and must move by O(0.01–0.1) to matter "
-        f"within this budget), warm-up {c['pre_warmup_steps']} steps, cosine, clip 1.0. Held-out loss on "
+        f"{c['pre_router_lr']} for the routers "
+        f"({c['pre_router_lr'] / c['pre_lr']:.0f}x: they start at the identity and have "
+        f"only these few steps to move), warm-up {c['pre_warmup_steps']} steps, cosine, clip 1.0. Held-out loss on "
         f"{c['pre_eval_contexts']} sequences of each corpus ({pre['eval_tokens']:,} predicted tokens, the same for "
         f"every arm); values' entropy over {c['pre_entropy_contexts']} general sequences. The converted model's "
         "'before' is SmolLM2's (same logits, same values).", "",
