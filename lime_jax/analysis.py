@@ -3,6 +3,7 @@
 - `matrix_entropy`: matrix-based Rényi entropy of each sequence's (T x F) feature matrix X, with features
   standardised by dataset mean and std, K = X X^T, S_a = log(sum_i (l_i / tr K)^a) / (1 - a), float64,
   averaged over sequences (alpha = 0.5 as the official analysis calls it).
+- `value_entropy`: that entropy for every layer of a model, over the values V of given sequences.
 - `probe_accuracy`: k-fold cross-validated accuracy of a linear softmax probe (Adam, lr 1e-2), e.g. telling
   apart the value vectors of "is/are/was/were".
 - `router_weights`: each layer's weight on every source layer, averaged over heads (and tokens, for the
@@ -39,6 +40,19 @@ def matrix_entropy(x_BxTxF, alpha: float = 0.5, mean_F=None, std_F=None) -> floa
     lam_BxT = np.clip(np.linalg.eigvalsh(gram_BxTxT), 0.0, None)
     p_BxT = lam_BxT / lam_BxT.sum(-1, keepdims=True)
     return float(np.mean(np.log(np.sum(p_BxT ** alpha, -1)) / (1 - alpha)))
+
+
+def value_entropy(params: dict, cfg: LlamaConfig, tokens_NxT, batch_size: int = 16, alpha: float = 0.5) -> list[float]:
+    """Per layer, `matrix_entropy` of the sequences' attention values (V after routing, heads concatenated)."""
+    tokens_NxT = np.asarray(tokens_NxT)
+    if tokens_NxT.ndim != 2 or len(tokens_NxT) == 0:
+        raise ValueError(f"need token ids [N >= 1, T], got shape {tokens_NxT.shape}")
+    chunks = []
+    for i in range(0, len(tokens_NxT), batch_size):
+        v_LxBxTxKxH = np.asarray(model.values(params, jnp.asarray(tokens_NxT[i:i + batch_size]), cfg))
+        chunks.append(v_LxBxTxKxH.reshape(*v_LxBxTxKxH.shape[:3], -1))
+    v_LxNxTxF = np.concatenate(chunks, axis=1)
+    return [matrix_entropy(v_NxTxF, alpha=alpha) for v_NxTxF in v_LxNxTxF]
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps"))

@@ -14,6 +14,13 @@ nothing else that matters, continues it from its checkpoint. The warm-up + cosin
 NEW num_steps, so the run resumes at its step s on `lr_schedule(new config)(s)` (a finished run's learning rate
 jumps back up from min_lr to the new curve's value at s); one line on stderr says so and config.json records the
 new num_steps. Fewer steps than the checkpoint has taken is an error.
+
+Continuing a pretrained model: `fit(..., init_params=params)` starts from those params (e.g. SmolLM2 from
+`lime_jax.gguf`, converted with `model.to_lime`) instead of a random init. `trainable="router"` trains only the
+LIMe routers: every other weight is frozen (no gradient is computed for it, its update is exactly zero, no
+weight decay), so a retrofit can be judged with the pretrained model left exactly as it was.
+`trainable="router_current"` (v2) trains only the routers' current-layer blocks (a mix of the layer's own K/V
+heads): the control that tells cross-layer routing from extra fast-learning parameters.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ from jaxsae import train as jaxsae_train
 from lime_jax import config, model, sharding
 
 PRESETS = {"tiny": config.tiny, "paper_1b": config.paper_1b, "smollm2_135m": config.smollm2_135m}
+TRAINABLE = ("all", "router", "router_current")
 # Dense peak FLOP/s per device for MFU (bf16 tensor cores; the H100/H200 figure is Levanter's table).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5p": 459e12,
               "TPU v5 lite": 197e12, "TPU v6 lite": 918e12}
@@ -60,6 +68,7 @@ class TrainConfig:
     b2: float = 0.95  # Adam beta2
     eps: float = 1e-8  # Adam epsilon
     grad_clip: float = 1.0  # clip the gradient to this global norm (0 disables)
+    trainable: str = "all"  # weights that learn: all | router (LIMe routers) | router_current (v2: current layer)
     seed: int = 0  # parameter init key and data order
     mesh_data: int = 1  # devices along the mesh's data axis
     mesh_fsdp: int = 1  # devices along the mesh's fsdp axis (batch and d_model of every weight split over it)
@@ -81,6 +90,8 @@ class TrainConfig:
                              f"log_every={self.log_every}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable={self.trainable!r} not in {TRAINABLE}")
 
 
 class TrainState(NamedTuple):
@@ -105,9 +116,20 @@ def _decays(path, leaf) -> bool:
     return not (_is_router(path) or name.endswith("norm"))
 
 
+def _learns(path, cfg: TrainConfig) -> bool:
+    """Whether the parameter at `path` is trained under cfg.trainable."""
+    return cfg.trainable == "all" or _is_router(path)
+
+
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """clip → Adam → decoupled weight decay (masked) → -lr(step) → x router_lr_mult on the routers."""
-    decay_mask = lambda params: jax.tree_util.tree_map_with_path(_decays, params)  # noqa: E731
+    """clip → Adam → decoupled weight decay (masked) → -lr(step) → x router_lr_mult on the routers.
+
+    trainable="router": the frozen weights' gradients are zero (`make_train_step` puts them behind stop_gradient),
+    so their Adam moments stay zero and their update is exactly 0, and they are left out of the weight decay.
+    Their (zero) moments are kept rather than dropped, so the state has one layout for checkpoints and sharding.
+    """
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda p, x: _decays(p, x) and _learns(p, cfg), params)
     router_mask = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: _is_router(p), params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
@@ -118,8 +140,40 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
+def _check_trainable(model_cfg: config.LlamaConfig, cfg: TrainConfig) -> None:
+    if cfg.trainable == "router" and model_cfg.routing == "none":
+        raise ValueError("trainable='router' needs a LIMe model (routing static, dynamic or v2), got routing='none'")
+    if cfg.trainable == "router_current" and model_cfg.routing != "v2":
+        raise ValueError(f"trainable='router_current' needs routing='v2', got routing={model_cfg.routing!r}")
+
+
+def _frozen_as_constants(params: dict, cfg: TrainConfig) -> dict:
+    """params with the frozen ones behind stop_gradient: autodiff then never computes their (unused) gradients.
+
+    router_current: of the v2 router [L-1, K, L, K] (row i is layer i + 1's) only the current-layer blocks get a
+    gradient; the entries reading earlier layers get none, so from `model.to_lime` they stay exactly zero.
+    """
+    if cfg.trainable == "all":
+        return params
+
+    def leaf(path, x):
+        if not _learns(path, cfg):
+            return jax.lax.stop_gradient(x)
+        if cfg.trainable == "router_current":
+            layer_Rx1 = jnp.arange(1, x.shape[0] + 1)[:, None]
+            current_Rx1xJx1 = (jnp.arange(x.shape[2])[None, :] == layer_Rx1)[:, None, :, None]
+            return jnp.where(current_Rx1xJx1, x, jax.lax.stop_gradient(x))
+        return x
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
 def init_state(key: jax.Array, model_cfg: config.LlamaConfig, cfg: TrainConfig) -> TrainState:
-    params = model.init(key, model_cfg)
+    return state_from_params(model.init(key, model_cfg), cfg)
+
+
+def state_from_params(params: dict, cfg: TrainConfig) -> TrainState:
+    """Step 0 of training `params` (fresh optimiser state)."""
     return TrainState(params, optimizer(cfg).init(params), jnp.zeros((), jnp.int32))
 
 
@@ -129,15 +183,22 @@ def loss_fn(params: dict, tokens_BxT: jax.Array, model_cfg: config.LlamaConfig) 
 
 
 def make_train_step(model_cfg: config.LlamaConfig, cfg: TrainConfig, mesh=None):
-    """Jitted `train_step(state, tokens_BxT) -> (state, {"loss", "grad_norm", "lr"})`, sharded over `mesh`."""
+    """Jitted `train_step(state, tokens_BxT) -> (state, {"loss", "grad_norm", "lr"})`, sharded over `mesh`.
+
+    grad_norm is over the trained parameters (the frozen ones' gradients are zero).
+    """
+    _check_trainable(model_cfg, cfg)
     tx, lr = optimizer(cfg), lr_schedule(cfg)
+
+    def frozen_loss(params, tokens_BxT, model_cfg):
+        return loss_fn(_frozen_as_constants(params, cfg), tokens_BxT, model_cfg)
 
     def train_step(state: TrainState, tokens_BxT: jax.Array):
         if mesh is not None:  # the model pins its activations to the batch split of the context mesh
             with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-                loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens_BxT, model_cfg)
+                loss, grads = jax.value_and_grad(frozen_loss)(state.params, tokens_BxT, model_cfg)
         else:
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens_BxT, model_cfg)
+            loss, grads = jax.value_and_grad(frozen_loss)(state.params, tokens_BxT, model_cfg)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr(state.step)}
@@ -196,20 +257,40 @@ _RESUME_MAY_CHANGE = ("out_dir", "eval_batches", "peak_flops", "keep_checkpoints
 
 @functools.lru_cache(maxsize=8)
 def _compiled(model_cfg: config.LlamaConfig, cfg: TrainConfig, mesh):
-    """(train_step, init(key) -> sharded state, state shardings), reused across `fit` calls on one mesh."""
+    """(train_step, init(key) -> sharded state, from_params(params) -> sharded state, state shardings), reused
+    across `fit` calls on one mesh."""
     state_sh = sharding.tree_shardings(mesh, abstract_state(model_cfg, cfg))
     init = jax.jit(lambda key: init_state(key, model_cfg, cfg), out_shardings=state_sh)
-    return make_train_step(model_cfg, cfg, mesh), init, state_sh
+    from_params = jax.jit(lambda params: state_from_params(params, cfg), out_shardings=state_sh)
+    return make_train_step(model_cfg, cfg, mesh), init, from_params, state_sh
 
 
-def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldout_NxT=None) -> TrainState:
+def _check_params(params: dict, model_cfg: config.LlamaConfig) -> None:
+    """init_params must have the tree and shapes of model.init(key, model_cfg)."""
+    want = jax.eval_shape(lambda: model.init(jax.random.key(0), model_cfg))
+    if jax.tree.structure(params) != jax.tree.structure(want):
+        raise ValueError(f"init_params do not have the parameter tree of the model (routing={model_cfg.routing!r}): "
+                         f"{jax.tree.structure(params)}")
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(want)):
+        if tuple(jnp.shape(a)) != b.shape:
+            raise ValueError(f"init_params{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(a))}, the model "
+                             f"needs {b.shape}")
+
+
+def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldout_NxT=None,
+        init_params: dict | None = None) -> TrainState:
     """Train on `tokens_NxT` (default: the corpus's packed train contexts), resuming from out_dir's checkpoint.
 
     Writes out_dir/summary.json (final_loss, heldout_loss on `heldout_NxT` or the corpus's heldout split,
     flops, tokens, num_params, tokens_per_s). Token arrays need `len`, `.shape` and row indexing.
+    `init_params`: start from these parameters (a pretrained model) instead of `model.init(key(seed))`; a run
+    that has a checkpoint resumes from it either way.
     """
     if cfg.seq_len > model_cfg.max_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_len={model_cfg.max_len}")
+    _check_trainable(model_cfg, cfg)
+    if init_params is not None:
+        _check_params(init_params, model_cfg)
     if tokens_NxT is None:
         from lime_jax import corpora
         tokens_NxT = corpora.token_contexts(cfg.corpus, "train", cfg.seq_len)
@@ -219,17 +300,19 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
     out.mkdir(parents=True, exist_ok=True)
     main_process = distributed.is_main()  # files written once are written by process 0
     run = {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}
+    # A run from given params must not resume one from a random init, nor the reverse.
+    run["init"] = {"from": "random" if init_params is None else "init_params"}
     old_cfg = jaxsae_train.check_run_config(out, run, resuming=(out / "config.json").exists(),
                                             may_change=_RESUME_MAY_CHANGE + ("num_steps",), write=main_process)
     mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
-    step_fn, init, state_sh = _compiled(model_cfg, _compute_part(cfg), mesh)
+    step_fn, init, from_params, state_sh = _compiled(model_cfg, _compute_part(cfg), mesh)
     batch_sh = sharding.batch_sharding(mesh)
     position = {"corpus": cfg.corpus, "seed": cfg.seed, "batch_size": cfg.batch_size,
                 "num_contexts": len(tokens_NxT), "seq_len": cfg.seq_len}
     manager = checkpoint.manager(out, cfg.keep_checkpoints)
     restored = checkpoint.restore_latest(manager, abstract_state(model_cfg, cfg), state_sh, position)
     if restored is None:
-        start, state = 0, init(jax.random.key(cfg.seed))
+        start, state = 0, init(jax.random.key(cfg.seed)) if init_params is None else from_params(init_params)
     else:
         start, state = restored[0], TrainState(*restored[1])
     if old_cfg is not None:
@@ -288,7 +371,7 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
                "heldout_loss": evaluate(distributed.to_host(state.params), model_cfg, heldout_NxT, cfg.batch_size),
                "heldout_tokens": int(heldout_NxT.shape[0] * (heldout_NxT.shape[1] - 1)),
                "flops": cfg.num_steps * flops_per_step, "tokens": cfg.num_steps * cfg.batch_size * cfg.seq_len,
-               "num_params": model_cfg.num_params, "routing": model_cfg.routing,
+               "num_params": model_cfg.num_params, "routing": model_cfg.routing, "trainable": cfg.trainable,
                "train_seconds": round(seconds, 2), "device": jax.devices()[0].device_kind, "devices": mesh.size}
     if main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -115,6 +115,22 @@ def test_matrix_entropy_matches_formula_and_reference():
         analysis.matrix_entropy(np.full((1, 2, 3), np.nan))
 
 
+def test_value_entropy_per_layer_matches_a_loop_over_layers():
+    """Batched (tail batch included) and standardised per layer over all sequences, as the one-layer formula."""
+    cfg = dataclasses.replace(SMALL, routing="static")
+    params = model.init(jax.random.key(5), cfg)
+    tokens = np.asarray(_tokens(cfg, B=5))
+    v_LxBxTxKxH = np.asarray(model.values(params, jnp.asarray(tokens), cfg), np.float64)
+    got = analysis.value_entropy(params, cfg, tokens, batch_size=2)  # batches of 2, 2, 1
+    assert len(got) == cfg.n_layers
+    for layer, entropy in enumerate(got):
+        x = v_LxBxTxKxH[layer].reshape(5, 16, -1)
+        rows = x.reshape(-1, x.shape[-1])
+        assert entropy == pytest.approx(_renyi_reference(x, 0.5, rows.mean(0), rows.std(0)), rel=1e-5)
+    with pytest.raises(ValueError, match="token ids"):
+        analysis.value_entropy(params, cfg, tokens[0])
+
+
 def test_probe_accuracy_separable_and_chance():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 4, 400)

@@ -161,3 +161,75 @@ def test_extending_a_finished_run_continues_on_the_schedule_over_the_new_total(t
 
     with pytest.raises(ValueError, match="num_steps=10 is fewer than the 12 steps already taken"):
         train.fit(SMALL, dataclasses.replace(cfg12, num_steps=10), tokens, heldout)
+
+
+def test_router_only_training_moves_the_routers_and_nothing_else():
+    """trainable=router: the routers take the AdamW step of the full model's router gradient; every other weight
+    stays bit-identical over several steps."""
+    cfg = dataclasses.replace(SMALL, routing="v2")
+    tc = dataclasses.replace(TRAIN, warmup_steps=0, grad_clip=0.0, lr=0.01, router_lr_mult=10.0, trainable="router")
+    state = train.init_state(jax.random.key(0), cfg, tc)
+    tokens = jnp.asarray(_tokens(4))
+    g_router = np.asarray(jax.grad(train.loss_fn)(state.params, tokens, cfg)["layers"]["router"])
+    p0 = jax.tree.map(np.array, jax.device_get(state.params))
+    step = train.make_train_step(cfg, tc)
+    state, m = step(state, tokens)
+    # First Adam step: m_hat = g, v_hat = g^2; no weight decay on routers.
+    expected = p0["layers"]["router"] - tc.lr * tc.router_lr_mult * g_router / (np.abs(g_router) + tc.eps)
+    np.testing.assert_allclose(state.params["layers"]["router"], expected, rtol=1e-5, atol=1e-7)
+    assert float(m["grad_norm"]) == pytest.approx(np.linalg.norm(g_router), rel=1e-5)
+    for s in range(1, 4):
+        state, _ = step(state, jnp.asarray(_tokens(4, seed=s)))
+    flat0 = jax.tree_util.tree_flatten_with_path(p0)[0]
+    for (path, a), b in zip(flat0, jax.tree.leaves(state.params)):
+        if "router" in jax.tree_util.keystr(path):
+            assert not np.array_equal(a, b)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match="trainable='router' needs a LIMe model"):
+        train.make_train_step(SMALL, tc)
+    with pytest.raises(ValueError, match="trainable='routers'"):
+        train.TrainConfig(trainable="routers")
+
+
+def test_fit_starts_from_init_params(tmp_path):
+    """The first logged loss is the given params' loss on the first batch; router-only training saves and
+    restores, leaving the given non-router weights as they were; a wrong tree is named."""
+    cfg = dataclasses.replace(SMALL, routing="v2")
+    tokens, heldout = _tokens(), _tokens(8, seed=1)
+    params = jax.tree.map(np.array, model.init(jax.random.key(7), cfg))  # not the key fit would draw (seed 0)
+    first = jnp.asarray(tokens[train.batch_rows(0, TRAIN.batch_size, len(tokens), TRAIN.seed)])
+    expected = float(train.loss_fn(params, first, cfg))
+    tc = dataclasses.replace(TRAIN, num_steps=4, log_every=1, checkpoint_every=2, trainable="router",
+                             out_dir=str(tmp_path / "run"))
+    train.fit(cfg, tc, tokens, heldout, init_params=params)
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["loss"] == pytest.approx(expected, rel=1e-5)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["init"] == {"from": "init_params"}
+    restored, _ = train.load_params(tmp_path / "run")
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(restored)):
+        assert np.array_equal(a, b) != ("router" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)
+    with pytest.raises(ValueError, match="another configuration"):  # a random-init run cannot resume it
+        train.fit(cfg, tc, tokens, heldout)
+    with pytest.raises(ValueError, match=r"init_params\['embed'\] has shape \(3, 16\)"):
+        train.fit(cfg, dataclasses.replace(tc, out_dir=str(tmp_path / "bad")), tokens, heldout,
+                  init_params={**params, "embed": jnp.zeros((3, 16))})
+
+
+def test_router_current_trains_only_the_current_layer_blocks():
+    """router_current from to_lime: the entries reading earlier layers stay exactly zero, the current-layer
+    blocks (the v2 identity) move, every other weight stays as it was."""
+    plain = jax.tree.map(np.array, model.init(jax.random.key(2), SMALL))  # host copies: the step donates its state
+    params, cfg = model.to_lime(plain, SMALL, "v2")  # router [L-1, K, L, K] = [1, 2, 2, 2]: layer 1 reads 0 and 1
+    tc = dataclasses.replace(TRAIN, warmup_steps=0, lr=0.01, trainable="router_current")
+    state = train.state_from_params(params, tc)
+    r0 = np.array(params["layers"]["router"])
+    step = train.make_train_step(cfg, tc)
+    for s in range(3):
+        state, _ = step(state, jnp.asarray(_tokens(4, seed=s)))
+    r = np.asarray(state.params["layers"]["router"])
+    np.testing.assert_array_equal(r[0, :, 0, :], 0.0)  # layer 1's reads of layer 0
+    assert np.abs(r[0, :, 1, :] - r0[0, :, 1, :]).min() > 0  # every current-layer entry moved
+    np.testing.assert_array_equal(state.params["layers"]["wk"], plain["layers"]["wk"])
+    with pytest.raises(ValueError, match="router_current' needs routing='v2'"):
+        train.make_train_step(dataclasses.replace(SMALL, routing="static"), tc)

@@ -402,17 +402,36 @@ def test_experiment_lime(tmp_path, world):
     """Reads SmolLM2's tokenizer from the GGUF (the probe words' ids), so the fake corpora are tokenised for real."""
     cwd = link(tmp_path, world, "data/corpora")  # no data/tokens: packed here with the real tokenizer
     out = tmp_path / "res"
-    run(cwd, "experiments.lime", "n_layers=2", "d_model=32", "n_heads=1", "head_dim=32", "d_ff=64",
-        "vocab_top=512", "seq_len=64", "batch_size=2", "num_steps=2", "warmup_steps=1", "log_every=1",
-        "heldout_contexts=4", "entropy_contexts=8", "probe_contexts=16", f"out_dir={tmp_path / 'runs'}",
-        f"results_dir={out}")
+    run(cwd, "experiments.lime", "part=scratch", "n_layers=2", "d_model=32", "n_heads=1", "head_dim=32", "d_ff=64",
+        "vocab_top=512", "seq_len=64", "batch_size=2", "num_steps=2", "warmup_steps=1", "log_every=1", "seeds=0,1",
+        "routings=none,static", "heldout_contexts=4", "entropy_contexts=8", "probe_contexts=16",
+        f"out_dir={tmp_path / 'runs'}", f"results_dir={out}")
     models = json.loads((out / "summary.json").read_text())["models"]
-    assert list(models) == ["llama", "lime_static", "lime_dynamic", "lime_v2"]
+    assert list(models) == ["llama", "lime_static"]
     for name, r in models.items():
         assert len(r["value_entropy"]) == 2 and len(r["probe_accuracy"]) == 2 and np.isfinite(r["heldout_loss"])
         assert (r["router_weights"] is None) == (name == "llama")
-    assert "lower loss per FLOP" in (out / "report.md").read_text()
+        assert r["seed_ids"] == [0, 1] and len(r["seeds"]["1"]["curve"]["loss"]) == 2
+        assert r["heldout_loss"] == pytest.approx(np.mean(r["heldout_loss_seeds"]))
+    assert "lower held-out loss per FLOP" in (out / "report.md").read_text()
     assert png(out / "loss_entropy_probe.png") and png(out / "router_weights.png")
+
+
+def test_experiment_lime_pretrained_tiny(tmp_path, world):
+    """part=pretrained on the random-weight tiny stand-in for SmolLM2: three arms, before/after, router heatmap."""
+    cwd = link(tmp_path, world, "data")
+    out = tmp_path / "res"
+    run(cwd, "experiments.lime", "part=pretrained", "pre_model=tiny", "pre_tiny_layers=2", "pre_steps=2",
+        "pre_batch_size=2", f"pre_seq_len={CTX}", "pre_warmup_steps=1", "pre_log_every=1", "pre_eval_contexts=2",
+        "pre_entropy_contexts=2", f"out_dir={tmp_path / 'runs'}", f"results_dir={out}")
+    pre = json.loads((out / "summary.json").read_text())["pretrained"]
+    assert list(pre["arms"]) == ["smollm2_all", "lime_v2_router", "lime_v2_all", "lime_v2_router_current"]
+    assert has_fields(pre["before"], "general_loss", "code_loss", "value_entropy")
+    for arm, r in pre["arms"].items():
+        assert np.isfinite(r["general_loss"]) and np.isfinite(r["code_loss"]) and len(r["value_entropy"]) == 2
+        assert ("router_weights" in r) == (arm != "smollm2_all")
+    assert "Paired comparisons" in (out / "report.md").read_text()
+    assert png(out / "pretrained.png") and png(out / "pretrained_routers.png")
 
 
 def test_experiment_stability_synthetic(tmp_path):
