@@ -26,9 +26,9 @@ if os.environ.get(_CACHE_ENV) != "0":
 
 import jax  # noqa: E402
 
-from jaxsae import distributed  # noqa: E402
-
-distributed.use_cpu_devices(8)  # before the backend starts: no test has touched a device yet
+# Plain jax_num_cpu_devices, not distributed.use_cpu_devices: memory tests (test_matryoshka) bound XLA's planned
+# temporaries under the default scheduler; the jobs tests start go through distributed.initialize.
+jax.config.update("jax_num_cpu_devices", 8)  # before the backend starts: no test has touched a device yet
 jax.config.update("jax_default_matmul_precision", "highest")
 if os.environ.get(_CACHE_ENV) != "0":  # a plugin may have imported jax before the variables above were set
     jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
