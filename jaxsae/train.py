@@ -222,14 +222,30 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); restore it or use a new out_dir") from None
 
 
-def check_run_config(out: Path, run: dict, resuming: bool, may_change, write: bool = True) -> dict | None:
-    """Write config.json for a new run (None); for a resumed one check it matches but for `may_change`, and return it."""
+def field_defaults(cls) -> dict:
+    """{field: default} of a config dataclass's fields that have one."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def check_run_config(out: Path, run: dict, resuming: bool, may_change, write: bool = True,
+                     defaults: dict | None = None) -> dict | None:
+    """Write config.json for a new run (None); for a resumed one check it matches but for `may_change`, and return it.
+
+    `defaults` ({group: {field: value}}) fills fields a run folder's config.json lacks because they were added to
+    the config after the run was written: a new field's default keeps the old behaviour, so such a run resumes.
+    """
     path = out / "config.json"
     if not resuming:
         if write:
             path.write_text(json.dumps(run, indent=1))
         return None
     old = _read_config(path)
+    filled = {g: {k: v for k, v in fields.items() if k not in old.get(g, {})} for g, fields in (defaults or {}).items()}
+    if any(filled.values()):
+        for g, fields in filled.items():
+            old.setdefault(g, {}).update(fields)
+        if write:  # the folder's record gains the fields it was run with, nothing it holds changes
+            path.write_text(json.dumps(old, indent=1))
     diff = [f"{g}.{k}: {old.get(g, {}).get(k)!r} -> {v!r}" for g in run for k, v in run[g].items()
             if old.get(g, {}).get(k) != v and k not in may_change]
     if diff:
@@ -257,7 +273,8 @@ def _check_config(out: Path, sae_cfg, train_cfg, resuming: bool, write: bool = T
                   ) -> dict | None:
     """`check_run_config` for an SAE run; `more`: further groups of settings, e.g. {"stream": {"layers": [3, 5]}}."""
     run = {"sae": dataclasses.asdict(sae_cfg), "train": dataclasses.asdict(train_cfg), **(more or {})}
-    return check_run_config(out, run, resuming, _RESUME_MAY_CHANGE | _LENGTH, write)
+    defaults = {"sae": field_defaults(type(sae_cfg)), "train": field_defaults(type(train_cfg))}
+    return check_run_config(out, run, resuming, _RESUME_MAY_CHANGE | _LENGTH, write, defaults)
 
 
 def _set_length(out: Path, old: dict, train_cfg: TrainConfig, start: int, write: bool = True) -> None:

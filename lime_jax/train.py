@@ -303,7 +303,10 @@ def fit(model_cfg: config.LlamaConfig, cfg: TrainConfig, tokens_NxT=None, heldou
     # A run from given params must not resume one from a random init, nor the reverse.
     run["init"] = {"from": "random" if init_params is None else "init_params"}
     old_cfg = jaxsae_train.check_run_config(out, run, resuming=(out / "config.json").exists(),
-                                            may_change=_RESUME_MAY_CHANGE + ("num_steps",), write=main_process)
+                                            may_change=_RESUME_MAY_CHANGE + ("num_steps",), write=main_process,
+                                            defaults={"model": jaxsae_train.field_defaults(config.LlamaConfig),
+                                                      "train": jaxsae_train.field_defaults(TrainConfig),
+                                                      "init": {"from": "random"}})
     mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     step_fn, init, from_params, state_sh = _compiled(model_cfg, _compute_part(cfg), mesh)
     batch_sh = sharding.batch_sharding(mesh)

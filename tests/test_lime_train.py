@@ -85,7 +85,14 @@ def test_killed_and_resumed_fit_equals_uninterrupted(tmp_path):
     with pytest.raises(_Killed):
         train.fit(cfg, resumed_cfg, _DiesAfter(tokens, 5), heldout)
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["4"]
+    # As a folder written before `trainable` and `init` existed: it resumes on their defaults and records them.
+    cfg_path = tmp_path / "resumed" / "config.json"
+    legacy = json.loads(cfg_path.read_text())
+    del legacy["train"]["trainable"], legacy["init"]
+    cfg_path.write_text(json.dumps(legacy))
     resumed = train.fit(cfg, resumed_cfg, tokens, heldout)
+    recorded = json.loads(cfg_path.read_text())
+    assert recorded["train"]["trainable"] == "all" and recorded["init"] == {"from": "random"}
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(a, b)  # bit-identical
     logs = [[json.loads(ln) for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
@@ -106,6 +113,8 @@ def test_killed_and_resumed_fit_equals_uninterrupted(tmp_path):
     np.testing.assert_array_equal(params["layers"]["router"], resumed.params["layers"]["router"])
     with pytest.raises(ValueError, match="another configuration.*train.lr"):
         train.fit(cfg, dataclasses.replace(resumed_cfg, lr=0.5), tokens, heldout)
+    with pytest.raises(ValueError, match="another configuration.*train.trainable: 'all' -> 'router'"):
+        train.fit(cfg, dataclasses.replace(resumed_cfg, trainable="router"), tokens, heldout)
     with pytest.raises(ValueError, match="another data stream"):
         train.fit(cfg, resumed_cfg, tokens[:36], heldout)
 
