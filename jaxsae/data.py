@@ -380,5 +380,7 @@ def synthetic_source(d_in: int, num_tokens: int, n_features: int, k: int, seed: 
     rng = np.random.default_rng([seed, 1, sample])
     idx_NxK = rng.integers(0, n_features, (num_tokens, k))  # with replacement: repeats add up
     coef_NxK = rng.exponential(1.0, (num_tokens, k))
-    x_NxD = np.einsum("nk,nkd->nd", coef_NxK, dirs_FxD[idx_NxK])
+    x_NxD = np.zeros((num_tokens, d_in))
+    for j in range(k):  # one draw at a time: dirs_FxD[idx_NxK] whole would be N·k·D floats (2.4 GB at the CLI default)
+        x_NxD += coef_NxK[:, j, None] * dirs_FxD[idx_NxK[:, j]]
     return ArraySource(x_NxD.astype(np.float32), Normalizer.fit(x_NxD))

@@ -424,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"layers={','.join(map(str, run.layers))} needs source=model and no heldout= (a cache holds "
                          f"one layer), got source={run.source!r} heldout={run.heldout!r}")
     distributed.initialize(dist_cfg)
+    sharding.make_mesh(train_cfg.mesh_seed, train_cfg.mesh_data, train_cfg.mesh_model)  # an impossible mesh fails first
     if run.source == "model":
         from jaxsae import adapter, harvest, stream
 

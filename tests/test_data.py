@@ -162,3 +162,17 @@ def test_row_ranges_tile_the_global_batch(tmp_path, kind):
             np.testing.assert_array_equal(np.concatenate([next(p) for p in parts]), want)
     with pytest.raises(ValueError, match=r"rows=\(4, 4\)"):
         next(src.batches(B, seed=3, rows=(4, 4)))
+
+
+def test_synthetic_source_is_the_sum_of_its_draws():
+    """Each token is the coefficient-weighted sum of its k drawn directions (a per-token loop as reference), the
+    directions depend on the seed only, and another sample is other tokens."""
+    d, n, f, k = 6, 40, 9, 3
+    x = data.synthetic_source(d, n, n_features=f, k=k, seed=5).x_NxD
+    dirs = np.random.default_rng([5, 0]).standard_normal((f, d))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    rng = np.random.default_rng([5, 1, 0])
+    idx, coef = rng.integers(0, f, (n, k)), rng.exponential(1.0, (n, k))
+    want = np.array([sum(coef[i, j] * dirs[idx[i, j]] for j in range(k)) for i in range(n)], np.float32)
+    np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(data.synthetic_source(d, n, n_features=f, k=k, seed=5, sample=1).x_NxD, x)
