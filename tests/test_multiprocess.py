@@ -21,7 +21,7 @@ from jaxsae.data import CacheWriter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT),
-       **{k: v for k, v in os.environ.items() if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}}  # the session's compile cache (conftest)
+       **{k: v for k, v in os.environ.items() if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "XLA_FLAGS"))}}  # the session's compile cache (conftest)
 slow = pytest.mark.slow  # every test that starts processes
 # Tests that read one shared `trained` job: one xdist worker runs them all (`--dist loadgroup`), so it is run once.
 shares_jobs = pytest.mark.xdist_group("multiprocess_trained")
@@ -344,8 +344,10 @@ def test_harvest_and_eval_two_processes_equal_one(tmp_path):
     _run(["jaxsae.launch", "-n", "2", "--", "jaxsae", "eval", *ev, f"out={tmp_path / 'two.json'}"])
     (a,), (b,) = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert a.keys() == b.keys() and a["eval_tokens"] == b["eval_tokens"] == 200
+    # Each process sums its own batches in float32 before the float64 merge, so the two jobs round differently:
+    # EV = 1 - SSE/SST moves by a few float32 ulps of SSE/SST (~1e-7 each), which is large relative to a small EV.
     for key in ("ev", "l0", "dead_frac", "clean_loss", "spliced_loss", "zero_loss", "ce_delta", "loss_recovered"):
-        np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-7, err_msg=key)
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-6, err_msg=key)
 
 
 WATCHDOG_SCRIPT = """
