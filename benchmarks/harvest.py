@@ -10,8 +10,8 @@ rate XLA reaches on the bare matmuls of one block at this batch ([B*T, D] x [D, 
 were free. lime_jax runs on per-block weights (`model.unstack_layers`, as its adapter does) and also times the
 CE splice (`bench: splice_forward`, the full forward with the residual at `layer` passed through). With
 transformers, a first line {"check": ...} gives the largest difference between the two implementations'
-residuals on the same tokens. transformers runs the same GGUF, truncated to blocks 0..layer with the final norm
-removed, so both return the residual after block `layer`.
+residuals on the same tokens. transformers runs HF's LlamaModel with the same weights, truncated to blocks
+0..layer with the final norm removed, so both return the residual after block `layer`.
 """
 from __future__ import annotations
 
@@ -70,22 +70,44 @@ def _block_matmuls(cfg, rows: int):
     return (lambda: fn(xs, ws)), sum(2 * rows * k * n for k, n in shapes)
 
 
-def _transformers_forward(layer: int):
-    """A torch function tokens -> residual after block `layer`, from the same GGUF; None if not installed."""
+def _transformers_forward(cfg, stacked: dict, layer: int):
+    """A torch function tokens -> residual after block `layer`: HF's LlamaModel (blocks 0..layer, no final norm)
+    holding SmolLM2's weights as lime_jax read them from the GGUF; None if torch/transformers are missing. Handing
+    the weights over (the inverse of `lime_jax.hf.assemble`) saves transformers' own GGUF parse (~20 s here);
+    tests/test_gguf.py checks that parse against ours."""
     try:
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import LlamaConfig, LlamaModel
     except ImportError:
         return None
-    path = gguf.find_smollm2_gguf()
-    lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    lm.model.layers = lm.model.layers[: layer + 1]
-    lm.model.norm = torch.nn.Identity()
+    D, NH, KH = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab, hidden_size=D, num_hidden_layers=layer + 1,
+                         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                         intermediate_size=cfg.d_ff, rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_len,
+                         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                         attn_implementation="sdpa", dtype=torch.float32)  # sdpa: from_pretrained's default
+    lm = LlamaModel(hf_cfg)
+    lm.norm = torch.nn.Identity()
+    w = jax.tree.map(np.asarray, stacked["layers"])
+    # lime_jax keeps (in, out) with heads split out; nn.Linear stores (out, in).
+    per_layer = {"input_layernorm": lambda i: w["attn_norm"][i],
+                 "self_attn.q_proj": lambda i: w["wq"][i].reshape(D, NH).T,
+                 "self_attn.k_proj": lambda i: w["wk"][i].reshape(D, KH).T,
+                 "self_attn.v_proj": lambda i: w["wv"][i].reshape(D, KH).T,
+                 "self_attn.o_proj": lambda i: w["wo"][i].reshape(NH, D).T,
+                 "post_attention_layernorm": lambda i: w["mlp_norm"][i],
+                 "mlp.gate_proj": lambda i: w["w_gate"][i].T, "mlp.up_proj": lambda i: w["w_up"][i].T,
+                 "mlp.down_proj": lambda i: w["w_down"][i].T}
+    state = {"embed_tokens.weight": np.asarray(stacked["embed"])}
+    state.update({f"layers.{i}.{name}.weight": fn(i) for i in range(layer + 1) for name, fn in per_layer.items()})
+    missing, unexpected = lm.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
+                                             strict=False)
+    assert not unexpected and all(k.endswith("rotary_emb.inv_freq") for k in missing), (missing, unexpected)
     lm.eval()
 
     def forward(tokens_BxT: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return lm.model(input_ids=torch.from_numpy(tokens_BxT.astype(np.int64))).last_hidden_state.numpy()
+            return lm(input_ids=torch.from_numpy(tokens_BxT.astype(np.int64))).last_hidden_state.numpy()
 
     return forward
 
@@ -100,7 +122,7 @@ def main(argv=None) -> int:
     if "lime_jax" in bc.impls:
         runs["lime_jax", "harvest_forward"] = lambda t: model.residuals(params, t, cfg, bc.layer)[bc.layer]
         runs["lime_jax", "splice_forward"] = lambda t: model.splice(params, t, cfg, bc.layer, lambda h: h)
-    hf_forward = _transformers_forward(bc.layer) if "transformers" in bc.impls else None
+    hf_forward = _transformers_forward(cfg, stacked, bc.layer) if "transformers" in bc.impls else None
     if hf_forward is not None:
         runs["transformers", "harvest_forward"] = hf_forward
         tokens = np.random.default_rng(0).integers(0, cfg.vocab, (2, bc.ctx_len)).astype(np.int32)
