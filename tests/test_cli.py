@@ -7,9 +7,10 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# a bare environment, plus the session's persistent compile cache (tests/conftest.py)
+# a bare environment, plus the session's persistent compile cache and XLA flags (tests/conftest.py)
 ENV = {"JAX_PLATFORMS": "cpu", "PATH": "", "PYTHONPATH": str(ROOT),
-       **{k: v for k, v in os.environ.items() if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "XLA_FLAGS"))}}
+       **{k: v for k, v in os.environ.items()
+          if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "XLA_FLAGS"))}}
 
 CASES = [
     (["jaxsae", "train", "k=64", "d_sae=16"], "k must be in [1, d_sae=16], got k=64"),

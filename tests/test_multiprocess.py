@@ -20,8 +20,10 @@ from jaxsae import distributed, io
 from jaxsae.data import CacheWriter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# a bare environment, plus the session's persistent compile cache and XLA flags (tests/conftest.py)
 ENV = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT),
-       **{k: v for k, v in os.environ.items() if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "XLA_FLAGS"))}}  # the session's compile cache (conftest)
+       **{k: v for k, v in os.environ.items()
+          if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "XLA_FLAGS"))}}
 slow = pytest.mark.slow  # every test that starts processes
 # Tests that read one shared `trained` job: one xdist worker runs them all (`--dist loadgroup`), so it is run once.
 shares_jobs = pytest.mark.xdist_group("multiprocess_trained")
