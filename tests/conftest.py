@@ -28,8 +28,9 @@ if os.environ.get(_CACHE_ENV) != "0":
 # LLVM at optimisation level 0, and XLA:CPU's older loop emitters for fusions instead of the MLIR-based fusion
 # emitters (on tests/test_lime.py CPU time 114 -> 70 s with the first, 48 -> 25 s more with the second). Float
 # semantics stay IEEE (fast-math is off either way); the tests' tolerances and the memory tests' bounds hold under
-# both. Test-only: large programs run slower with them (benchmarks.sae_step's step 0.43 -> 0.73 s). Appended to
-# XLA_FLAGS before jax starts, so the commands and jobs tests start inherit them. JAXSAE_TEST_XLA_FAST=0: defaults.
+# both. Test-only: large programs run slower with them (benchmarks.sae_step's step 0.43 -> 0.73 s, two runs each,
+# not under the quiet protocol). Appended to XLA_FLAGS before jax starts, so the commands and jobs tests start
+# inherit them. JAXSAE_TEST_XLA_FAST=0: XLA's defaults.
 _flags = os.environ.get("XLA_FLAGS", "")
 if os.environ.get("JAXSAE_TEST_XLA_FAST") != "0" and "xla_backend_optimization_level" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false".strip()
