@@ -433,8 +433,10 @@ def _scratch_report(summary: dict) -> list[str]:
             same_sign = all(d < 0 for d in diffs) or all(d > 0 for d in diffs)
             beyond = abs(np.mean(diffs)) > max(spread) if spread else False
             verdict = ("lower" if np.mean(diffs) < 0 else "higher")
-            lines.append(f"  **{name} ends {verdict} than Llama on {'every' if same_sign else 'not every'} seed; the "
-                         f"mean difference is {'larger' if beyond else 'smaller'} than the seed-to-seed spread**"
+            where = (f"ends {verdict} than Llama on every seed" if same_sign
+                     else f"ends {verdict} than Llama on average, but not on every seed")
+            lines.append(f"  **{name} {where}; the mean difference is "
+                         f"{'larger' if beyond else 'smaller'} than the seed-to-seed spread**"
                          + (f" (the same sign on all {len(diffs)} seeds, which two equally good models would also "
                             f"show with probability {2.0 ** (1 - len(diffs)):.2f})." if same_sign
                             else " (not a consistent effect)."))
