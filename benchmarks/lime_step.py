@@ -104,12 +104,6 @@ def _time_width(L: int, D: int, B: int, T: int, args) -> dict:
                           "peak_bytes": int(peak), "temp_bytes": int(mem.temp_size_in_bytes),
                           "load_avg_1m": load_before, "load_avg_1m_after": load_after}), flush=True)
     return mems
-    for depth in [int(s) for s in args.depths.split(",") if s]:
-        for name, routing in IMPLS.items():
-            # The timed depth was compiled above; compiling it again would only cost time.
-            mem = mems[name] if depth == L else _compiled(_model(routing, depth, D, T, args.vocab), train_cfg, B, T)[1]
-            print(json.dumps({"impl": name, "depth_scan": True, **meta, "L": depth,
-                              "temp_bytes": int(mem.temp_size_in_bytes)}), flush=True)
 
 
 if __name__ == "__main__":

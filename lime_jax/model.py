@@ -157,18 +157,31 @@ def _split_kv(kv_BxKxTx2H):
     return kv_BxKxTx2H[..., :H], kv_BxKxTx2H[..., H:]
 
 
-def _mix(w, sources):
-    """Head-major mix over depth, [K, ...]: w [K, J] weighs whole sources, w [K, J, R] their heads [R, ...].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mix(spec: str, w, sources: tuple):
+    """Routing's mix over depth: the sum over sources j of einsum(spec, w[..., j], sources[j]).
 
-    One einsum per source, not a broadcast product: autodiff would store each broadcast copy.
+    One einsum per source, not a broadcast product (autodiff would store each broadcast copy). The backward
+    is written out below; JAX's own for this sum compiled to the same dots and bytes but ran 7-9% slower per
+    training step (v2 and dynamic routing, L=16, d=128).
     """
-    spec = "K,...->K..." if w.ndim == 2 else "KR,R...->K..."
-    return sum(jnp.einsum(spec, w[:, j], src) for j, src in enumerate(sources))
+    return sum(jnp.einsum(spec, w[..., j], src) for j, src in enumerate(sources))
 
 
-def _mix_tokens(w_BxTxKxJ, sources):
-    """Per-token mix (dynamic routing), head-major [K, B, T, D]."""
-    return sum(jnp.einsum("BTK,BTD->KBTD", w_BxTxKxJ[..., j], src) for j, src in enumerate(sources))
+def _mix_fwd(spec, w, sources):
+    return _mix(spec, w, sources), (w, sources)
+
+
+def _mix_bwd(spec, residuals, g):
+    """Each gradient one einsum: of w[..., j] against source j, of source j against w[..., j]."""
+    w, sources = residuals
+    ins, out = spec.split("->")
+    w_spec, src_spec = ins.split(",")
+    dw = jnp.stack([jnp.einsum(f"{out},{src_spec}->{w_spec}", g, src) for src in sources], axis=-1)
+    return dw, tuple(jnp.einsum(f"{w_spec},{out}->{src_spec}", w[..., j], g) for j in range(len(sources)))
+
+
+_mix.defvjp(_mix_fwd, _mix_bwd)
 
 
 def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig):
@@ -183,7 +196,8 @@ def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig)
         kv_KxBxTx2H = jnp.einsum("BTD,DKE->KBTE", x_BxTxD, _wkv(lp))
         sources = sources + (kv_KxBxTx2H,)
         if n > 1:  # layer 0: no router, its own K/V (the official fixed identity slice)
-            kv_KxBxTx2H = _mix(lp["router"][:, :n], sources)
+            w_KxRxJ = jnp.moveaxis(lp["router"][:, :n], 1, -1)
+            kv_KxBxTx2H = _mix("KR,RBTE->KBTE", w_KxRxJ, sources)
         return (*_split_kv(jnp.swapaxes(kv_KxBxTx2H, 0, 1)), sources)
     # v1: mix gain-free normalised states over depth, then apply this layer's norm gain (mixing is linear).
     sources = sources + (_rms(h_BxTxD, cfg.norm_eps).astype(dt),)
@@ -191,12 +205,12 @@ def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig)
         return (*_split_kv(jnp.einsum("BTD,DKE->BKTE", x_BxTxD, _wkv(lp))), sources)
     if cfg.routing == "static":
         w_KxJ = jax.nn.softmax(lp["router"][:, :n].astype(jnp.float32), axis=-1).astype(dt)
-        mixed_KxBxTxD = _mix(w_KxJ, sources)
+        mixed_KxBxTxD = _mix("K,BTD->KBTD", w_KxJ, sources)
     else:
         logits_BxTxKxJ = (jnp.einsum("BTD,DKJ->BTKJ", x_BxTxD, lp["router"]["w"][..., :n]).astype(jnp.float32)
                           + lp["router"]["b"][:, :n].astype(jnp.float32))
         w_BxTxKxJ = jax.nn.softmax(logits_BxTxKxJ, axis=-1).astype(dt)
-        mixed_KxBxTxD = _mix_tokens(w_BxTxKxJ, sources)
+        mixed_KxBxTxD = _mix("BTK,BTD->KBTD", w_BxTxKxJ, sources)
     # Head-major mix [K, B, T, D]: the per-head projection is a batched matmul over its leading axis. The norm
     # gain scales the (small) projection weights rather than the mix: same result, less memory traffic.
     wkv_KxDx2H = jnp.einsum("DKE,D->KDE", _wkv(lp), lp["attn_norm"])
@@ -231,14 +245,28 @@ def _embed(params: Params, tokens_BxT, cfg: LlamaConfig):
     return lm_sharding.constrain_embedded(h_BxTxD), ()
 
 
-def _layer(params: Params, i: int, cfg: LlamaConfig) -> Params:
-    """Block i's weights; routed layers i >= 1 also get their router (row i - 1 of the L - 1 stacked ones)."""
-    if isinstance(params["layers"], (tuple, list)):  # unstack_layers' layout: already per block
-        return params["layers"][i]
-    lp = {k: v[i] for k, v in params["layers"].items() if k != "router"}
-    if cfg.routing != "none" and i > 0:
-        lp["router"] = jax.tree.map(lambda r: r[i - 1], params["layers"]["router"])
-    return lp
+def _block_weights(params: Params, cfg: LlamaConfig, start: int, stop: int) -> list[Params]:
+    """Blocks start..stop-1's weights, one dict each; routed blocks i >= 1 also get their router (row i - 1 of
+    the L - 1 stacked ones).
+
+    Stacked [L, ...] weights are split with one `unstack` per weight, whose gradient is one stack: indexing
+    block by block would give each block's gradient as a zero-padded [L, ...] copy, O(L^2) memory traffic.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):  # unstack_layers' layout: already per block
+        return list(layers[start:stop])
+    blocks = [{} for _ in range(start, stop)]
+    for name, stack in layers.items():
+        if name != "router":
+            for lp, p in zip(blocks, jnp.unstack(stack[start:stop])):
+                lp[name] = p
+    first = max(start, 1)
+    if cfg.routing != "none" and first < stop:
+        routers = jax.tree.map(lambda r: jnp.unstack(r[first - 1:stop - 1]), layers["router"])
+        for i in range(first, stop):
+            blocks[i - start]["router"] = jax.tree.map(lambda rs: rs[i - first], routers,
+                                                       is_leaf=lambda x: isinstance(x, tuple))
+    return blocks
 
 
 def _blocks(params: Params, carry, cfg: LlamaConfig, start: int, stop: int):
@@ -249,8 +277,8 @@ def _blocks(params: Params, carry, cfg: LlamaConfig, start: int, stop: int):
     if cfg.routing == "none" and isinstance(params["layers"], dict):
         return jax.lax.scan(step, carry, jax.tree.map(lambda p: p[start:stop], params["layers"]))
     values = []
-    for i in range(start, stop):
-        carry, v_BxTxKxH = step(carry, _layer(params, i, cfg))
+    for lp in _block_weights(params, cfg, start, stop):
+        carry, v_BxTxKxH = step(carry, lp)
         values.append(v_BxTxKxH)
     return carry, jnp.stack(values)
 
@@ -268,7 +296,7 @@ def unstack_layers(params: Params, cfg: LlamaConfig) -> Params:
     """
     if not isinstance(params["layers"], dict):
         raise ValueError(f"params['layers'] is already unstacked ({type(params['layers']).__name__})")
-    blocks = tuple(_layer(params, i, cfg) for i in range(cfg.n_layers))
+    blocks = _block_weights(params, cfg, 0, cfg.n_layers)
     return {**params, "layers": tuple({**lp, "wkv": _wkv(lp)} for lp in blocks)}
 
 
