@@ -146,7 +146,8 @@ def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD):
         # The block's d(val) share starts from zeros and is only written in the walk: reading the running sum
         # there makes XLA copy the whole [B, K] carry at every prefix.
         inner = (r_Bxc, G_Bxc, jnp.zeros((M, c), jnp.float32), jnp.zeros((B, K), jnp.float32))
-        _, G_Bxc, dW_Mxc, dv_block_BxK = jax.lax.fori_loop(0, K, sub_prefix, inner, unroll=min(K, 4))
+        # Unrolled by 2: by 4 (as the other walks) the step ran 1-5% slower, by 8 about 14% (K=64, 128; 3 runs).
+        _, G_Bxc, dW_Mxc, dv_block_BxK = jax.lax.fori_loop(0, K, sub_prefix, inner, unroll=min(K, 2))
         return (jax.lax.dynamic_update_slice_in_dim(dW_MxD, dW_Mxc, j * c, axis=1), dv_BxK + dv_block_BxK,
                 jax.lax.dynamic_update_slice_in_dim(G_BxD, G_Bxc, j * c, axis=1))
 
