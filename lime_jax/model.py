@@ -246,27 +246,28 @@ def _embed(params: Params, tokens_BxT, cfg: LlamaConfig):
     return lm_sharding.constrain_embedded(h_BxTxD), ()
 
 
+def _unstack(tree) -> list:
+    """A pytree of [N, ...] stacks as N pytrees: one `unstack` per leaf, whose gradient is one stack."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return [treedef.unflatten(parts) for parts in zip(*(jnp.unstack(leaf) for leaf in leaves))]
+
+
 def _block_weights(params: Params, cfg: LlamaConfig, start: int, stop: int) -> list[Params]:
     """Blocks start..stop-1's weights, one dict each; routed blocks i >= 1 also get their router (row i - 1 of
     the L - 1 stacked ones).
 
-    Stacked [L, ...] weights are split with one `unstack` per weight, whose gradient is one stack: indexing
-    block by block would give each block's gradient as a zero-padded [L, ...] copy, O(L^2) memory traffic.
+    Stacked weights are unstacked, not indexed block by block: the gradient of an index is a zero-padded
+    [L, ...] copy per block, O(L^2) memory traffic in all.
     """
     layers = params["layers"]
     if isinstance(layers, (tuple, list)):  # unstack_layers' layout: already per block
         return list(layers[start:stop])
-    blocks = [{} for _ in range(start, stop)]
-    for name, stack in layers.items():
-        if name != "router":
-            for lp, p in zip(blocks, jnp.unstack(stack[start:stop])):
-                lp[name] = p
+    blocks = _unstack({name: stack[start:stop] for name, stack in layers.items() if name != "router"})
     first = max(start, 1)
     if cfg.routing != "none" and first < stop:
-        routers = jax.tree.map(lambda r: jnp.unstack(r[first - 1:stop - 1]), layers["router"])
-        for i in range(first, stop):
-            blocks[i - start]["router"] = jax.tree.map(lambda rs: rs[i - first], routers,
-                                                       is_leaf=lambda x: isinstance(x, tuple))
+        routers = _unstack(jax.tree.map(lambda r: r[first - 1:stop - 1], layers["router"]))
+        for lp, router in zip(blocks[first - start:], routers):
+            lp["router"] = router
     return blocks
 
 
