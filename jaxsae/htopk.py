@@ -11,9 +11,11 @@ Two implementations of the per-prefix MSE vector `mse_K` give the same numbers:
   summing the residual gradients 2·c_j·r_j/(B·D) into a suffix sum G_i = Σ_{j≥i} …, which is the gradient of
   term i's contribution a_(i) d_(i).
 Both return the vector of prefix MSEs, so any prefix set J or weighting is one dot product outside them.
-`autoencode_prefix_mse` runs the encoder too and joins the lean backward to TopK's sparse encoder backward
-(scatter-adds of the selected rows, no [B, M] gradient), both walked in column blocks as `sae.py`'s TopK
-backward is; it is what `make_loss_fn` gives the trainer.
+`autoencode_hierarchical_mse` runs the encoder too and is what `make_loss_fn` gives the trainer. Its prefix
+weights are fixed, so dL/dr_j is known before the walk: under differentiation its forward runs the backward walk
+at once (collecting the prefix MSEs on the way, so there is no separate forward walk) and TopK's sparse encoder
+backward (scatter-adds of the selected rows, no [B, M] gradient), both in column blocks as `sae.py`'s TopK
+backward; its backward scales the saved gradient. Only its loss carries a gradient.
 """
 from __future__ import annotations
 
@@ -113,7 +115,7 @@ def _lean_fwd(vals_BxK, idx_BxK, W_dec_MxD, b_dec_D, x_BxD, tile):
 def _lean_bwd(tile, res, cts):
     vals_BxK, idx_BxK, W_dec_MxD, b_dec_D, x_BxD, rK_BxD = res
     ct_K, ct_r_BxD = cts
-    dvals_BxK, dW_dec_MxD, G_BxD = _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD)
+    dvals_BxK, dW_dec_MxD, G_BxD, _ = _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD)
     # b_dec and −x sit in every prefix, so their gradient is the full suffix sum G_1.
     return (dvals_BxK.astype(vals_BxK.dtype), None, dW_dec_MxD.astype(W_dec_MxD.dtype),
             jnp.sum(G_BxD, axis=0).astype(b_dec_D.dtype), (-G_BxD).astype(x_BxD.dtype))
@@ -124,36 +126,40 @@ def _lean_bwd(tile, res, cts):
 # in `sae.py` does); d(val) is summed over the blocks. The blocks are column slices (`sae._cols`), written
 # back in place, rather than [D // c, R, c] stacks, which cost a transposed copy of each operand.
 def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD):
-    """(dvals, dW_dec, G_1 = dL/dr_0) by walking the prefixes backwards, column block by column block."""
+    """(dvals, dW_dec, G_1 = dL/dr_0, sse_K = Σ r_j²) by walking the prefixes backwards, column block by block."""
     (B, K), (M, D) = vals_BxK.shape, W_dec_MxD.shape
     c = sae._chunk_width(D)
     coef_K = 2.0 * ct_K / (B * D)  # dL/dr_j = coef_j · r_j
 
     def walk_block(j, carry):
-        dW_MxD, dv_BxK, G_BxD = carry
+        dW_MxD, dv_BxK, sse_K, G_BxD = carry
         W_Mxc, r_Bxc, G_Bxc = sae._cols(W_dec_MxD, j, c), sae._cols(rK_BxD, j, c), sae._cols(G_BxD, j, c)
 
         def sub_prefix(kk, inner):
-            r_Bxc, G_Bxc, dW_Mxc, dv_BxK = inner
+            r_Bxc, G_Bxc, dW_Mxc, dv_BxK, sse_K = inner
             k = K - 1 - kk
             i_B, v_B = _col(idx_BxK, k), _col(vals_BxK, k)
             d_Bxc = _rows(W_Mxc, i_B)
             G_Bxc = G_Bxc + coef_K[k] * r_Bxc
             dv_BxK = jax.lax.dynamic_update_index_in_dim(dv_BxK, jnp.einsum("bc,bc->b", G_Bxc, d_Bxc), k, 1)
+            # The prefix MSEs on the way (r_Bxc is r_k here), summed to one scalar per prefix: this makes the walk
+            # 5-7% slower (K=64, 128), a per-row [B, K] share 12%; a separate forward walk cost 25%.
+            sse_K = sse_K.at[k].add(jnp.sum(r_Bxc * r_Bxc))
             dW_Mxc = dW_Mxc.at[i_B].add(v_B[:, None] * G_Bxc, mode="promise_in_bounds")
-            return r_Bxc - v_B[:, None] * d_Bxc, G_Bxc, dW_Mxc, dv_BxK
+            return r_Bxc - v_B[:, None] * d_Bxc, G_Bxc, dW_Mxc, dv_BxK, sse_K
 
         # The block's d(val) share starts from zeros and is only written in the walk: reading the running sum
         # there makes XLA copy the whole [B, K] carry at every prefix.
-        inner = (r_Bxc, G_Bxc, jnp.zeros((M, c), jnp.float32), jnp.zeros((B, K), jnp.float32))
+        inner = (r_Bxc, G_Bxc, jnp.zeros((M, c), jnp.float32), jnp.zeros((B, K), jnp.float32), sse_K)
         # Unrolled by 2: by 4 (as the other walks) the step ran 1-5% slower, by 8 about 14% (K=64, 128; 3 runs).
-        _, G_Bxc, dW_Mxc, dv_block_BxK = jax.lax.fori_loop(0, K, sub_prefix, inner, unroll=min(K, 2))
-        return (jax.lax.dynamic_update_slice_in_dim(dW_MxD, dW_Mxc, j * c, axis=1), dv_BxK + dv_block_BxK,
+        _, G_Bxc, dW_Mxc, dv_block_BxK, sse_K = jax.lax.fori_loop(0, K, sub_prefix, inner, unroll=min(K, 2))
+        return (jax.lax.dynamic_update_slice_in_dim(dW_MxD, dW_Mxc, j * c, axis=1), dv_BxK + dv_block_BxK, sse_K,
                 jax.lax.dynamic_update_slice_in_dim(G_BxD, G_Bxc, j * c, axis=1))
 
-    init = (jnp.zeros((M, D), jnp.float32), jnp.zeros((B, K), jnp.float32), ct_r_BxD.astype(jnp.float32))
-    dW_dec_MxD, dv_BxK, G_BxD = jax.lax.fori_loop(0, D // c, walk_block, init)
-    return dv_BxK, dW_dec_MxD, G_BxD
+    init = (jnp.zeros((M, D), jnp.float32), jnp.zeros((B, K), jnp.float32), jnp.zeros((K,), jnp.float32),
+            ct_r_BxD.astype(jnp.float32))
+    dW_dec_MxD, dv_BxK, sse_K, G_BxD = jax.lax.fori_loop(0, D // c, walk_block, init)
+    return dv_BxK, dW_dec_MxD, G_BxD, sse_K
 
 
 def _encoder_scatter(idx_BxK, dpre_BxK, x_in_BxD, M: int):
@@ -178,41 +184,54 @@ def _encoder_scatter(idx_BxK, dpre_BxK, x_in_BxD, M: int):
 prefix_mse.defvjp(_lean_fwd, _lean_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def autoencode_prefix_mse(params: dict, x_BxD, sae_cfg: sae.SAEConfig, tile: int = 256):
-    """(mse_K, r_BxD, Code) of a TopK SAE on x, lean like `prefix_mse`, its backward joined to the encoder's.
+def autoencode_hierarchical_mse(params: dict, x_BxD, sae_cfg: sae.SAEConfig, cfg: HTopKConfig = HTopKConfig()):
+    """(loss = mean over J of the prefix MSEs, mse_K, r_BxD = x̂_K − x, Code) of a TopK SAE on x, lean like
+    `prefix_mse`; only `loss` carries a gradient (the other outputs are metrics, under stop_gradient).
 
-    The forward is TopK's encoder (`sae._topk_encode_aug`, the one `sae.encode` runs) then `prefix_mse`'s walk.
-    The backward is `prefix_mse`'s walk, then the encoder's scatter-adds: no [B, M] or [B, K, D] tensor in
-    either pass.
+    Without differentiation it is TopK's encoder (`sae.encode`) then `prefix_mse`'s forward walk. Under
+    differentiation the forward computes the gradient too, because the prefix weights are fixed: TopK's
+    encoder, x̂_K by one gathered sum, the backward walk (which collects the prefix MSEs), the encoder's
+    scatter-adds; the backward only scales it. No [B, M] or [B, K, D] tensor in either pass.
     """
-    return _ae_fwd(params, x_BxD, sae_cfg, tile)[0]
+    loss, outs = _fused_loss(params, x_BxD, sae_cfg, cfg)
+    return (loss, *jax.lax.stop_gradient(outs))
 
 
-def _ae_fwd(params, x_BxD, sae_cfg, tile):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fused_loss(params, x_BxD, sae_cfg, cfg):
+    code = sae.encode(params, x_BxD, sae_cfg)
+    (mse_K, rK_BxD), _ = _lean_fwd(*code, params["W_dec"], params["b_dec"], x_BxD, cfg.tile)
+    return jnp.dot(prefix_weights(sae_cfg.k, cfg.prefixes), mse_K), (mse_K, rK_BxD, code)
+
+
+def _fused_fwd(params, x_BxD, sae_cfg, cfg):
     code, W_aug_ExM = sae._topk_encode_aug(params, x_BxD, sae_cfg)
-    (mse_K, rK_BxD), _ = _lean_fwd(*code, params["W_dec"], params["b_dec"], x_BxD, tile)
-    return (mse_K, rK_BxD, code), (params, x_BxD, code, rK_BxD, W_aug_ExM)
-
-
-def _ae_bwd(sae_cfg, tile, res, cts):
-    params, x_BxD, code, rK_BxD, W_aug_ExM = res
-    ct_K, ct_r_BxD, (ct_vals_BxK, _) = cts
-    D = x_BxD.shape[1]
-    dvals_BxK, dW_dec_MxD, G_BxD = _walk_back(*code, params["W_dec"], rK_BxD, ct_K, ct_r_BxD)
-    dpre_BxK = jnp.where(code.vals_BxK > 0, dvals_BxK + ct_vals_BxK, 0.0)  # the ReLU after top_k
-    dW_enc_DxM, db_enc_M = _encoder_scatter(code.idx_BxK, dpre_BxK, x_BxD - params["b_dec"], sae_cfg.d_sae)
-    # The encoder reads x − b_dec: through it, dx = Σ_k dpre_k W_enc[:, idx_k] (formed only if x's gradient
-    # is used) and d(b_dec) = −Σ_b dx = −W_enc·d(b_enc). Both read W_enc as the forward's [W_enc; b_enc] buffer
-    # (`sae._topk_encode_aug`), and drop its last (b_enc) entry.
+    W_dec_MxD, b_dec_D = params["W_dec"], params["b_dec"]
+    (B, K), D = code.vals_BxK.shape, x_BxD.shape[1]
+    rK_BxD = sae._gather_sum(*code, W_dec_MxD) + b_dec_D - x_BxD
+    w_K = prefix_weights(K, cfg.prefixes)
+    dvals_BxK, dW_dec_MxD, G_BxD, sse_K = _walk_back(*code, W_dec_MxD, rK_BxD, w_K, jnp.zeros_like(rK_BxD))
+    mse_K = sse_K / (B * D)
+    dpre_BxK = jnp.where(code.vals_BxK > 0, dvals_BxK, 0.0)  # the ReLU after top_k
+    dW_enc_DxM, db_enc_M = _encoder_scatter(code.idx_BxK, dpre_BxK, x_BxD - b_dec_D, sae_cfg.d_sae)
+    # The encoder reads x − b_dec: through it, dx = Σ_k dpre_k W_enc[:, idx_k] (dropped by XLA unless x's
+    # gradient is used) and d(b_dec) = −Σ_b dx = −W_enc·d(b_enc). Both read W_enc as the forward's
+    # [W_enc; b_enc] buffer (`sae._topk_encode_aug`), and drop its last (b_enc) entry.
     dx_enc_BxE = sae._gather_sum(dpre_BxK, code.idx_BxK, W_aug_ExM.T)
     grads = {**jax.tree.map(jnp.zeros_like, params), "W_enc": dW_enc_DxM, "b_enc": db_enc_M,
              "W_dec": dW_dec_MxD, "b_dec": jnp.sum(G_BxD, axis=0) - (W_aug_ExM @ db_enc_M)[:D]}
     grads = {name: g.astype(params[name].dtype) for name, g in grads.items()}
-    return grads, (dx_enc_BxE[:, :D] - G_BxD).astype(x_BxD.dtype)
+    dx_BxD = (dx_enc_BxE[:, :D] - G_BxD).astype(x_BxD.dtype)
+    return (jnp.dot(w_K, mse_K), (mse_K, rK_BxD, code)), (grads, dx_BxD)
 
 
-autoencode_prefix_mse.defvjp(_ae_fwd, _ae_bwd)
+def _fused_bwd(sae_cfg, cfg, res, cts):
+    grads, dx_BxD = res
+    ct = cts[0]  # the other outputs are under stop_gradient: their cotangents are zero
+    return jax.tree.map(lambda g: (ct * g).astype(g.dtype), grads), (ct * dx_BxD).astype(dx_BxD.dtype)
+
+
+_fused_loss.defvjp(_fused_fwd, _fused_bwd)
 
 
 def hierarchical_mse(vals_BxK, idx_BxK, W_dec_MxD, b_dec_D, x_BxD, cfg: HTopKConfig = HTopKConfig()):
@@ -235,11 +254,11 @@ def make_loss_fn(sae_cfg: sae.SAEConfig, cfg: HTopKConfig = HTopKConfig()):
 
     def loss_fn(params, x_BxD, dead_M=None):
         if cfg.lean:
-            mse_K, r_BxD, code = autoencode_prefix_mse(params, x_BxD, sae_cfg, cfg.tile)
+            hmse, mse_K, r_BxD, code = autoencode_hierarchical_mse(params, x_BxD, sae_cfg, cfg)
         else:
             code = sae.encode(params, x_BxD, sae_cfg)
             mse_K, r_BxD = prefix_mse_reference(*code, params["W_dec"], params["b_dec"], x_BxD)
-        hmse = jnp.dot(w_K, mse_K)
+            hmse = jnp.dot(w_K, mse_K)
         aux = sae.aux_loss(params, x_BxD, -r_BxD, dead_M, sae_cfg)
         total = hmse + sae_cfg.aux_coeff * aux
         var = jnp.sum((x_BxD - x_BxD.mean(0)) ** 2)

@@ -138,32 +138,40 @@ def test_truncation_is_the_prefix_reconstruction():
         np.testing.assert_allclose(sae.apply(params, x, cfg_j), x_hat, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_autoencode_matches_autodiff_reference():
-    """Every gradient of the fused encoder+prefix backward (params and x, all output cotangents) against
-    JAX autodiff through `sae.encode` (dense top_k VJP) and the B×K×D reference."""
+@pytest.mark.parametrize("prefixes", [(), (2, 3, 5)])
+def test_fused_autoencode_matches_autodiff_reference(prefixes):
+    """The fused encoder + prefix loss (gradient formed in its forward) against JAX autodiff through `sae.encode`
+    (dense top_k VJP) and the B×K×D reference: the loss, every gradient (params and x, the loss scaled by 3 so
+    the backward's scaling counts), and the metric outputs, which carry no gradient."""
     cfg = sae.SAEConfig(d_in=6, d_sae=24, k=5)
+    h_cfg = htopk.HTopKConfig(prefixes=prefixes, tile=4)
     params = sae.init(jax.random.key(7), cfg)
     params = {**params, "b_dec": jnp.linspace(-0.5, 0.5, 6), "b_enc": jnp.linspace(-0.2, 0.1, 24)}
     x = jax.random.normal(jax.random.key(8), (10, 6))
-    rng = np.random.default_rng(2)
-    ct_K, ct_r, ct_v = rng.standard_normal(5), rng.standard_normal((10, 6)), rng.standard_normal((10, 5))
+    J = np.array(prefixes or range(1, 6))
 
-    def scalar(fused):
-        def f(params, x):
-            if fused:
-                mse_K, r, code = htopk.autoencode_prefix_mse(params, x, cfg, 4)
-            else:
-                code = sae.encode(params, x, cfg)
-                mse_K, r = htopk.prefix_mse_reference(*code, params["W_dec"], params["b_dec"], x)
-            return jnp.dot(ct_K, mse_K) + jnp.sum(ct_r * r) + jnp.sum(ct_v * code.vals_BxK)
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+    def fused(params, x):
+        loss, mse_K, r, code = htopk.autoencode_hierarchical_mse(params, x, cfg, h_cfg)
+        return 3 * loss, (mse_K, r, code)
 
-    (v_f, (gp_f, gx_f)), (v_r, (gp_r, gx_r)) = scalar(True)(params, x), scalar(False)(params, x)
+    def reference(params, x):
+        code = sae.encode(params, x, cfg)
+        mse_K, r = htopk.prefix_mse_reference(*code, params["W_dec"], params["b_dec"], x)
+        return 3 * jnp.mean(mse_K[J - 1]), (mse_K, r, code)
+
+    grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))  # noqa: E731
+    (v_f, outs_f), (gp_f, gx_f) = grad(fused)(params, x)
+    (v_r, outs_r), (gp_r, gx_r) = grad(reference)(params, x)
     np.testing.assert_allclose(v_f, v_r, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(outs_f), jax.tree.leaves(outs_r)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert float(jnp.sum(jnp.abs(gp_r["W_enc"]))) > 0
     for key in gp_r:
         np.testing.assert_allclose(gp_f[key], gp_r[key], rtol=1e-4, atol=1e-6, err_msg=key)
     np.testing.assert_allclose(gx_f, gx_r, rtol=1e-4, atol=1e-6)
+    # the metric outputs are under stop_gradient: no gradient flows back through them
+    g_metrics = jax.grad(lambda p: jnp.sum(htopk.autoencode_hierarchical_mse(p, x, cfg, h_cfg)[2]))(params)
+    assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree.leaves(g_metrics))
 
 
 def test_lean_gradient_never_materialises_BxKxD():
