@@ -153,6 +153,12 @@ def _wkv(lp: Params) -> jax.Array:
     return lp["wkv"] if "wkv" in lp else jnp.concatenate([lp["wk"], lp["wv"]], axis=-1)
 
 
+def _head_major(a_BxTxNxH: jax.Array) -> jax.Array:
+    """[B, T, heads, H] -> [B, heads, T, H]. Projections are written as plain matmuls then this transpose: as a
+    head-major einsum, XLA:CPU transposed the weights and the input of each projection on every call instead."""
+    return jnp.swapaxes(a_BxTxNxH, 1, 2)
+
+
 def _split_kv(kv_BxKxTx2H):
     H = kv_BxKxTx2H.shape[-1] // 2
     return kv_BxKxTx2H[..., :H], kv_BxKxTx2H[..., H:]
@@ -190,7 +196,7 @@ def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig)
     this layer's appended."""
     dt = x_BxTxD.dtype
     if cfg.routing == "none":
-        return (*_split_kv(jnp.einsum("BTD,DKE->BKTE", x_BxTxD, _wkv(lp))), sources)
+        return (*_split_kv(_head_major(jnp.einsum("BTD,DKE->BTKE", x_BxTxD, _wkv(lp)))), sources)
     n = len(sources) + 1  # this layer reads sources 0..l
     if cfg.routing == "v2":
         # Sources head-major [K, B, T, 2H]: mixing heads over depth is then a plain [K, R] x [R, B*T*2H] matmul.
@@ -227,10 +233,13 @@ def _block(carry, lp: Params, cfg: LlamaConfig):
     dt = jnp.dtype(cfg.dtype)
     lp = jax.tree.map(lambda p: p.astype(dt), lp)
     x_BxTxD = (_rms(h_BxTxD, cfg.norm_eps) * lp["attn_norm"]).astype(dt)
-    q_BxNxTxH = jnp.einsum("BTD,DNH->BNTH", x_BxTxD, lp["wq"])
+    q_BxNxTxH = _head_major(jnp.einsum("BTD,DNH->BTNH", x_BxTxD, lp["wq"]))
     k_BxKxTxH, v_BxKxTxH, sources = _keys_values(lp, h_BxTxD, x_BxTxD, sources, cfg)
     o_BxNxTxH = _attention(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, cfg)
-    h_BxTxD = h_BxTxD + jnp.einsum("BNTH,NHD->BTD", o_BxNxTxH, lp["wo"])
+    # o as a plain [B, T, N*H] @ [N*H, D] matmul: contracting (N, H) in an einsum, XLA:CPU copied wo transposed.
+    B, N, T, H = o_BxNxTxH.shape
+    o_BxTxNH = jnp.swapaxes(o_BxNxTxH, 1, 2).reshape(B, T, N * H)
+    h_BxTxD = h_BxTxD + jnp.einsum("BTE,ED->BTD", o_BxTxNH, lp["wo"].reshape(N * H, -1))
     x_BxTxD = (_rms(h_BxTxD, cfg.norm_eps) * lp["mlp_norm"]).astype(dt)
     gate_BxTxF = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x_BxTxD, lp["w_gate"]))
     up_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, lp["w_up"])
