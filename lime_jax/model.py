@@ -210,7 +210,7 @@ def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig)
     # v1: mix gain-free normalised states over depth, then apply this layer's norm gain (mixing is linear).
     sources = sources + (_rms(h_BxTxD, cfg.norm_eps).astype(dt),)
     if n == 1:  # layer 0: a softmax over one source is 1, so no router and the plain projection
-        return (*_split_kv(jnp.einsum("BTD,DKE->BKTE", x_BxTxD, _wkv(lp))), sources)
+        return (*_split_kv(_head_major(jnp.einsum("BTD,DKE->BTKE", x_BxTxD, _wkv(lp)))), sources)
     if cfg.routing == "static":
         w_KxJ = jax.nn.softmax(lp["router"][:, :n].astype(jnp.float32), axis=-1).astype(dt)
         mixed_KxBxTxD = _mix("K,BTD->KBTD", w_KxJ, sources)
