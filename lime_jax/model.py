@@ -191,12 +191,17 @@ def _mix_bwd(spec, residuals, g):
 _mix.defvjp(_mix_fwd, _mix_bwd)
 
 
+def _own_kv(lp: Params, x_BxTxD: jax.Array):
+    """This layer's own K and V from its normed input, head-major [B, K, T, H] each (no routing)."""
+    return _split_kv(_head_major(jnp.einsum("BTD,DKE->BTKE", x_BxTxD, _wkv(lp))))
+
+
 def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig):
     """Attention's K and V for this layer, head-major [B, K, T, H] (routed under LIMe), and the sources with
     this layer's appended."""
     dt = x_BxTxD.dtype
     if cfg.routing == "none":
-        return (*_split_kv(_head_major(jnp.einsum("BTD,DKE->BTKE", x_BxTxD, _wkv(lp)))), sources)
+        return (*_own_kv(lp, x_BxTxD), sources)
     n = len(sources) + 1  # this layer reads sources 0..l
     if cfg.routing == "v2":
         # Sources head-major [K, B, T, 2H]: mixing heads over depth is then a plain [K, R] x [R, B*T*2H] matmul.
@@ -210,7 +215,7 @@ def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig)
     # v1: mix gain-free normalised states over depth, then apply this layer's norm gain (mixing is linear).
     sources = sources + (_rms(h_BxTxD, cfg.norm_eps).astype(dt),)
     if n == 1:  # layer 0: a softmax over one source is 1, so no router and the plain projection
-        return (*_split_kv(_head_major(jnp.einsum("BTD,DKE->BTKE", x_BxTxD, _wkv(lp)))), sources)
+        return (*_own_kv(lp, x_BxTxD), sources)
     if cfg.routing == "static":
         w_KxJ = jax.nn.softmax(lp["router"][:, :n].astype(jnp.float32), axis=-1).astype(dt)
         mixed_KxBxTxD = _mix("K,BTD->KBTD", w_KxJ, sources)
