@@ -290,6 +290,53 @@ def test_benchmark_lime_step(tmp_path):
     assert all(r["L"] == 2 and r["temp_bytes"] > 0 for r in scan)
 
 
+def test_benchmark_protocol_run_and_summarize(tmp_path):
+    """The protocol runs each round's benchmark in a fresh process, resumes without rerunning, and its summary
+    is the median over the rounds of ratios read straight from the JSON lines."""
+    tiny = "--shape 64,16,64,4 --rounds 1 --impls jaxsae,jaxsae_vmap8"
+    run(tmp_path, "benchmarks.protocol", "run", "--out", "p", "--benches", "sae", "--rounds", "2", "--set",
+        f"sae={tiny}")
+    out = tmp_path / "p"
+    assert sorted(f.name for f in out.iterdir()) == [f"sae.{r}.{e}" for r in (1, 2) for e in ("err", "jsonl", "rc")]
+    mtimes = [f.stat().st_mtime_ns for f in sorted(out.iterdir())]
+    run(tmp_path, "benchmarks.protocol", "run", "--out", "p", "--benches", "sae", "--rounds", "2", "--set",
+        f"sae={tiny}")
+    assert [f.stat().st_mtime_ns for f in sorted(out.iterdir())] == mtimes  # both runs done: nothing rerun
+    raw = [{r["impl"]: r for r in json_lines((out / f"sae.{i}.jsonl").read_text())} for i in (1, 2)]
+    lines = json_lines(run(tmp_path, "benchmarks.protocol", "summarize", "p"))
+    got = {l["figure"]: l for l in lines if "figure" in l}
+    vmap = [d["jaxsae_vmap8"]["tokens_per_s"] / d["jaxsae"]["tokens_per_s"] for d in raw]
+    assert got["8 seeds vmapped, per-seed tokens/s / one seed"]["median"] == pytest.approx((vmap[0] + vmap[1]) / 2)
+    assert got["SAE step / JAX encoder matmul"]["values"] == [d["jaxsae"]["step_over_matmul"] for d in raw]
+    assert {"bench": "sae", "runs": 2, "quiet": 0, "unguarded": 2, "load_before": None} in lines
+
+
+def test_benchmark_protocol_summarize_by_hand(tmp_path):
+    """Three rounds of made-up htopk and harvest lines, figures worked out by hand; bad input exits 2."""
+    for r, (topk, htopk, lj, tr, bound) in enumerate([(2.0, 2.2, 120, 100, 150), (1.0, 1.3, 90, 100, 100),
+                                                       (4.0, 4.0, 110, 100, 200)], 1):
+        (tmp_path / f"htopk.{r}.jsonl").write_text("\n".join(json.dumps(d) for d in (
+            {"impl": "topk", "K": 8, "step_s": topk, "step_s_median": 2 * topk},
+            {"impl": "htopk", "K": 8, "step_s": htopk, "step_s_median": 2 * topk})) + "\n")
+        (tmp_path / f"harvest.{r}.jsonl").write_text("\n".join(json.dumps(d) for d in (
+            {"check": "residual"}, {"impl": "lime_jax", "bench": "harvest_forward", "batch": 4, "tokens_per_s": lj},
+            {"impl": "transformers", "bench": "harvest_forward", "batch": 4, "tokens_per_s": tr},
+            {"impl": "xla_matmuls", "bench": "matmul_bound", "batch": 4, "matmul_bound_tokens_per_s": bound})))
+        (tmp_path / f"harvest.{r}.err").write_text(
+            f"rounds: 100%\nquiet: load before 0.4{r}; command 1 CPU s -> {'quiet' if r < 3 else 'NOT QUIET: void'}\n")
+    lines = json_lines(run(tmp_path, "benchmarks.protocol", "summarize", "."))
+    got = {l["figure"]: (l["median"], l["min"], l["max"]) for l in lines if "figure" in l}
+    assert got["HTopK / TopK best step, K=8"] == pytest.approx((1.1, 1.0, 1.3))
+    assert got["HTopK / TopK median step, K=8"] == pytest.approx((1.0, 1.0, 1.0))
+    assert got["harvest batch 4, lime_jax / transformers"] == pytest.approx((1.1, 0.9, 1.2))
+    assert got["harvest batch 4, lime_jax / matmul bound"] == pytest.approx((0.8, 0.55, 0.9))
+    assert {"bench": "harvest", "runs": 3, "quiet": 2, "unguarded": 0, "load_before": [0.41, 0.43]} in lines
+    for args, said in [(("summarize", "missing"), "no such folder"),
+                       (("run", "--out", "p", "--benches", "sea"), "unknown ['sea']")]:
+        code, _, err = _CommandProcess.run(tmp_path, ("benchmarks.protocol", *args), 60)
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.slow
 def test_benchmark_harvest(tmp_path):
     """Both sides of the harvest benchmark in one command (one SmolLM2 GGUF load): lime_jax's, and HF
