@@ -17,6 +17,7 @@ import argparse
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,7 +212,10 @@ def main(argv=None) -> int:
         if not eq or bench not in BENCHES:
             fail(f"--set {item!r}: expected BENCH=ARGS with BENCH one of {', '.join(BENCHES)}")
         args[bench] = rest
-    return 1 if run(Path(a.out), a.rounds, benches, shlex.split(a.wrap), args) else 0
+    wrap = shlex.split(a.wrap)
+    if wrap and not shutil.which(wrap[0]):
+        fail(f"--wrap {a.wrap!r}: {wrap[0]} is not an executable file")
+    return 1 if run(Path(a.out), a.rounds, benches, wrap, args) else 0
 
 
 if __name__ == "__main__":

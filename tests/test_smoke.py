@@ -332,7 +332,8 @@ def test_benchmark_protocol_summarize_by_hand(tmp_path):
     assert got["harvest batch 4, lime_jax / matmul bound"] == pytest.approx((0.8, 0.55, 0.9))
     assert {"bench": "harvest", "runs": 3, "quiet": 2, "unguarded": 0, "load_before": [0.41, 0.43]} in lines
     for args, said in [(("summarize", "missing"), "no such folder"),
-                       (("run", "--out", "p", "--benches", "sea"), "unknown ['sea']")]:
+                       (("run", "--out", "p", "--benches", "sea"), "unknown ['sea']"),
+                       (("run", "--out", "p", "--wrap", "./no-such-guard"), "is not an executable file")]:
         code, _, err = _CommandProcess.run(tmp_path, ("benchmarks.protocol", *args), 60)
         assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
 
