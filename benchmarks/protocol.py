@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxsae import configlib
+
 # The commands of the benchmarks/README.md tables: script and arguments.
 BENCHES = {
     "htopk": ("htopk_step", "impls=topk,htopk rounds=2"),
@@ -33,12 +35,6 @@ BENCHES = {
     "streaming": ("streaming", "seeds=1,8 steps=2 rounds=2"),
 }
 VERDICT = re.compile(r"^quiet: load before ([\d.]+);.*-> (.*)$")
-
-
-def fail(msg: str) -> None:
-    """Bad input: one line, exit code 2."""
-    print(f"benchmarks.protocol: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def _verdict(err_path: Path) -> tuple[float | None, str | None]:
@@ -142,24 +138,24 @@ def _rows(path: Path) -> list[dict]:
         if line.startswith("{"):
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                fail(f"{path}:{n}: not a JSON line: {line[:80]!r}")
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line: {line[:80]!r}") from e
     return rows
 
 
 def summarize(folder: Path) -> list[dict]:
     """The protocol's figures from `folder`: per figure the median, min and max over the rounds that have it."""
     if not folder.is_dir():
-        fail(f"no such folder: {folder}")
+        raise ValueError(f"no such folder: {folder}")
     runs = sorted(folder.glob("*.*.jsonl"))
     if not runs:
-        fail(f"no <bench>.<round>.jsonl files in {folder}")
+        raise ValueError(f"no <bench>.<round>.jsonl files in {folder}")
     values: dict[str, list[float]] = {}
     verdicts: dict[str, list] = {}
     for path in runs:
         bench = path.name.split(".")[0]
         if bench not in FIGURES:
-            fail(f"{path.name}: unknown benchmark {bench!r} (known: {', '.join(FIGURES)})")
+            raise ValueError(f"{path.name}: unknown benchmark {bench!r} (known: {', '.join(FIGURES)})")
         for name, v in FIGURES[bench](_rows(path)).items():
             values.setdefault(name, []).append(float(v))
         verdicts.setdefault(bench, []).append(_verdict(path.with_suffix(".err")))
@@ -181,7 +177,7 @@ def table(lines: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.protocol", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the benchmarks round by round into --out")
@@ -203,20 +199,20 @@ def main(argv=None) -> int:
     benches = [b for b in a.benches.split(",") if b]
     unknown = [b for b in benches if b not in BENCHES]
     if unknown or not benches:
-        fail(f"--benches {a.benches!r}: unknown {unknown} (known: {', '.join(BENCHES)})")
+        raise ValueError(f"--benches {a.benches!r}: unknown {unknown} (known: {', '.join(BENCHES)})")
     if a.rounds < 1:
-        fail(f"--rounds must be >= 1, got {a.rounds}")
+        raise ValueError(f"--rounds must be >= 1, got {a.rounds}")
     args = {}
     for item in a.set:
         bench, eq, rest = item.partition("=")
         if not eq or bench not in BENCHES:
-            fail(f"--set {item!r}: expected BENCH=ARGS with BENCH one of {', '.join(BENCHES)}")
+            raise ValueError(f"--set {item!r}: expected BENCH=ARGS with BENCH one of {', '.join(BENCHES)}")
         args[bench] = rest
     wrap = shlex.split(a.wrap)
     if wrap and not shutil.which(wrap[0]):
-        fail(f"--wrap {a.wrap!r}: {wrap[0]} is not an executable file")
+        raise ValueError(f"--wrap {a.wrap!r}: {wrap[0]} is not an executable file")
     return 1 if run(Path(a.out), a.rounds, benches, wrap, args) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(configlib.run(main, prog="python -m benchmarks.protocol"))
