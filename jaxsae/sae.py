@@ -21,7 +21,7 @@ forward encoder matmul. The backward touches just the K selected latents of each
 are scatter-adds of B·K rows (in column blocks that stay in cache), d(vals) a gather-dot, and d(b_dec)
 through the encoder input is −W_enc·d(b_enc) (a mat-vec) rather than a B×D×M product. Under `jax.vmap`
 over seeds a `custom_vmap` rule keeps these plain per-seed row operations. No gradient w.r.t. x is formed
-unless asked for.
+unless asked for. The top-k is `cpu_topk.top_k` (lax.top_k's results; a multi-threaded kernel on XLA:CPU).
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jaxsae import cpu_topk
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
 
@@ -155,11 +157,13 @@ def _gather_sum(vals_BxK: jax.Array, idx_BxK: jax.Array, W_MxD: jax.Array) -> ja
 
 
 def _top_k(pre_NxM: jax.Array, k: int, shape: tuple[int, ...] | None = None) -> Code:
-    # The barrier keeps XLA:CPU on its TopK kernel: fusing the slice into consumers turns it into a full sort.
+    # On XLA:CPU `cpu_topk` runs a multi-threaded kernel (XLA's TopK is one thread, ~0.7 encoder matmuls here);
+    # elsewhere it is lax.top_k. The barrier keeps XLA:CPU on its TopK when the kernel is off: fusing the slice
+    # into consumers turns it into a full sort.
     # The operand must be 2-D: on [S, B, M] XLA copies it to 2-D first, one more pass over [S, B, M]. The
     # results are reshaped to `shape` before the barrier: a barrier on the 2-D results of a batch-sharded
     # [S·B, M] crashes XLA's CPU compiler (a failed HLO downcast check, jax 0.10.2).
-    vals_NxK, idx_NxK = jax.lax.top_k(pre_NxM, k)
+    vals_NxK, idx_NxK = cpu_topk.top_k(pre_NxM, k)
     if shape is not None:
         vals_NxK, idx_NxK = vals_NxK.reshape(shape), idx_NxK.reshape(shape)
     vals_NxK, idx_NxK = jax.lax.optimization_barrier((vals_NxK, idx_NxK))
