@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxsae import sae
+from jaxsae import cpu_kernels, sae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,10 +126,16 @@ def _lean_bwd(tile, res, cts):
 # in `sae.py` does); d(val) is summed over the blocks. The blocks are column slices (`sae._cols`), written
 # back in place, rather than [D // c, R, c] stacks, which cost a transposed copy of each operand.
 def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD):
-    """(dvals, dW_dec, G_1 = dL/dr_0, sse_K = Σ r_j²) by walking the prefixes backwards, column block by block."""
+    """(dvals, dW_dec, G_1 = dL/dr_0, sse_K = Σ r_j²) by walking the prefixes backwards, column block by block
+    (`cpu_kernels.htopk_walk` on XLA:CPU)."""
+    coef_K = 2.0 * ct_K / (vals_BxK.shape[0] * rK_BxD.shape[1])  # dL/dr_j = coef_j · r_j
+    return cpu_kernels.on_cpu(cpu_kernels.htopk_walk, _walk_back_xla, vals_BxK, idx_BxK, W_dec_MxD, rK_BxD,
+                              coef_K.astype(jnp.float32), ct_r_BxD.astype(jnp.float32))
+
+
+def _walk_back_xla(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, coef_K, ct_r_BxD):
     (B, K), (M, D) = vals_BxK.shape, W_dec_MxD.shape
     c = sae._chunk_width(D)
-    coef_K = 2.0 * ct_K / (B * D)  # dL/dr_j = coef_j · r_j
 
     def walk_block(j, carry):
         dW_MxD, dv_BxK, sse_K, G_BxD = carry
@@ -164,6 +170,14 @@ def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD):
 
 def _encoder_scatter(idx_BxK, dpre_BxK, x_in_BxD, M: int):
     """(dW_enc [D, M], d(b_enc) [M]) of a TopK encoder: scatter-adds of dpre · x_in, in column blocks."""
+    def kernel(idx_BxK, dpre_BxK, x_in_BxD):
+        dW_enc_MxD, db_enc_M = cpu_kernels.scatter_rows(idx_BxK, dpre_BxK, x_in_BxD, M)
+        return dW_enc_MxD.T, db_enc_M
+
+    return cpu_kernels.on_cpu(kernel, functools.partial(_encoder_scatter_xla, M=M), idx_BxK, dpre_BxK, x_in_BxD)
+
+
+def _encoder_scatter_xla(idx_BxK, dpre_BxK, x_in_BxD, M: int):
     K, D = idx_BxK.shape[1], x_in_BxD.shape[1]
     c = sae._chunk_width(D)
 

@@ -21,7 +21,7 @@ forward encoder matmul. The backward touches just the K selected latents of each
 are scatter-adds of B·K rows (in column blocks that stay in cache), d(vals) a gather-dot, and d(b_dec)
 through the encoder input is −W_enc·d(b_enc) (a mat-vec) rather than a B×D×M product. Under `jax.vmap`
 over seeds a `custom_vmap` rule keeps these plain per-seed row operations. No gradient w.r.t. x is formed
-unless asked for. The top-k is `cpu_topk.top_k` (lax.top_k's results; a multi-threaded kernel on XLA:CPU).
+unless asked for. On XLA:CPU the top-k and this backward run as multi-threaded kernels (`cpu_kernels`, same results).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxsae import cpu_topk
+from jaxsae import cpu_kernels
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
 
@@ -157,13 +157,13 @@ def _gather_sum(vals_BxK: jax.Array, idx_BxK: jax.Array, W_MxD: jax.Array) -> ja
 
 
 def _top_k(pre_NxM: jax.Array, k: int, shape: tuple[int, ...] | None = None) -> Code:
-    # On XLA:CPU `cpu_topk` runs a multi-threaded kernel (XLA's TopK is one thread, ~0.7 encoder matmuls here);
+    # On XLA:CPU `cpu_kernels` runs a multi-threaded kernel (XLA's TopK is one thread, ~0.7 encoder matmuls here);
     # elsewhere it is lax.top_k. The barrier keeps XLA:CPU on its TopK when the kernel is off: fusing the slice
     # into consumers turns it into a full sort.
     # The operand must be 2-D: on [S, B, M] XLA copies it to 2-D first, one more pass over [S, B, M]. The
     # results are reshaped to `shape` before the barrier: a barrier on the 2-D results of a batch-sharded
     # [S·B, M] crashes XLA's CPU compiler (a failed HLO downcast check, jax 0.10.2).
-    vals_NxK, idx_NxK = cpu_topk.top_k(pre_NxM, k)
+    vals_NxK, idx_NxK = cpu_kernels.top_k(pre_NxM, k)
     if shape is not None:
         vals_NxK, idx_NxK = vals_NxK.reshape(shape), idx_NxK.reshape(shape)
     vals_NxK, idx_NxK = jax.lax.optimization_barrier((vals_NxK, idx_NxK))
@@ -201,7 +201,21 @@ def _cols(a_RxD: jax.Array, j, c: int) -> jax.Array:
 
 
 def _bwd_one_seed(k, W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
-    """(dW_dec [M, D], dW_enc [D, M], d(b_enc) [M]) of one seed.
+    """(dW_dec [M, D], dW_enc [D, M], d(b_enc) [M]) of one seed: `cpu_kernels` on XLA:CPU, else `_bwd_xla`."""
+    return cpu_kernels.on_cpu(_bwd_kernels, functools.partial(_bwd_xla, k),
+                              W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK)
+
+
+def _bwd_kernels(W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
+    M = W_dec_MxD.shape[0]
+    dpre_BxK = jnp.where(vals_BxK > 0, cpu_kernels.gather_dot(g_BxD, W_dec_MxD, idx_BxK) + g_vals_BxK, 0.0)
+    dW_dec_MxD, _ = cpu_kernels.scatter_rows(idx_BxK, vals_BxK, g_BxD, M)
+    dW_enc_MxD, db_enc_M = cpu_kernels.scatter_rows(idx_BxK, dpre_BxK, x_in_BxD, M)
+    return dW_dec_MxD, dW_enc_MxD.T, db_enc_M
+
+
+def _bwd_xla(k, W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
+    """`_bwd_one_seed` in XLA.
 
     Both passes walk D in blocks of c columns, so each scatter-add hits an [M, c] accumulator and each
     gathered [B, c] block that stay in cache, unlike full-width [M, D] rows on a CPU. The blocks are column

@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 # checks against) would otherwise pull a multi-GB CUDA build.
 python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 python -m pip install --quiet --disable-pip-version-check -e ".[test,interop]"
-# jaxsae/cpu_topk.cc (XLA:CPU's multi-threaded top-k) is compiled on first use; without a C++ compiler jaxsae
-# falls back to lax.top_k, and tests/test_cpu_topk.py fails, as it should.
+# jaxsae/cpu_kernels.cc (XLA:CPU's multi-threaded top-k) is compiled on first use; without a C++ compiler jaxsae
+# falls back to lax.top_k, and tests/test_cpu_kernels.py fails, as it should.
 if ! command -v c++ >/dev/null && [ "$(id -u)" = 0 ]; then
   apt-get install -y g++ || { apt-get update && apt-get install -y g++; }
 fi

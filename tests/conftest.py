@@ -6,6 +6,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Most of a short test's CPU time is XLA compiling programs another test (or the other xdist worker, or a
@@ -55,3 +57,13 @@ _FIRST = ("test_smoke.py", "test_multiprocess.py", "test_interop.py", "test_brow
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(_FIRST)))  # stable: each file keeps its order
+
+
+@pytest.fixture(params=["cpu_kernels", "xla"])
+def sparse_backend(request, monkeypatch):
+    """Runs a test through jaxsae.cpu_kernels (XLA:CPU's default when built) and through the XLA paths that
+    GPU and TPU run (the kernels reported unavailable)."""
+    from jaxsae import cpu_kernels
+    if request.param == "xla":
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    return request.param

@@ -39,7 +39,7 @@ def test_reference_matches_numpy_brute_force(B, K, M, D):
 
 
 @pytest.mark.parametrize("K,tile", [(1, 8), (7, 5), (16, 1), (12, 64)])
-def test_lean_matches_reference_values_and_grads(K, tile):
+def test_lean_matches_reference_values_and_grads(K, tile, sparse_backend):
     B, M, D = 12, 40, 6  # row tiles of 6, 4, 1 and 12
     vals, idx, W, b, x = _code(K, B, K, M, D)
     rng = np.random.default_rng(1)
@@ -139,7 +139,7 @@ def test_truncation_is_the_prefix_reconstruction():
 
 
 @pytest.mark.parametrize("prefixes", [(), (2, 3, 5)])
-def test_fused_autoencode_matches_autodiff_reference(prefixes):
+def test_fused_autoencode_matches_autodiff_reference(prefixes, sparse_backend):
     """The fused encoder + prefix loss (gradient formed in its forward) against JAX autodiff through `sae.encode`
     (dense top_k VJP) and the B×K×D reference: the loss, every gradient (params and x, the loss scaled by 3 so
     the backward's scaling counts), and the metric outputs, which carry no gradient."""

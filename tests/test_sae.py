@@ -189,7 +189,7 @@ def test_jumprelu_threshold_gradient_nonzero_inside_window():
     np.testing.assert_allclose(g["threshold"], ref, atol=1e-5 * max(1, np.abs(ref).max()))
 
 
-def test_topk_custom_vjp_equals_plain_autodiff():
+def test_topk_custom_vjp_equals_plain_autodiff(sparse_backend):
     """The sparse backward against jax autodiff of a dense TopK written here (also d/dx and d/dvals)."""
     cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K)
     p, x = to_jax(make_params(cfg, seed=6)), jnp.asarray(data(seed=7, n=33), jnp.float32)
@@ -219,7 +219,7 @@ def test_topk_custom_vjp_equals_plain_autodiff():
 
 
 @pytest.mark.parametrize("shared_x", [True, False])
-def test_topk_gradients_under_vmap_equal_per_seed(shared_x):
+def test_topk_gradients_under_vmap_equal_per_seed(shared_x, sparse_backend):
     """The seed-folding vmap rule: vmapped gradients (nested vmap for a shared batch) equal a loop over seeds."""
     cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K, aux_k=4)
     S = 4

@@ -1,9 +1,10 @@
-"""`top_k`: `jax.lax.top_k`'s exact results, from a multi-threaded kernel when it runs on XLA:CPU.
+"""XLA:CPU kernels for TopK SAE steps: `top_k` (`jax.lax.top_k`'s exact results) and the backward's sparse parts.
 
 XLA:CPU's TopK partial-sorts an index vector per row on one thread: at [4096, 4608], k=32 it costs about
-0.7 of the encoder matmul that feeds it. `cpu_topk.cc` scans each row once against its current k-th best
-and splits rows over XLA's intra-op threads. It is compiled with the system C++ compiler on first use and
-cached; GPU and TPU (and CPU without a compiler, or with JAXSAE_CPU_TOPK=0) run `lax.top_k`.
+0.7 of the encoder matmul that feeds it; its scatter-adds (the SAE backward) run one thread too.
+`cpu_kernels.cc` does them over XLA's intra-op threads: `top_k`, `gather_dot`, `scatter_rows` and
+`htopk_walk`, which callers route through `on_cpu(kernel, xla_version, *args)`. It is compiled with the system C++ compiler on first
+use and cached; GPU and TPU (and CPU without a compiler, or with JAXSAE_CPU_KERNELS=0) run the XLA paths.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-_SOURCE = Path(__file__).with_name("cpu_topk.cc")
-_TARGET = "jaxsae_topk_f32"
+_SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+_TOPK, _GATHER_DOT, _SCATTER_ROWS, _HTOPK_WALK = (f"jaxsae_{n}_f32" for n in ("topk", "gather_dot", "scatter_rows",
+                                                                                "htopk_walk"))
 
 
 def _cache_dir() -> Path:
@@ -49,7 +51,7 @@ def _build() -> Path:
     # that share this cache (a home folder on NFS) build their own instead of loading one they cannot run.
     tag = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), " ".join(flags).encode(), jaxlib.__version__.encode(),
                                       _cpu_id()])).hexdigest()[:16]
-    lib = _cache_dir() / f"cpu_topk-{tag}.so"
+    lib = _cache_dir() / f"cpu_kernels-{tag}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
@@ -62,15 +64,17 @@ def _build() -> Path:
 
 @functools.cache
 def available() -> bool:
-    """Whether the CPU kernel is built and registered (else `top_k` is `lax.top_k` everywhere)."""
-    if os.environ.get("JAXSAE_CPU_TOPK", "1") == "0":
+    """Whether the CPU kernels are built and registered (else the XLA paths run everywhere)."""
+    if os.environ.get("JAXSAE_CPU_KERNELS", "1") == "0":
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JaxsaeTopKF32), platform="cpu")
+        for name, fn in ((_TOPK, lib.JaxsaeTopKF32), (_GATHER_DOT, lib.JaxsaeGatherDotF32),
+                         (_SCATTER_ROWS, lib.JaxsaeScatterRowsF32), (_HTOPK_WALK, lib.JaxsaeHTopKWalkF32)):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
     except (OSError, subprocess.CalledProcessError, AttributeError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        warnings.warn(f"jaxsae: CPU top-k kernel unavailable, using lax.top_k ({detail.strip()[:200]})")
+        warnings.warn(f"jaxsae: CPU kernels unavailable, using XLA's ({detail.strip()[:200]})")
         return False
     return True
 
@@ -87,7 +91,7 @@ def top_k(x_NxM: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
     def cpu(x):
         # Rows are independent, so a vmapped call is one call over the stacked rows.
-        return tuple(jax.ffi.ffi_call(_TARGET, out, vmap_method="broadcast_all")(x))
+        return tuple(jax.ffi.ffi_call(_TOPK, out, vmap_method="broadcast_all")(x))
 
     return tuple(jax.lax.platform_dependent(x_NxM, cpu=cpu, default=lambda x: tuple(jax.lax.top_k(x, k))))
 
@@ -96,3 +100,32 @@ def top_k(x_NxM: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 def _top_k_jvp(k, primals, tangents):
     vals, idx = top_k(primals[0], k)
     return (vals, idx), (jnp.take_along_axis(tangents[0], idx, axis=-1), jnp.zeros(idx.shape, jax.dtypes.float0))
+
+
+
+def on_cpu(kernel, xla, *args):
+    """kernel(*args) where XLA:CPU runs it and the kernels are built (float32/int32 operands), else xla(*args)."""
+    if not available() or any(a.dtype not in (jnp.float32, jnp.int32) for a in args):
+        return xla(*args)
+    return jax.lax.platform_dependent(*args, cpu=kernel, default=xla)
+
+
+def _call(target, *out):
+    # Under vmap (seed ensembles) one call per seed, in a loop: each call already uses every core.
+    return jax.ffi.ffi_call(target, tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in out), vmap_method="sequential")
+
+
+def gather_dot(a_BxD, W_MxD, idx_BxK):
+    """[B, K]: a_b · W[idx[b, k]] (the kernel; see `on_cpu`)."""
+    return _call(_GATHER_DOT, idx_BxK.shape)(a_BxD, W_MxD, idx_BxK)[0]
+
+
+def scatter_rows(idx_BxK, coef_BxK, rows_BxD, M: int):
+    """([M, D] Σ coef[b, k]·rows_b into row idx[b, k], [M] Σ coef[b, k] likewise) (the kernel)."""
+    return tuple(_call(_SCATTER_ROWS, (M, rows_BxD.shape[1]), (M,))(idx_BxK, coef_BxK, rows_BxD))
+
+
+def htopk_walk(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, coef_K, ct_r_BxD):
+    """(dvals [B, K], dW_dec [M, D], G [B, D], sse [K]) of `htopk._walk_back` (the kernel)."""
+    return tuple(_call(_HTOPK_WALK, idx_BxK.shape, W_dec_MxD.shape, rK_BxD.shape, coef_K.shape)(
+        vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, coef_K, ct_r_BxD))

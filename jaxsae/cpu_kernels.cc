@@ -1,0 +1,354 @@
+// XLA:CPU kernels behind jaxsae.cpu_kernels, as XLA FFI handlers: the top-k of each row, and the sparse
+// pieces of the TopK and HierarchicalTopK backward passes. All split their work over XLA's intra-op threads.
+//
+// Top-k of each row of a float32 [..., M] array.
+//
+// Results equal jax.lax.top_k's: values in descending order under the total order XLA uses
+// (-NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN), ties to the lower index. XLA:CPU's own TopK
+// partial-sorts an index vector per row on one thread; this one finds a floor for the k-th best in one
+// vectorised pass, collects what reaches it in a second, selects among those few, and splits the rows over
+// XLA's intra-op thread pool.
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Float bits -> int32 whose signed order is XLA's total order on floats.
+inline int32_t Key(float v) {
+  int32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b ^ ((b >> 31) & 0x7fffffff);  // branch-free, so the block scan below vectorises
+}
+
+struct Entry {
+  int32_t key;
+  int32_t idx;
+};
+
+// a ranks above b: a larger key, or the same key at a lower index.
+inline bool Better(const Entry& a, const Entry& b) {
+  return a.key > b.key || (a.key == b.key && a.idx < b.idx);
+}
+
+// Keeps the best k of buf[0, n) in buf[0, k) and returns the key of the k-th best.
+inline int32_t Compact(Entry* buf, int64_t n, int64_t k) {
+  std::nth_element(buf, buf + k - 1, buf + n, Better);
+  return buf[k - 1].key;
+}
+
+// buf holds cap + 16 entries, cap >= 2k. A first pass sets the floor `lo`: the least of the maxima of k
+// disjoint chunks, which k elements reach, so nothing below it is in the top k. The second pass appends every
+// element at or above the floor without a branch (the write happens anyway, the count moves only on a hit);
+// a full buffer is cut back to its best k and the floor raised past the k-th best: an element equal to the
+// k-th best found later has a higher index than every kept one, so k kept elements rank above it.
+void TopKRow(const float* x, int64_t m, int64_t k, int64_t cap, Entry* buf, float* vals, int32_t* idx) {
+  int64_t chunk = m / k;
+  int32_t lo = INT32_MAX;
+  for (int64_t j = 0; j < k; ++j) {
+    int64_t end = j == k - 1 ? m : (j + 1) * chunk;
+    int32_t top = INT32_MIN;
+    for (int64_t i = j * chunk; i < end; ++i) top = std::max(top, Key(x[i]));
+    lo = std::min(lo, top);
+  }
+  int64_t n = 0;
+  for (int64_t i = 0; i < m; i += 16) {
+    int64_t len = std::min<int64_t>(16, m - i);
+    if (len == 16) {
+      // One vectorised test skips the blocks with nothing at or above the floor: most of them.
+      int32_t hit = 0;
+      for (int j = 0; j < 16; ++j) hit |= Key(x[i + j]) >= lo;
+      if (!hit) continue;
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      int32_t key = Key(x[i + j]);
+      buf[n] = {key, static_cast<int32_t>(i + j)};
+      n += key >= lo;
+    }
+    if (n >= cap) {
+      int32_t kth = Compact(buf, n, k);
+      n = k;
+      if (kth == INT32_MAX) break;  // nothing can rank above the kept k any more
+      lo = kth + 1;
+    }
+  }
+  if (n > k) Compact(buf, n, k);
+  std::sort(buf, buf + k, Better);
+  for (int64_t j = 0; j < k; ++j) {
+    vals[j] = x[buf[j].idx];
+    idx[j] = buf[j].idx;
+  }
+}
+
+// ParallelFor runs fn(0) .. fn(n - 1) on the calling thread and up to `threads - 1` pool threads. Tasks are
+// handed out from a shared counter and the caller works too, so the call finishes even when no pool thread
+// is free. The state is shared-owned: a pool task that starts after the call returned still reads `next`
+// (and then finds nothing left to do).
+struct ParallelState {
+  std::function<void(int64_t, int64_t)> fn;  // (task, worker slot)
+  int64_t n;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::atomic<int64_t> slots{0};
+
+  void Work() {
+    int64_t slot = slots.fetch_add(1);
+    for (int64_t t; (t = next.fetch_add(1)) < n;) {
+      fn(t, slot);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t workers, std::function<void(int64_t, int64_t)> fn) {
+  auto state = std::make_shared<ParallelState>();
+  state->fn = std::move(fn);
+  state->n = n;
+  for (int64_t t = 0; t + 1 < std::min(workers, n); ++t) pool.Schedule([state] { state->Work(); });
+  state->Work();
+  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+int64_t Workers(ffi::ThreadPool& pool, int64_t work) {
+  return work < (1 << 16) ? 1 : std::max<int64_t>(1, pool.num_threads());  // tiny calls stay on one thread
+}
+
+ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> vals,
+                    ffi::ResultBuffer<ffi::S32> idx) {
+  auto dims = x.dimensions();
+  auto out_dims = vals->dimensions();
+  if (dims.size() == 0 || out_dims.size() != dims.size()) return ffi::Error::InvalidArgument("top_k: rank");
+  int64_t m = dims.back(), k = out_dims.back();
+  if (k < 1 || k > m) return ffi::Error::InvalidArgument("top_k: k must be in [1, M]");
+  int64_t rows = static_cast<int64_t>(x.element_count()) / m;
+  if (rows == 0) return ffi::Error::Success();
+  const float* px = x.typed_data();
+  float* pv = vals->typed_data();
+  int32_t* pi = idx->typed_data();
+  int64_t workers = Workers(pool, rows * m);
+  int64_t block = std::max<int64_t>(1, rows / (4 * workers));  // about four blocks per worker balance the rows
+  int64_t cap = std::max<int64_t>(4 * k, 64);
+  std::vector<std::vector<Entry>> bufs(workers, std::vector<Entry>(cap + 16));
+  ParallelFor(pool, (rows + block - 1) / block, workers, [&](int64_t b, int64_t slot) {
+    Entry* buf = bufs[slot].data();
+    for (int64_t r = b * block; r < std::min(rows, (b + 1) * block); ++r)
+      TopKRow(px + r * m, m, k, cap, buf, pv + r * k, pi + r * k);
+  });
+  return ffi::Error::Success();
+}
+
+// Dot product of two float rows with 16 running sums: it vectorises without fast-math.
+inline float Dot(const float* a, const float* b, int64_t n) {
+  float part[16] = {0.0f};
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16)
+    for (int l = 0; l < 16; ++l) part[l] += a[c + l] * b[c + l];
+  for (; c < n; ++c) part[c % 16] += a[c] * b[c];
+  float acc = 0.0f;
+  for (int l = 0; l < 16; ++l) acc += part[l];
+  return acc;
+}
+
+// 16 float lanes (GCC/Clang vector extension: one AVX-512 register, or two AVX / four SSE ones).
+typedef float V16 __attribute__((vector_size(64)));
+typedef float V16u __attribute__((vector_size(64), aligned(4)));  // for unaligned loads and stores
+
+inline V16 Load(const float* p) { return *reinterpret_cast<const V16u*>(p); }
+inline void Store(float* p, V16 v) { *reinterpret_cast<V16u*>(p) = v; }
+typedef float V8 __attribute__((vector_size(32)));
+typedef float V4 __attribute__((vector_size(16)));
+inline float Sum(V16 v) {  // a tree of halves: 4 dependent adds, not 15
+  V8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  V4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+ffi::Error CheckIndices(const int32_t* idx, int64_t n, int64_t m) {
+  for (int64_t t = 0; t < n; ++t)
+    if (idx[t] < 0 || idx[t] >= m) return ffi::Error::InvalidArgument("a latent index is out of range");
+  return ffi::Error::Success();
+}
+
+// out[b, j] = a_b · W[idx[b, j]]: the gradient reaching each selected latent from a [B, D] cotangent.
+ffi::Error GatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> W,
+                         ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
+  int64_t m = W.dimensions()[0], d = W.dimensions()[1];
+  int64_t rows = idx.dimensions()[0], k = idx.dimensions()[1];
+  const float *pa = a.typed_data(), *pW = W.typed_data();
+  const int32_t* pi = idx.typed_data();
+  float* po = out->typed_data();
+  if (auto e = CheckIndices(pi, rows * k, m); e.failure()) return e;
+  int64_t workers = Workers(pool, rows * k * d);
+  int64_t per = std::max<int64_t>(1, rows / (8 * workers));
+  ParallelFor(pool, (rows + per - 1) / per, workers, [&](int64_t t, int64_t) {
+    for (int64_t b = t * per; b < std::min(rows, (t + 1) * per); ++b)
+      for (int64_t j = 0; j < k; ++j) po[b * k + j] = Dot(pa + b * d, pW + static_cast<int64_t>(pi[b * k + j]) * d, d);
+  });
+  return ffi::Error::Success();
+}
+
+// Column blocks of the [M, D] scatter targets: each worker accumulates one block at a time in a packed
+// [M, kWidth] buffer of its own (cache-sized, no races; writing the strided [M, D] rows directly costs a TLB
+// miss per update), then copies it out. 32 columns: 16 was slower, 48-96 no faster (M = 4608, D = 576).
+constexpr int64_t kWidth = 32;  // two V16 (HTopKWalk relies on it)
+
+// out[i] = Σ coef[b, j] · rows_b over (b, j) with idx[b, j] = i, and sums[i] = Σ coef[b, j] likewise:
+// a TopK decoder's or encoder's weight gradient (the encoder's transposed, [M, D]) and its bias gradient.
+ffi::Error ScatterRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> coef,
+                           ffi::Buffer<ffi::F32> rows_in, ffi::ResultBuffer<ffi::F32> out,
+                           ffi::ResultBuffer<ffi::F32> sums) {
+  int64_t m = out->dimensions()[0], d = out->dimensions()[1];
+  int64_t rows = idx.dimensions()[0], k = idx.dimensions()[1];
+  const int32_t* pi = idx.typed_data();
+  const float *pc = coef.typed_data(), *pr = rows_in.typed_data();
+  float *po = out->typed_data(), *ps = sums->typed_data();
+  if (auto e = CheckIndices(pi, rows * k, m); e.failure()) return e;
+  int64_t workers = Workers(pool, rows * k * d);
+  std::vector<std::vector<float>> acc(workers, std::vector<float>(m * kWidth));
+  ParallelFor(pool, (d + kWidth - 1) / kWidth, workers, [&](int64_t blk, int64_t slot) {
+    int64_t c0 = blk * kWidth, w = std::min(d, c0 + kWidth) - c0;
+    float* a = acc[slot].data();
+    std::fill(a, a + m * kWidth, 0.0f);
+    for (int64_t b = 0; b < rows; ++b) {
+      const float* r = pr + b * d + c0;
+      for (int64_t j = 0; j < k; ++j) {
+        float* ai = a + static_cast<int64_t>(pi[b * k + j]) * kWidth;
+        float v = pc[b * k + j];
+        if (w == kWidth) {
+          for (int64_t c = 0; c < kWidth; ++c) ai[c] += v * r[c];
+        } else {
+          for (int64_t c = 0; c < w; ++c) ai[c] += v * r[c];
+        }
+      }
+    }
+    for (int64_t i = 0; i < m; ++i) std::copy(a + i * kWidth, a + i * kWidth + w, po + i * d + c0);
+  });
+  std::fill(ps, ps + m, 0.0f);
+  for (int64_t t = 0; t < rows * k; ++t) ps[pi[t]] += pc[t];
+  return ffi::Error::Success();
+}
+
+// HierarchicalTopK's backward walk (jaxsae.htopk._walk_back, same recurrences): per row, from the last
+// prefix to the first, with r the residual after prefix k+1 and G its suffix-summed loss gradient,
+//   G += coef[k]·r;  dv[b, k] = G · W[idx[b, k]];  sse[k] += r·r;  dW[idx[b, k]] += vals[b, k]·G;
+//   r -= vals[b, k]·W[idx[b, k]].
+// Every update is column-wise, so workers take column blocks (as ScatterRows) and their dv and sse shares are
+// summed at the end.
+ffi::Error HTopKWalkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> idx,
+                         ffi::Buffer<ffi::F32> W, ffi::Buffer<ffi::F32> rK, ffi::Buffer<ffi::F32> coef,
+                         ffi::Buffer<ffi::F32> ct_r, ffi::ResultBuffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dW,
+                         ffi::ResultBuffer<ffi::F32> G, ffi::ResultBuffer<ffi::F32> sse) {
+  int64_t m = W.dimensions()[0], d = W.dimensions()[1];
+  int64_t rows = idx.dimensions()[0], k = idx.dimensions()[1];
+  const float *pv = vals.typed_data(), *pW = W.typed_data(), *pr = rK.typed_data(), *pc = coef.typed_data();
+  const float* pct = ct_r.typed_data();
+  const int32_t* pi = idx.typed_data();
+  float *pdv = dv->typed_data(), *pdW = dW->typed_data(), *pG = G->typed_data(), *psse = sse->typed_data();
+  if (auto e = CheckIndices(pi, rows * k, m); e.failure()) return e;
+  int64_t workers = Workers(pool, rows * k * d);
+  // Per worker: the [M, kWidth] dW accumulator, then the block's columns of W packed the same way.
+  std::vector<std::vector<float>> acc(workers, std::vector<float>(2 * m * kWidth));
+  std::vector<std::vector<float>> dv_part(workers, std::vector<float>(rows * k, 0.0f));
+  std::vector<std::vector<double>> sse_part(workers, std::vector<double>(k, 0.0));
+  ParallelFor(pool, (d + kWidth - 1) / kWidth, workers, [&](int64_t blk, int64_t slot) {
+    int64_t c0 = blk * kWidth, w = std::min(d, c0 + kWidth) - c0;
+    float* a = acc[slot].data();
+    float* dvp = dv_part[slot].data();
+    double* ssep = sse_part[slot].data();
+    float* Wp = a + m * kWidth;
+    std::fill(a, a + 2 * m * kWidth, 0.0f);
+    for (int64_t i = 0; i < m; ++i) std::copy(pW + i * d + c0, pW + i * d + c0 + w, Wp + i * kWidth);
+    // A short last block is zero-padded to kWidth (zero columns add nothing), so each row's r and G live in
+    // two 16-lane vectors for the whole walk; sse is summed per lane and reduced once at the end.
+    std::vector<V16> sse_lanes(k, V16{});
+    for (int64_t b = 0; b < rows; ++b) {
+      alignas(64) float r_in[kWidth] = {0.0f}, g_in[kWidth] = {0.0f};
+      std::copy(pr + b * d + c0, pr + b * d + c0 + w, r_in);
+      std::copy(pct + b * d + c0, pct + b * d + c0 + w, g_in);
+      V16 r0 = Load(r_in), r1 = Load(r_in + 16), g0 = Load(g_in), g1 = Load(g_in + 16);
+      for (int64_t j = k - 1; j >= 0; --j) {
+        int64_t i = pi[b * k + j];
+        float v = pv[b * k + j], cf = pc[j];
+        const float* wr = Wp + i * kWidth;
+        float* ai = a + i * kWidth;
+        V16 w0 = Load(wr), w1 = Load(wr + 16);
+        g0 += cf * r0;
+        g1 += cf * r1;
+        dvp[b * k + j] += Sum(g0 * w0 + g1 * w1);
+        sse_lanes[j] += r0 * r0 + r1 * r1;
+        Store(ai, Load(ai) + v * g0);
+        Store(ai + 16, Load(ai + 16) + v * g1);
+        r0 -= v * w0;
+        r1 -= v * w1;
+      }
+      alignas(64) float g_out[kWidth];
+      Store(g_out, g0);
+      Store(g_out + 16, g1);
+      std::copy(g_out, g_out + w, pG + b * d + c0);
+    }
+    for (int64_t j = 0; j < k; ++j) ssep[j] += Sum(sse_lanes[j]);
+    for (int64_t i = 0; i < m; ++i) std::copy(a + i * kWidth, a + i * kWidth + w, pdW + i * d + c0);
+  });
+  for (int64_t t = 0; t < rows * k; ++t) {
+    float s = 0.0f;
+    for (int64_t wk = 0; wk < workers; ++wk) s += dv_part[wk][t];
+    pdv[t] = s;
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    double s = 0.0;
+    for (int64_t wk = 0; wk < workers; ++wk) s += sse_part[wk][j];
+    psse[j] = static_cast<float>(s);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeTopKF32, TopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeGatherDotF32, GatherDotImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // a [B, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W [M, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // idx [B, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // [B, K]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterRowsF32, ScatterRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // idx [B, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // coef [B, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // rows [B, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // [M, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // [M]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeHTopKWalkF32, HTopKWalkImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // vals [B, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // idx [B, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W_dec [M, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // r_K [B, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // coef [K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ct_r [B, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dv [B, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dW_dec [M, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // G [B, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // sse [K]

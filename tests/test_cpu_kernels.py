@@ -1,0 +1,123 @@
+"""cpu_kernels.top_k against a numpy selection under XLA's float order, and against jax.lax.top_k itself."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsae import cpu_kernels
+
+
+def _reference(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k per row by (XLA's total order on float bits, descending; then lower index), with numpy."""
+    bits = x.astype(np.float32).view(np.int32).astype(np.int64)
+    keys = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # -NaN < -inf < -0.0 < +0.0 < +inf < +NaN
+    rows_NxM, keys_NxM = x.reshape(-1, x.shape[-1]), keys.reshape(-1, x.shape[-1])
+    idx = np.stack([np.lexsort((np.arange(len(r)), -r))[:k] for r in keys_NxM])
+    vals = np.take_along_axis(rows_NxM, idx, axis=1)
+    return vals.reshape(x.shape[:-1] + (k,)), idx.reshape(x.shape[:-1] + (k,)).astype(np.int32)
+
+
+def _same(got, want):
+    np.testing.assert_array_equal(np.asarray(got[1]), want[1])
+    np.testing.assert_array_equal(np.asarray(got[0]).view(np.int32), want[0].view(np.int32))  # -0.0, NaN bits
+
+
+def test_kernel_is_built_on_cpu():
+    # The suite runs on CPU with a C++ compiler (scripts/install.sh): a silent fallback would test lax.top_k.
+    assert cpu_kernels.available()
+
+
+@pytest.mark.parametrize("shape,k", [((64, 4608), 32), ((300, 257), 1), ((300, 257), 257), ((7, 100), 99),
+                                     ((2, 3, 50), 5), ((1024, 96), 64)])
+def test_random_rows_match_numpy_and_lax(shape, k):
+    x = np.random.default_rng(sum(shape) + k).standard_normal(shape).astype(np.float32)
+    got = jax.jit(cpu_kernels.top_k, static_argnums=1)(x, k)
+    _same(got, _reference(x, k))
+    _same(got, tuple(np.asarray(a) for a in jax.lax.top_k(x, k)))
+
+
+def test_ties_zeros_infinities_and_nans():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, size=(512, 200)).astype(np.float32)  # many ties: the lower index must win
+    x[::7, 5] = -0.0
+    x[::11, 9] = np.inf
+    x[::13, 17] = -np.inf
+    x[::17, 23] = np.nan
+    x[::19, 29] = -np.nan
+    x[3] = -0.0
+    x[4] = np.float32(-np.nan)
+    for k in (1, 16, 150):
+        _same(cpu_kernels.top_k(x, k), _reference(x, k))
+
+
+def test_rows_ascending_and_descending():
+    # Ascending rows raise the k-th best at every element (the buffer is cut back many times); descending never.
+    x = np.stack([np.arange(5000, dtype=np.float32), -np.arange(5000, dtype=np.float32)] * 16)
+    _same(cpu_kernels.top_k(x, 40), _reference(x, 40))
+
+
+def test_vmap_and_gradient_follow_lax():
+    x = jax.random.normal(jax.random.key(1), (3, 40, 70))
+    _same(jax.vmap(lambda r: cpu_kernels.top_k(r, 8))(x), _reference(np.asarray(x), 8))
+    w = jax.random.normal(jax.random.key(2), (3, 40, 8))
+    ours = jax.grad(lambda x: jnp.sum(cpu_kernels.top_k(x, 8)[0] * w))(x)
+    theirs = jax.grad(lambda x: jnp.sum(jax.lax.top_k(x, 8)[0] * w))(x)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_bad_k_is_one_line():
+    with pytest.raises(ValueError, match=r"k=0 is not in \[1, 5\]"):
+        cpu_kernels.top_k(jnp.zeros((2, 5)), 0)
+
+
+def _sparse_case(B=70, D=45, M=90, K=6, seed=0):
+    """A code with repeated latents across rows (scatter collisions) and a column count not a multiple of 32."""
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.choice(M, K, replace=False) for _ in range(B)]).astype(np.int32)
+    vals = rng.standard_normal((B, K)).astype(np.float32)
+    W = rng.standard_normal((M, D)).astype(np.float32)
+    rows = rng.standard_normal((B, D)).astype(np.float32)
+    return vals, idx, W, rows
+
+
+def test_gather_dot_and_scatter_rows_match_loops():
+    vals, idx, W, rows = _sparse_case()
+    (B, K), (M, D) = idx.shape, W.shape
+    want_dot = np.array([[rows[b] @ W[idx[b, j]] for j in range(K)] for b in range(B)])
+    want_sc, want_sum = np.zeros((M, D)), np.zeros(M)
+    for b in range(B):
+        for j in range(K):
+            want_sc[idx[b, j]] += vals[b, j] * rows[b]
+            want_sum[idx[b, j]] += vals[b, j]
+    dot = jax.jit(cpu_kernels.gather_dot)(rows, W, idx)
+    sc, sums = jax.jit(cpu_kernels.scatter_rows, static_argnums=3)(idx, vals, rows, M)
+    np.testing.assert_allclose(dot, want_dot, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sc, want_sc, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sums, want_sum, rtol=1e-5, atol=1e-5)
+
+
+def test_htopk_walk_matches_loop():
+    vals, idx, W, r = _sparse_case(seed=1)
+    (B, K), (M, D) = idx.shape, W.shape
+    coef = np.random.default_rng(2).uniform(0.1, 1.0, K).astype(np.float32)
+    ct_r = np.random.default_rng(3).standard_normal((B, D)).astype(np.float32)
+    dv, dW, G, sse = np.zeros((B, K)), np.zeros((M, D)), np.zeros((B, D)), np.zeros(K)
+    for b in range(B):  # the recurrences of htopk._walk_back, one row at a time, in float64
+        rb, gb = r[b].astype(np.float64), ct_r[b].astype(np.float64)
+        for j in reversed(range(K)):
+            gb = gb + coef[j] * rb
+            dv[b, j] = gb @ W[idx[b, j]]
+            sse[j] += rb @ rb
+            dW[idx[b, j]] += vals[b, j] * gb
+            rb = rb - vals[b, j] * W[idx[b, j]]
+        G[b] = gb
+    got = jax.jit(cpu_kernels.htopk_walk)(vals, idx, W, r, coef, ct_r)
+    for g, w in zip(got, (dv, dW, G, sse)):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-4)
+
+
+def test_out_of_range_index_is_an_error():
+    vals, idx, W, rows = _sparse_case()
+    idx[3, 2] = W.shape[0]
+    with pytest.raises(Exception, match="latent index is out of range"):
+        jax.block_until_ready(cpu_kernels.scatter_rows(idx, vals, rows, W.shape[0]))
