@@ -180,20 +180,31 @@ ffi::Error CheckIndices(const int32_t* idx, int64_t n, int64_t m) {
   return ffi::Error::Success();
 }
 
-// out[b, j] = a_b · W[idx[b, j]]: the gradient reaching each selected latent from a [B, D] cotangent.
+// Leading "seed" axis of the [S, ...] operands below: S = 1 for rank-2 ones.
+inline int64_t Seeds(const ffi::Buffer<ffi::S32>& idx) {
+  auto dims = idx.dimensions();
+  return dims.size() == 3 ? dims[0] : 1;
+}
+
+// out[s, b, j] = a[s, b] · W[s, idx[s, b, j]]: the gradient reaching each selected latent from a [B, D]
+// cotangent, for S seeds at once (rank 3) or one (rank 2).
 ffi::Error GatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> W,
                          ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
-  int64_t m = W.dimensions()[0], d = W.dimensions()[1];
-  int64_t rows = idx.dimensions()[0], k = idx.dimensions()[1];
+  auto wd = W.dimensions();
+  auto id = idx.dimensions();
+  int64_t S = Seeds(idx), m = wd[wd.size() - 2], d = wd[wd.size() - 1];
+  int64_t rows = id[id.size() - 2], k = id[id.size() - 1];
   const float *pa = a.typed_data(), *pW = W.typed_data();
   const int32_t* pi = idx.typed_data();
   float* po = out->typed_data();
-  if (auto e = CheckIndices(pi, rows * k, m); e.failure()) return e;
-  int64_t workers = Workers(pool, rows * k * d);
-  int64_t per = std::max<int64_t>(1, rows / (8 * workers));
-  ParallelFor(pool, (rows + per - 1) / per, workers, [&](int64_t t, int64_t) {
-    for (int64_t b = t * per; b < std::min(rows, (t + 1) * per); ++b)
-      for (int64_t j = 0; j < k; ++j) po[b * k + j] = Dot(pa + b * d, pW + static_cast<int64_t>(pi[b * k + j]) * d, d);
+  if (auto e = CheckIndices(pi, S * rows * k, m); e.failure()) return e;
+  int64_t workers = Workers(pool, S * rows * k * d);
+  int64_t per = std::max<int64_t>(1, S * rows / (8 * workers));
+  ParallelFor(pool, (S * rows + per - 1) / per, workers, [&](int64_t t, int64_t) {
+    for (int64_t sb = t * per; sb < std::min(S * rows, (t + 1) * per); ++sb) {
+      const float* Ws = pW + (sb / rows) * m * d;
+      for (int64_t j = 0; j < k; ++j) po[sb * k + j] = Dot(pa + sb * d, Ws + static_cast<int64_t>(pi[sb * k + j]) * d, d);
+    }
   });
   return ffi::Error::Success();
 }
@@ -203,39 +214,56 @@ ffi::Error GatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buf
 // miss per update), then copies it out. 32 columns: 16 was slower, 48-96 no faster (M = 4608, D = 576).
 constexpr int64_t kWidth = 32;  // two V16 (HTopKWalk relies on it)
 
-// out[i] = Σ coef[b, j] · rows_b over (b, j) with idx[b, j] = i, and sums[i] = Σ coef[b, j] likewise:
-// a TopK decoder's or encoder's weight gradient (the encoder's transposed, [M, D]) and its bias gradient.
+// For each seed s: out[s][i] = Σ coef[s, b, j] · (rows[r, b] − sub[s]) over (b, j) with idx[s, b, j] = i, and
+// sums[s][i] = Σ coef[s, b, j] likewise; r = s, or 0 when all seeds share one batch (rows [1, B, D]). A TopK
+// decoder's gradient (sub = 0), or an encoder's (rows = x, sub = b_dec) with its bias gradient. `transpose`
+// writes out[s] as [D, M] (the encoder weight's own layout) instead of [M, D].
 ffi::Error ScatterRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> coef,
-                           ffi::Buffer<ffi::F32> rows_in, ffi::ResultBuffer<ffi::F32> out,
-                           ffi::ResultBuffer<ffi::F32> sums) {
-  int64_t m = out->dimensions()[0], d = out->dimensions()[1];
-  int64_t rows = idx.dimensions()[0], k = idx.dimensions()[1];
+                           ffi::Buffer<ffi::F32> rows_in, ffi::Buffer<ffi::F32> sub, bool transpose,
+                           ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> sums) {
+  auto id = idx.dimensions();
+  auto rd = rows_in.dimensions();
+  int64_t S = Seeds(idx), rows = id[id.size() - 2], k = id[id.size() - 1], d = rd[rd.size() - 1];
+  int64_t m = sums->dimensions()[sums->dimensions().size() - 1];
+  bool shared = rd.size() == 3 && rd[0] == 1 && S > 1;
   const int32_t* pi = idx.typed_data();
-  const float *pc = coef.typed_data(), *pr = rows_in.typed_data();
+  const float *pc = coef.typed_data(), *pr = rows_in.typed_data(), *psub = sub.typed_data();
   float *po = out->typed_data(), *ps = sums->typed_data();
-  if (auto e = CheckIndices(pi, rows * k, m); e.failure()) return e;
-  int64_t workers = Workers(pool, rows * k * d);
+  if (auto e = CheckIndices(pi, S * rows * k, m); e.failure()) return e;
+  int64_t workers = Workers(pool, S * rows * k * d);
+  int64_t n_blocks = (d + kWidth - 1) / kWidth;
   std::vector<std::vector<float>> acc(workers, std::vector<float>(m * kWidth));
-  ParallelFor(pool, (d + kWidth - 1) / kWidth, workers, [&](int64_t blk, int64_t slot) {
-    int64_t c0 = blk * kWidth, w = std::min(d, c0 + kWidth) - c0;
+  ParallelFor(pool, S * n_blocks, workers, [&](int64_t task, int64_t slot) {
+    int64_t s = task / n_blocks, c0 = (task % n_blocks) * kWidth, w = std::min(d, c0 + kWidth) - c0;
+    const int32_t* pis = pi + s * rows * k;
+    const float* pcs = pc + s * rows * k;
+    const float* prs = pr + (shared ? 0 : s) * rows * d;
+    alignas(64) float off[kWidth] = {0.0f};
+    std::copy(psub + s * d + c0, psub + s * d + c0 + w, off);
     float* a = acc[slot].data();
     std::fill(a, a + m * kWidth, 0.0f);
+    alignas(64) float r[kWidth] = {0.0f};
     for (int64_t b = 0; b < rows; ++b) {
-      const float* r = pr + b * d + c0;
+      for (int64_t c = 0; c < w; ++c) r[c] = prs[b * d + c0 + c] - off[c];
+      V16 r0 = Load(r), r1 = Load(r + 16);  // columns past w stay 0 and add nothing
       for (int64_t j = 0; j < k; ++j) {
-        float* ai = a + static_cast<int64_t>(pi[b * k + j]) * kWidth;
-        float v = pc[b * k + j];
-        if (w == kWidth) {
-          for (int64_t c = 0; c < kWidth; ++c) ai[c] += v * r[c];
-        } else {
-          for (int64_t c = 0; c < w; ++c) ai[c] += v * r[c];
-        }
+        float* ai = a + static_cast<int64_t>(pis[b * k + j]) * kWidth;
+        float v = pcs[b * k + j];
+        Store(ai, Load(ai) + v * r0);
+        Store(ai + 16, Load(ai + 16) + v * r1);
       }
     }
-    for (int64_t i = 0; i < m; ++i) std::copy(a + i * kWidth, a + i * kWidth + w, po + i * d + c0);
+    float* os = po + s * m * d;
+    if (transpose) {
+      for (int64_t c = 0; c < w; ++c)
+        for (int64_t i = 0; i < m; ++i) os[(c0 + c) * m + i] = a[i * kWidth + c];
+    } else {
+      for (int64_t i = 0; i < m; ++i) std::copy(a + i * kWidth, a + i * kWidth + w, os + i * d + c0);
+    }
   });
-  std::fill(ps, ps + m, 0.0f);
-  for (int64_t t = 0; t < rows * k; ++t) ps[pi[t]] += pc[t];
+  std::fill(ps, ps + S * m, 0.0f);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t t = 0; t < rows * k; ++t) ps[s * m + pi[s * rows * k + t]] += pc[s * rows * k + t];
   return ffi::Error::Success();
 }
 
@@ -325,19 +353,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeTopKF32, TopKImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeGatherDotF32, GatherDotImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // a [B, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // W [M, D]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // idx [B, K]
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // [B, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // a [(S,) B, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W [(S,) M, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // idx [(S,) B, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // [(S,) B, K]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterRowsF32, ScatterRowsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S32>>()   // idx [B, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // coef [B, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // rows [B, D]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // [M, D]
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // [M]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // rows [1 or S, B, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sub [S, D]
+                                  .Attr<bool>("transpose")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // [S, M, D] or [S, D, M]
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // [S, M]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeHTopKWalkF32, HTopKWalkImpl,
                               ffi::Ffi::Bind()

@@ -111,18 +111,25 @@ def on_cpu(kernel, xla, *args):
 
 
 def _call(target, *out):
+    if not available():  # registers the kernels; without them only `on_cpu`'s XLA path can run
+        raise RuntimeError("jaxsae: the CPU kernels are not built (see the warning above, or JAXSAE_CPU_KERNELS)")
     # Under vmap (seed ensembles) one call per seed, in a loop: each call already uses every core.
     return jax.ffi.ffi_call(target, tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in out), vmap_method="sequential")
 
 
 def gather_dot(a_BxD, W_MxD, idx_BxK):
-    """[B, K]: a_b · W[idx[b, k]] (the kernel; see `on_cpu`)."""
+    """[(S,) B, K]: a[s, b] · W[s, idx[s, b, k]], one seed or S stacked (the kernel; see `on_cpu`)."""
     return _call(_GATHER_DOT, idx_BxK.shape)(a_BxD, W_MxD, idx_BxK)[0]
 
 
-def scatter_rows(idx_BxK, coef_BxK, rows_BxD, M: int):
-    """([M, D] Σ coef[b, k]·rows_b into row idx[b, k], [M] Σ coef[b, k] likewise) (the kernel)."""
-    return tuple(_call(_SCATTER_ROWS, (M, rows_BxD.shape[1]), (M,))(idx_BxK, coef_BxK, rows_BxD))
+def scatter_rows(idx_SxBxK, coef_SxBxK, rows_RxBxD, sub_SxD, M: int, transpose: bool = False):
+    """(out [S, M, D] (or [S, D, M] with `transpose`), sums [S, M]) of S seeds (the kernel):
+    out[s][idx[s, b, k]] += coef[s, b, k]·(rows[r, b] − sub[s]) and sums[s][idx[s, b, k]] += coef[s, b, k], with
+    r = s, or 0 for all seeds when rows is [1, B, D]."""
+    S, D = idx_SxBxK.shape[0], rows_RxBxD.shape[2]
+    out = (S, D, M) if transpose else (S, M, D)
+    return tuple(_call(_SCATTER_ROWS, out, (S, M))(idx_SxBxK, coef_SxBxK, rows_RxBxD, sub_SxD,
+                                                   transpose=bool(transpose)))
 
 
 def htopk_walk(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, coef_K, ct_r_BxD):

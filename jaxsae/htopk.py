@@ -171,8 +171,10 @@ def _walk_back_xla(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, coef_K, ct_r_BxD):
 def _encoder_scatter(idx_BxK, dpre_BxK, x_in_BxD, M: int):
     """(dW_enc [D, M], d(b_enc) [M]) of a TopK encoder: scatter-adds of dpre · x_in, in column blocks."""
     def kernel(idx_BxK, dpre_BxK, x_in_BxD):
-        dW_enc_MxD, db_enc_M = cpu_kernels.scatter_rows(idx_BxK, dpre_BxK, x_in_BxD, M)
-        return dW_enc_MxD.T, db_enc_M
+        zeros_1xD = jnp.zeros((1, x_in_BxD.shape[1]), x_in_BxD.dtype)
+        dW_enc_1xDxM, db_enc_1xM = cpu_kernels.scatter_rows(idx_BxK[None], dpre_BxK[None], x_in_BxD[None], zeros_1xD,
+                                                           M, transpose=True)
+        return dW_enc_1xDxM[0], db_enc_1xM[0]
 
     return cpu_kernels.on_cpu(kernel, functools.partial(_encoder_scatter_xla, M=M), idx_BxK, dpre_BxK, x_in_BxD)
 

@@ -80,19 +80,29 @@ def _sparse_case(B=70, D=45, M=90, K=6, seed=0):
     return vals, idx, W, rows
 
 
-def test_gather_dot_and_scatter_rows_match_loops():
-    vals, idx, W, rows = _sparse_case()
-    (B, K), (M, D) = idx.shape, W.shape
-    want_dot = np.array([[rows[b] @ W[idx[b, j]] for j in range(K)] for b in range(B)])
-    want_sc, want_sum = np.zeros((M, D)), np.zeros(M)
-    for b in range(B):
-        for j in range(K):
-            want_sc[idx[b, j]] += vals[b, j] * rows[b]
-            want_sum[idx[b, j]] += vals[b, j]
-    dot = jax.jit(cpu_kernels.gather_dot)(rows, W, idx)
-    sc, sums = jax.jit(cpu_kernels.scatter_rows, static_argnums=3)(idx, vals, rows, M)
-    np.testing.assert_allclose(dot, want_dot, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(sc, want_sc, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("transpose", [True, False])
+def test_gather_dot_and_scatter_rows_match_loops(shared, transpose):
+    S = 3
+    cases = [_sparse_case(seed=s) for s in range(S)]
+    vals, idx, W = (np.stack([c[i] for c in cases]) for i in range(3))
+    rows = cases[0][3][None] if shared else np.stack([c[3] for c in cases])
+    sub = np.random.default_rng(9).standard_normal((S, rows.shape[2])).astype(np.float32)
+    (_, B, K), (M, D) = idx.shape, W.shape[1:]
+    want_dot = np.array([[[rows[0 if shared else s, b] @ W[s, idx[s, b, j]] for j in range(K)] for b in range(B)]
+                         for s in range(S)])
+    want_sc, want_sum = np.zeros((S, M, D)), np.zeros((S, M))
+    for s in range(S):
+        for b in range(B):
+            for j in range(K):
+                want_sc[s, idx[s, b, j]] += vals[s, b, j] * (rows[0 if shared else s, b] - sub[s])
+                want_sum[s, idx[s, b, j]] += vals[s, b, j]
+    a = np.broadcast_to(rows, (S, B, D))
+    np.testing.assert_allclose(jax.jit(cpu_kernels.gather_dot)(a, W, idx), want_dot, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(cpu_kernels.gather_dot)(a[1], W[1], idx[1]), want_dot[1], rtol=1e-5,
+                               atol=1e-5)  # one seed, rank 2
+    sc, sums = jax.jit(cpu_kernels.scatter_rows, static_argnums=(4, 5))(idx, vals, rows, sub, M, transpose)
+    np.testing.assert_allclose(sc, want_sc.transpose(0, 2, 1) if transpose else want_sc, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sums, want_sum, rtol=1e-5, atol=1e-5)
 
 
@@ -120,4 +130,5 @@ def test_out_of_range_index_is_an_error():
     vals, idx, W, rows = _sparse_case()
     idx[3, 2] = W.shape[0]
     with pytest.raises(Exception, match="latent index is out of range"):
-        jax.block_until_ready(cpu_kernels.scatter_rows(idx, vals, rows, W.shape[0]))
+        jax.block_until_ready(cpu_kernels.scatter_rows(idx[None], vals[None], rows[None], np.zeros((1, W.shape[1]),
+                                                       np.float32), W.shape[0]))
