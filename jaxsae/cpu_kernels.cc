@@ -91,10 +91,10 @@ void TopKRow(const float* x, int64_t m, int64_t k, int64_t cap, Entry* buf, floa
   }
 }
 
-// ParallelFor runs fn(0) .. fn(n - 1) on the calling thread and up to `threads - 1` pool threads. Tasks are
-// handed out from a shared counter and the caller works too, so the call finishes even when no pool thread
-// is free. The state is shared-owned: a pool task that starts after the call returned still reads `next`
-// (and then finds nothing left to do).
+// ParallelFor runs fn(0, slot) .. fn(n - 1, slot) on the calling thread and up to `workers - 1` pool threads
+// (slot: which of them, for per-worker buffers). Tasks are handed out from a shared counter and the caller works
+// too, so the call finishes even when no pool thread is free. The state is shared-owned: a pool task that starts
+// after the call returned still reads `next` (and then finds nothing left to do).
 struct ParallelState {
   std::function<void(int64_t, int64_t)> fn;  // (task, worker slot)
   int64_t n;
@@ -169,7 +169,8 @@ inline void Store(float* p, V16 v) { *reinterpret_cast<V16u*>(p) = v; }
 typedef float V8 __attribute__((vector_size(32)));
 typedef float V4 __attribute__((vector_size(16)));
 inline float Sum(V16 v) {  // a tree of halves: 4 dependent adds, not 15
-  V8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  V8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   V4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
   return (q[0] + q[2]) + (q[1] + q[3]);
 }
@@ -203,7 +204,8 @@ ffi::Error GatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buf
   ParallelFor(pool, (S * rows + per - 1) / per, workers, [&](int64_t t, int64_t) {
     for (int64_t sb = t * per; sb < std::min(S * rows, (t + 1) * per); ++sb) {
       const float* Ws = pW + (sb / rows) * m * d;
-      for (int64_t j = 0; j < k; ++j) po[sb * k + j] = Dot(pa + sb * d, Ws + static_cast<int64_t>(pi[sb * k + j]) * d, d);
+      for (int64_t j = 0; j < k; ++j)
+        po[sb * k + j] = Dot(pa + sb * d, Ws + static_cast<int64_t>(pi[sb * k + j]) * d, d);
     }
   });
   return ffi::Error::Success();

@@ -2,9 +2,9 @@
 
 XLA:CPU's TopK partial-sorts an index vector per row on one thread: at [4096, 4608], k=32 it costs about
 0.7 of the encoder matmul that feeds it; its scatter-adds (the SAE backward) run one thread too.
-`cpu_kernels.cc` does them over XLA's intra-op threads: `top_k`, `gather_dot`, `scatter_rows` and
-`htopk_walk`, which callers route through `on_cpu(kernel, xla_version, *args)`. It is compiled with the system C++ compiler on first
-use and cached; GPU and TPU (and CPU without a compiler, or with JAXSAE_CPU_KERNELS=0) run the XLA paths.
+`cpu_kernels.cc` does them over XLA's intra-op threads: `top_k`, `gather_dot`, `scatter_rows` and `htopk_walk`,
+which callers route through `on_cpu(kernel, xla_version, *args)`. It is compiled with the system C++ compiler on
+first use and cached; GPU and TPU (and CPU without a compiler, or with JAXSAE_CPU_KERNELS=0) run the XLA versions.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def _cache_dir() -> Path:
 
 
 def _cpu_id() -> bytes:
+    """The CPU's model and feature flags (what -march=native compiles for)."""
     try:
         with open("/proc/cpuinfo", "rb") as f:
             return b"".join(sorted({line for line in f if line.startswith((b"model name", b"flags"))}))
@@ -42,7 +43,7 @@ def _cpu_id() -> bytes:
 
 
 def _build() -> Path:
-    """The kernel's shared library, compiled once per source and jaxlib version (atomic for parallel builds)."""
+    """The kernels' shared library, compiled once per source, flags, jaxlib and CPU (atomic for parallel builds)."""
     import jaxlib
 
     flags = [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
@@ -102,7 +103,6 @@ def _top_k_jvp(k, primals, tangents):
     return (vals, idx), (jnp.take_along_axis(tangents[0], idx, axis=-1), jnp.zeros(idx.shape, jax.dtypes.float0))
 
 
-
 def on_cpu(kernel, xla, *args):
     """kernel(*args) where XLA:CPU runs it and the kernels are built (float32/int32 operands), else xla(*args)."""
     if not available() or any(a.dtype not in (jnp.float32, jnp.int32) for a in args):
@@ -114,7 +114,8 @@ def _call(target, *out):
     if not available():  # registers the kernels; without them only `on_cpu`'s XLA path can run
         raise RuntimeError("jaxsae: the CPU kernels are not built (see the warning above, or JAXSAE_CPU_KERNELS)")
     # Under vmap (seed ensembles) one call per seed, in a loop: each call already uses every core.
-    return jax.ffi.ffi_call(target, tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in out), vmap_method="sequential")
+    shapes = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in out)
+    return jax.ffi.ffi_call(target, shapes, vmap_method="sequential")
 
 
 def gather_dot(a_BxD, W_MxD, idx_BxK):
