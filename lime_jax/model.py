@@ -218,17 +218,46 @@ def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig)
         return (*_own_kv(lp, x_BxTxD), sources)
     if cfg.routing == "static":
         w_KxJ = jax.nn.softmax(lp["router"][:, :n].astype(jnp.float32), axis=-1).astype(dt)
-        mixed_KxBxTxD = _mix("K,BTD->KBTD", w_KxJ, sources)
+        spec = "K,BTD->KBTD"
     else:
         logits_BxTxKxJ = (jnp.einsum("BTD,DKJ->BTKJ", x_BxTxD, lp["router"]["w"][..., :n]).astype(jnp.float32)
                           + lp["router"]["b"][:, :n].astype(jnp.float32))
-        w_BxTxKxJ = jax.nn.softmax(logits_BxTxKxJ, axis=-1).astype(dt)
-        mixed_KxBxTxD = _mix("BTK,BTD->KBTD", w_BxTxKxJ, sources)
-    # Head-major mix [K, B, T, D]: the per-head projection is a batched matmul over its leading axis. The norm
-    # gain scales the (small) projection weights rather than the mix: same result, less memory traffic.
+        w_KxJ = jax.nn.softmax(logits_BxTxKxJ, axis=-1).astype(dt)  # per token: [B, T, K, J]
+        spec = "BTK,BTD->KBTD"
+    # The norm gain scales the (small) projection weights rather than the mix: same result, less traffic.
     wkv_KxDx2H = jnp.einsum("DKE,D->KDE", _wkv(lp), lp["attn_norm"])
-    kv_KxBxTx2H = jnp.einsum("KBTD,KDE->KBTE", mixed_KxBxTxD, wkv_KxDx2H)
+    kv_KxBxTx2H = _mix_project(spec, w_KxJ, sources, wkv_KxDx2H)
     return (*_split_kv(jnp.swapaxes(kv_KxBxTx2H, 0, 1)), sources)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mix_project(spec: str, w, sources: tuple, wkv_KxDx2H):
+    """v1's K/V: the head-major mix [K, B, T, D] of the sources, projected per head (a batched matmul over K).
+
+    The backward pass recomputes the mix from the sources (kept anyway) instead of storing it: K times a
+    residual per layer. On XLA:CPU every byte of a step's temporaries is page-faulted anew each step (the
+    buffer is mmapped per execution), which cost more than the recomputation.
+    """
+    return jnp.einsum("KBTD,KDE->KBTE", _mix(spec, w, sources), wkv_KxDx2H)
+
+
+def _mix_project_fwd(spec, w, sources, wkv_KxDx2H):
+    return _mix_project(spec, w, sources, wkv_KxDx2H), (w, sources, wkv_KxDx2H)
+
+
+def _mix_project_bwd(spec, residuals, g_KxBxTx2H):
+    w, sources, wkv_KxDx2H = residuals
+    # The recomputed mix must not be scheduled into the forward pass (XLA:CPU drops jax.checkpoint's barriers
+    # before scheduling, and would then hoist it and keep it alive all the same): its weights are made to
+    # depend on the incoming gradient (times 0, which XLA does not fold for floats).
+    w_dep = w * (1 + 0 * g_KxBxTx2H[(0,) * g_KxBxTx2H.ndim].astype(w.dtype))
+    mixed_KxBxTxD = sum(jnp.einsum(spec, w_dep[..., j], src) for j, src in enumerate(sources))
+    _, project_vjp = jax.vjp(functools.partial(jnp.einsum, "KBTD,KDE->KBTE"), mixed_KxBxTxD, wkv_KxDx2H)
+    dmixed_KxBxTxD, dwkv_KxDx2H = project_vjp(g_KxBxTx2H)
+    return (*_mix_bwd(spec, (w, sources), dmixed_KxBxTxD), dwkv_KxDx2H)
+
+
+_mix_project.defvjp(_mix_project_fwd, _mix_project_bwd)
 
 
 def _block(carry, lp: Params, cfg: LlamaConfig):
