@@ -160,18 +160,36 @@ inline float Dot(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
-// 16 float lanes (GCC/Clang vector extension: one AVX-512 register, or two AVX / four SSE ones).
-typedef float V16 __attribute__((vector_size(64)));
-typedef float V16u __attribute__((vector_size(64), aligned(4)));  // for unaligned loads and stores
-
-inline V16 Load(const float* p) { return *reinterpret_cast<const V16u*>(p); }
-inline void Store(float* p, V16 v) { *reinterpret_cast<V16u*>(p) = v; }
+// The CPU's own float vector (GCC/Clang vector extension): 16 lanes with AVX-512, 8 with AVX, else 4. A type
+// wider than the registers is lowered through the stack: on an AVX2 host a 16-lane type made the walk below
+// 4-5x slower than this.
+#if defined(__AVX512F__)
+#define JAXSAE_LANES 16
+#elif defined(__AVX__)
+#define JAXSAE_LANES 8
+#else
+#define JAXSAE_LANES 4
+#endif
+constexpr int kLanes = JAXSAE_LANES;
+typedef float Vec __attribute__((vector_size(4 * kLanes)));
+typedef float VecU __attribute__((vector_size(4 * kLanes), aligned(4)));  // for unaligned loads and stores
 typedef float V8 __attribute__((vector_size(32)));
 typedef float V4 __attribute__((vector_size(16)));
-inline float Sum(V16 v) {  // a tree of halves: 4 dependent adds, not 15
+
+inline Vec Load(const float* p) { return *reinterpret_cast<const VecU*>(p); }
+inline void Store(float* p, Vec v) { *reinterpret_cast<VecU*>(p) = v; }
+inline float Sum(Vec v) {  // a tree of halves: log2(lanes) dependent adds, not lanes - 1
+#if JAXSAE_LANES == 16
   V8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#elif JAXSAE_LANES == 8
+  V8 h = v;
+#endif
+#if JAXSAE_LANES >= 8
   V4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+#else
+  V4 q = v;
+#endif
   return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
@@ -214,7 +232,8 @@ ffi::Error GatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buf
 // Column blocks of the [M, D] scatter targets: each worker accumulates one block at a time in a packed
 // [M, kWidth] buffer of its own (cache-sized, no races; writing the strided [M, D] rows directly costs a TLB
 // miss per update), then copies it out. 32 columns: 16 was slower, 48-96 no faster (M = 4608, D = 576).
-constexpr int64_t kWidth = 32;  // two V16 (HTopKWalk relies on it)
+constexpr int64_t kWidth = 32;
+constexpr int kVecs = kWidth / kLanes;  // vectors per block row
 
 // For each seed s: out[s][i] = Σ coef[s, b, j] · (rows[r, b] − sub[s]) over (b, j) with idx[s, b, j] = i, and
 // sums[s][i] = Σ coef[s, b, j] likewise; r = s, or 0 when all seeds share one batch (rows [1, B, D]). A TopK
@@ -247,12 +266,12 @@ ffi::Error ScatterRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi:
     alignas(64) float r[kWidth] = {0.0f};
     for (int64_t b = 0; b < rows; ++b) {
       for (int64_t c = 0; c < w; ++c) r[c] = prs[b * d + c0 + c] - off[c];
-      V16 r0 = Load(r), r1 = Load(r + 16);  // columns past w stay 0 and add nothing
+      Vec rv[kVecs];  // columns past w stay 0 and add nothing
+      for (int q = 0; q < kVecs; ++q) rv[q] = Load(r + q * kLanes);
       for (int64_t j = 0; j < k; ++j) {
         float* ai = a + static_cast<int64_t>(pis[b * k + j]) * kWidth;
         float v = pcs[b * k + j];
-        Store(ai, Load(ai) + v * r0);
-        Store(ai + 16, Load(ai + 16) + v * r1);
+        for (int q = 0; q < kVecs; ++q) Store(ai + q * kLanes, Load(ai + q * kLanes) + v * rv[q]);
       }
     }
     float* os = po + s * m * d;
@@ -300,31 +319,33 @@ ffi::Error HTopKWalkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals, ffi::
     std::fill(a, a + 2 * m * kWidth, 0.0f);
     for (int64_t i = 0; i < m; ++i) std::copy(pW + i * d + c0, pW + i * d + c0 + w, Wp + i * kWidth);
     // A short last block is zero-padded to kWidth (zero columns add nothing), so each row's r and G live in
-    // two 16-lane vectors for the whole walk; sse is summed per lane and reduced once at the end.
-    std::vector<V16> sse_lanes(k, V16{});
+    // registers for the whole walk; sse is summed per lane and reduced once at the end.
+    std::vector<Vec> sse_lanes(k, Vec{});
     for (int64_t b = 0; b < rows; ++b) {
       alignas(64) float r_in[kWidth] = {0.0f}, g_in[kWidth] = {0.0f};
       std::copy(pr + b * d + c0, pr + b * d + c0 + w, r_in);
       std::copy(pct + b * d + c0, pct + b * d + c0 + w, g_in);
-      V16 r0 = Load(r_in), r1 = Load(r_in + 16), g0 = Load(g_in), g1 = Load(g_in + 16);
+      Vec r[kVecs], g[kVecs];
+      for (int q = 0; q < kVecs; ++q) r[q] = Load(r_in + q * kLanes), g[q] = Load(g_in + q * kLanes);
       for (int64_t j = k - 1; j >= 0; --j) {
         int64_t i = pi[b * k + j];
         float v = pv[b * k + j], cf = pc[j];
         const float* wr = Wp + i * kWidth;
         float* ai = a + i * kWidth;
-        V16 w0 = Load(wr), w1 = Load(wr + 16);
-        g0 += cf * r0;
-        g1 += cf * r1;
-        dvp[b * k + j] += Sum(g0 * w0 + g1 * w1);
-        sse_lanes[j] += r0 * r0 + r1 * r1;
-        Store(ai, Load(ai) + v * g0);
-        Store(ai + 16, Load(ai + 16) + v * g1);
-        r0 -= v * w0;
-        r1 -= v * w1;
+        Vec dot{}, sq{};
+        for (int q = 0; q < kVecs; ++q) {
+          Vec wq = Load(wr + q * kLanes);
+          g[q] += cf * r[q];
+          dot += g[q] * wq;
+          sq += r[q] * r[q];
+          Store(ai + q * kLanes, Load(ai + q * kLanes) + v * g[q]);
+          r[q] -= v * wq;
+        }
+        dvp[b * k + j] += Sum(dot);
+        sse_lanes[j] += sq;
       }
       alignas(64) float g_out[kWidth];
-      Store(g_out, g0);
-      Store(g_out + 16, g1);
+      for (int q = 0; q < kVecs; ++q) Store(g_out + q * kLanes, g[q]);
       std::copy(g_out, g_out + w, pG + b * d + c0);
     }
     for (int64_t j = 0; j < k; ++j) ssep[j] += Sum(sse_lanes[j]);
