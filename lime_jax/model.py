@@ -19,7 +19,8 @@ the current layer reproduces plain Llama (`to_lime` converts a Llama that way).
   v2:           K/V heads read an unconstrained mix (router [L-1, K, L, K]) of every earlier layer's pre-RoPE K||V.
 Routed models run their layers in an unrolled Python loop over a growing tuple of earlier states: summing
 per-source terms keeps one copy of each state for the backward pass (O(L B T D)), where a scan carrying a
-stacked buffer would store the whole buffer at every layer (O(L^2 B T D)). Attention and the routed mixes run
+stacked buffer would store the whole buffer at every layer (O(L^2 B T D)); v1's per-head mixes [K, B, T, D] are
+recomputed in the backward pass, not stored (`_mix_project`). Attention and the routed mixes run
 head-major ([B, heads, T, H], [K, B, T, ...]), the layout of their batched matmuls, and K and V come from one
 matmul over wk||wv.
 """
