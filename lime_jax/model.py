@@ -218,16 +218,16 @@ def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig)
     if n == 1:  # layer 0: a softmax over one source is 1, so no router and the plain projection
         return (*_own_kv(lp, x_BxTxD), sources)
     if cfg.routing == "static":
-        w_KxJ = jax.nn.softmax(lp["router"][:, :n].astype(jnp.float32), axis=-1).astype(dt)
+        w = jax.nn.softmax(lp["router"][:, :n].astype(jnp.float32), axis=-1).astype(dt)  # [K, J]
         spec = "K,BTD->KBTD"
     else:
         logits_BxTxKxJ = (jnp.einsum("BTD,DKJ->BTKJ", x_BxTxD, lp["router"]["w"][..., :n]).astype(jnp.float32)
                           + lp["router"]["b"][:, :n].astype(jnp.float32))
-        w_KxJ = jax.nn.softmax(logits_BxTxKxJ, axis=-1).astype(dt)  # per token: [B, T, K, J]
+        w = jax.nn.softmax(logits_BxTxKxJ, axis=-1).astype(dt)  # per token: [B, T, K, J]
         spec = "BTK,BTD->KBTD"
     # The norm gain scales the (small) projection weights rather than the mix: same result, less traffic.
     wkv_KxDx2H = jnp.einsum("DKE,D->KDE", _wkv(lp), lp["attn_norm"])
-    kv_KxBxTx2H = _mix_project(spec, w_KxJ, sources, wkv_KxDx2H)
+    kv_KxBxTx2H = _mix_project(spec, w, sources, wkv_KxDx2H)
     return (*_split_kv(jnp.swapaxes(kv_KxBxTx2H, 0, 1)), sources)
 
 
@@ -252,7 +252,7 @@ def _mix_project_bwd(spec, residuals, g_KxBxTx2H):
     # before scheduling, and would then hoist it and keep it alive all the same): its weights are made to
     # depend on the incoming gradient (times 0, which XLA does not fold for floats).
     w_dep = w * (1 + 0 * g_KxBxTx2H[(0,) * g_KxBxTx2H.ndim].astype(w.dtype))
-    mixed_KxBxTxD = sum(jnp.einsum(spec, w_dep[..., j], src) for j, src in enumerate(sources))
+    mixed_KxBxTxD = _mix(spec, w_dep, sources)
     _, project_vjp = jax.vjp(functools.partial(jnp.einsum, "KBTD,KDE->KBTE"), mixed_KxBxTxD, wkv_KxDx2H)
     dmixed_KxBxTxD, dwkv_KxDx2H = project_vjp(g_KxBxTx2H)
     return (*_mix_bwd(spec, (w, sources), dmixed_KxBxTxD), dwkv_KxDx2H)
