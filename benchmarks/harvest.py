@@ -6,7 +6,7 @@ ids, one untimed call per shape (compilation / warm-up), then the best of `repea
 alternate per batch size so both see the same load. Per batch size, a line with `bench: matmul_bound` gives
 `matmul_bound_tokens_per_s`: the forward's FLOPs per token up to `layer` (`forward_flops_per_token`) over the
 rate XLA reaches on the bare matmuls of one block at this batch ([B*T, D] x [D, N*H], [D, K*H] twice, [N*H, D],
-[D, F] twice, [F, D]; jitted together, timed in the same run), i.e. the speed if everything but those matmuls
+[D, F] twice, [F, D]; jitted together with the forward's dot library, timed in the same run), i.e. the speed if everything but those matmuls
 were free. lime_jax runs on per-block weights (`model.unstack_layers`, as its adapter does) and also times the
 CE splice (`bench: splice_forward`, the full forward with the residual at `layer` passed through). With
 transformers, a first line {"check": ...} gives the largest difference between the two implementations'
@@ -66,7 +66,9 @@ def _block_matmuls(cfg, rows: int):
     key = iter(jax.random.split(jax.random.key(0), 2 * len(shapes)))
     xs = [jax.random.normal(next(key), (rows, k)) for k, _ in shapes]
     ws = [jax.random.normal(next(key), (k, n)) for k, n in shapes]
-    fn = jax.jit(lambda xs, ws: [x @ w for x, w in zip(xs, ws)])
+    # The same dot library as the forward (oneDNN where lime_jax's plain forward uses it).
+    fn = jax.jit(lambda xs, ws: [x @ w for x, w in zip(xs, ws)],
+                 compiler_options=model._ONEDNN_DOTS if model._uses_onednn(cfg) else None)
     return (lambda: fn(xs, ws)), sum(2 * rows * k * n for k, n in shapes)
 
 

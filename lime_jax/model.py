@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import platform
+import warnings
 from typing import Callable, Sequence
 
 import jax
@@ -355,13 +358,46 @@ def _logits(params: Params, h_BxTxD, cfg: LlamaConfig) -> jax.Array:
     return jnp.einsum("BTD,DV->BTV", x_BxTxD, params["unembed"].astype(jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+# XLA:CPU's default dot library (YNNPACK in jax 0.10) ran SmolLM2's forward matmuls at ~0.8x the rate of oneDNN
+# (torch's) on an AVX-512 host; oneDNN per dot brings the inference forward to that rate. Only plain Llama's
+# forward asks for it: in training steps (backward layouts) and in LIMe's routed mixes some dots ran 2-3x slower
+# under oneDNN, and its whole-graph mode ("dot") aborted the process on a training step. LIME_JAX_CPU_DOTS=xla
+# turns it off.
+_ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
+                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def _uses_onednn(cfg: LlamaConfig) -> bool:
+    """Whether the inference entry points compile cfg's forward with oneDNN dots (plain Llama, x86 CPU)."""
+    return (cfg.routing == "none" and platform.machine().lower() in ("x86_64", "amd64")
+            and os.environ.get("LIME_JAX_CPU_DOTS", "onednn") != "xla" and jax.default_backend() == "cpu")
+
+
+def _forward_jit(*static_argnums: int):
+    """Decorator: jit fn(params, x, cfg, ...), with oneDNN dots where `_uses_onednn(cfg)` and the call is not
+    being traced (compiler options apply to top-level jits only; inside a transformation it is the plain jit)."""
+    def wrap(fn):
+        plain = jax.jit(fn, static_argnums=static_argnums)
+        onednn = jax.jit(fn, static_argnums=static_argnums, compiler_options=_ONEDNN_DOTS)
+
+        @functools.wraps(fn)
+        def call(params, x, cfg, *args):
+            if not _uses_onednn(cfg) or any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((params, x))):
+                return plain(params, x, cfg, *args)
+            with warnings.catch_warnings():  # XLA cannot serialise oneDNN thunks for the persistent cache
+                warnings.filterwarnings("ignore", message=".*onednn-fusion")
+                return onednn(params, x, cfg, *args)
+        return call
+    return wrap
+
+
+@_forward_jit(2)
 def _apply(params, tokens_BxT, cfg):
     (h_BxTxD, _), _ = _blocks(params, _embed(params, tokens_BxT, cfg), cfg, 0, cfg.n_layers)
     return _logits(params, h_BxTxD, cfg)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layers"))
+@_forward_jit(2, 3)
 def _residuals(params, tokens_BxT, cfg, layers):
     carry, out, start = _embed(params, tokens_BxT, cfg), {}, 0
     for layer in layers:
@@ -370,7 +406,7 @@ def _residuals(params, tokens_BxT, cfg, layers):
     return out, carry
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "start"))
+@_forward_jit(2, 3)
 def _finish(params, carry, cfg, start):
     if start < cfg.n_layers:
         carry, _ = _blocks(params, carry, cfg, start, cfg.n_layers)
