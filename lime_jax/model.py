@@ -375,7 +375,8 @@ def _uses_onednn(cfg: LlamaConfig) -> bool:
 
 def _forward_jit(*static_argnums: int):
     """Decorator: jit fn(params, x, cfg, ...), with oneDNN dots where `_uses_onednn(cfg)` and the call is not
-    being traced (compiler options apply to top-level jits only; inside a transformation it is the plain jit)."""
+    being traced (compiler options apply to top-level jits only; inside a transformation it is the plain jit:
+    traced arguments show it, and a call with concrete arguments inside a user's jit is refused by JAX)."""
     def wrap(fn):
         plain = jax.jit(fn, static_argnums=static_argnums)
         onednn = jax.jit(fn, static_argnums=static_argnums, compiler_options=_ONEDNN_DOTS)
@@ -386,7 +387,12 @@ def _forward_jit(*static_argnums: int):
                 return plain(params, x, cfg, *args)
             with warnings.catch_warnings():  # XLA cannot serialise oneDNN thunks for the persistent cache
                 warnings.filterwarnings("ignore", message=".*onednn-fusion")
-                return onednn(params, x, cfg, *args)
+                try:
+                    return onednn(params, x, cfg, *args)
+                except ValueError as e:  # concrete arguments, but called inside a user's jit: nested
+                    if "compiler_options" not in str(e):
+                        raise
+            return plain(params, x, cfg, *args)
         return call
     return wrap
 
@@ -423,7 +429,8 @@ def _check_tokens(tokens_BxT, cfg: LlamaConfig) -> None:
     if shape[1] > cfg.max_len:
         raise ValueError(f"{shape[1]} positions exceed the model's max_len={cfg.max_len}")
     if not isinstance(tokens_BxT, jax.core.Tracer) and shape[0] > 0:
-        lo, hi = int(np.min(tokens_BxT)), int(np.max(tokens_BxT))
+        tokens_BxT = np.asarray(tokens_BxT)  # np.min on a jax.Array calls its traced .min inside a user's jit
+        lo, hi = int(tokens_BxT.min()), int(tokens_BxT.max())
         if lo < 0 or hi >= cfg.vocab:
             raise ValueError(f"token ids must lie in [0, {cfg.vocab}), got min {lo}, max {hi}")
 

@@ -78,6 +78,10 @@ def test_plain_forward_takes_onednn_dots_on_x86_cpu_and_both_paths_match_numpy(m
         assert model._uses_onednn(SMALL) == (x86 and setting == "onednn")
         assert not model._uses_onednn(model.to_lime(params, SMALL, "static")[1])
         np.testing.assert_allclose(model.apply(params, tokens, SMALL), expected, rtol=1e-4, atol=1e-4)
+        # Inside a user's jit with concrete (closed-over) params and tokens: JAX refuses nested compiler options,
+        # so the call must fall back to the plain jit rather than fail.
+        doubled = jax.jit(lambda s: model.apply(params, tokens, SMALL) * s)(2.0)
+        np.testing.assert_allclose(doubled, 2 * expected, rtol=1e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("routing", ["none", "dynamic"])
