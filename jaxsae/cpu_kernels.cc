@@ -1,5 +1,6 @@
 // XLA:CPU kernels behind jaxsae.cpu_kernels, as XLA FFI handlers: the top-k of each row, and the sparse
-// pieces of the TopK and HierarchicalTopK backward passes. All split their work over XLA's intra-op threads.
+// pieces of the TopK and HierarchicalTopK backward passes, and a mix over sources (LIMe v2) with its backward.
+// All split their work over XLA's intra-op threads.
 //
 // Top-k of each row of a float32 [..., M] array.
 //
@@ -17,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -364,6 +366,163 @@ ffi::Error HTopKWalkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals, ffi::
   return ffi::Error::Success();
 }
 
+
+// A mix over sources: out[k] = Σ_j Σ_r w[k, r, j] · src_j[r] for sources src_j [R, X] (any trailing shape,
+// flattened), w [K, R, J] (J >= the number of sources; later columns unused), out [K, X]. LIMe v2's K/V head mix
+// over depth: XLA runs it as one small [K, R] x [R, X] dot per source, each writing a full [K, X] partial sum;
+// here a block of columns is done at once, the K outputs (up to 8 at a time) held in registers while every
+// source row streams through once.
+constexpr int64_t kMixBlock = 1024;
+constexpr int kMixTile = 8;  // outputs (forward) or output heads (backward) held in registers at once
+
+struct MixArgs {
+  const float* w;              // [K, R, J]
+  int64_t K, R, J, n, X;
+  std::vector<const float*> src;  // n of [R, X]
+  float Weight(int64_t k, int64_t r, int64_t j) const { return w[(k * R + r) * J + j]; }
+};
+
+// Outputs k0 .. k0 + KT - 1 over columns x0 .. x0 + len - 1.
+template <int KT>
+void MixTile(const MixArgs& a, int64_t k0, int64_t x0, int64_t len, float* out) {
+  int64_t x = 0;
+  for (; x + kLanes <= len; x += kLanes) {
+    Vec acc[KT] = {};
+    for (int64_t j = 0; j < a.n; ++j)
+      for (int64_t r = 0; r < a.R; ++r) {
+        Vec s = Load(a.src[j] + r * a.X + x0 + x);
+        for (int k = 0; k < KT; ++k) acc[k] += a.Weight(k0 + k, r, j) * s;
+      }
+    for (int k = 0; k < KT; ++k) Store(out + (k0 + k) * a.X + x0 + x, acc[k]);
+  }
+  for (; x < len; ++x)
+    for (int k = 0; k < KT; ++k) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < a.n; ++j)
+        for (int64_t r = 0; r < a.R; ++r) acc += a.Weight(k0 + k, r, j) * a.src[j][r * a.X + x0 + x];
+      out[(k0 + k) * a.X + x0 + x] = acc;
+    }
+}
+
+template <typename F>
+void ByTile(int kt, F&& f) {  // f(std::integral_constant<int, kt>) for kt in 1..kMixTile
+  switch (kt) {
+    case 1: return f(std::integral_constant<int, 1>());
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    case 5: return f(std::integral_constant<int, 5>());
+    case 6: return f(std::integral_constant<int, 6>());
+    case 7: return f(std::integral_constant<int, 7>());
+    default: return f(std::integral_constant<int, 8>());
+  }
+}
+
+ffi::ErrorOr<MixArgs> Mixing(const ffi::Buffer<ffi::F32>& w, const ffi::RemainingArgs& sources, int64_t X) {
+  auto wd = w.dimensions();
+  MixArgs a{w.typed_data(), wd[0], wd[1], wd[2], static_cast<int64_t>(sources.size()), X, {}};
+  if (a.n < 1 || a.n > a.J) return ffi::Unexpected(ffi::Error::InvalidArgument("mix: need 1..J sources"));
+  for (int64_t j = 0; j < a.n; ++j) {
+    auto b = sources.get<ffi::Buffer<ffi::F32>>(j);
+    if (b.has_error()) return ffi::Unexpected(b.error());
+    if (static_cast<int64_t>(b->element_count()) != a.R * X)
+      return ffi::Unexpected(ffi::Error::InvalidArgument("mix: a source's size is not R times the output's / K"));
+    a.src.push_back(b->typed_data());
+  }
+  return a;
+}
+
+ffi::Error MixImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::RemainingArgs sources,
+                   ffi::ResultBuffer<ffi::F32> out) {
+  auto args = Mixing(w, sources, out->element_count() / w.dimensions()[0]);
+  if (args.has_error()) return args.error();
+  const MixArgs& a = *args;
+  float* po = out->typed_data();
+  int64_t blocks = (a.X + kMixBlock - 1) / kMixBlock;
+  ParallelFor(pool, blocks, Workers(pool, a.K * a.R * a.n * a.X), [&](int64_t t, int64_t) {
+    int64_t x0 = t * kMixBlock, len = std::min(kMixBlock, a.X - x0);
+    for (int64_t k0 = 0; k0 < a.K; k0 += kMixTile)
+      ByTile(static_cast<int>(std::min<int64_t>(kMixTile, a.K - k0)),
+             [&](auto kt) { MixTile<decltype(kt)::value>(a, k0, x0, len, po); });
+  });
+  return ffi::Error::Success();
+}
+
+// One block of the backward for heads k0 .. k0 + KT - 1: adds their part of dsrc_j[r] = Σ_k w[k, r, j] · g[k]
+// (written when k0 == 0, added otherwise) and their dot products <g[k], src_j[r]> to acc [K, R, n].
+template <int KT>
+void MixBwdTile(const MixArgs& a, const float* g, const std::vector<float*>& ds, int64_t k0, int64_t x0,
+                int64_t len, double* acc) {
+  for (int64_t j = 0; j < a.n; ++j)
+    for (int64_t r = 0; r < a.R; ++r) {
+      const float* s = a.src[j] + r * a.X + x0;
+      float* d = ds[j] + r * a.X + x0;
+      float c[KT];
+      for (int k = 0; k < KT; ++k) c[k] = a.Weight(k0 + k, r, j);
+      Vec dot[KT] = {};
+      int64_t x = 0;
+      for (; x + kLanes <= len; x += kLanes) {
+        Vec sv = Load(s + x), dv = k0 == 0 ? Vec{} : Load(d + x);
+        for (int k = 0; k < KT; ++k) {
+          Vec gk = Load(g + (k0 + k) * a.X + x0 + x);
+          dv += c[k] * gk;
+          dot[k] += gk * sv;
+        }
+        Store(d + x, dv);
+      }
+      float tail[KT] = {};
+      for (; x < len; ++x) {
+        float dv = k0 == 0 ? 0.0f : d[x];
+        for (int k = 0; k < KT; ++k) {
+          float gk = g[(k0 + k) * a.X + x0 + x];
+          dv += c[k] * gk;
+          tail[k] += gk * s[x];
+        }
+        d[x] = dv;
+      }
+      for (int k = 0; k < KT; ++k) acc[((k0 + k) * a.R + r) * a.n + j] += Sum(dot[k]) + tail[k];
+    }
+}
+
+// The mix's backward: dsrc_j[r] = Σ_k w[k, r, j] · g[k] and dw[k, r, j] = <g[k], src_j[r]> (dw's columns past
+// the sources are zero). Per column block, each worker adds its dot products to its own [K, R, n] sums in
+// double, added up at the end.
+ffi::Error MixBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> g,
+                      ffi::RemainingArgs sources, ffi::ResultBuffer<ffi::F32> dw, ffi::RemainingRets dsrc) {
+  auto args = Mixing(w, sources, g.element_count() / w.dimensions()[0]);
+  if (args.has_error()) return args.error();
+  const MixArgs& a = *args;
+  if (static_cast<int64_t>(dsrc.size()) != a.n)
+    return ffi::Error::InvalidArgument("mix_bwd: need as many source gradients as sources");
+  std::vector<float*> ds;
+  for (int64_t j = 0; j < a.n; ++j) {
+    auto d = dsrc.get<ffi::Buffer<ffi::F32>>(j);
+    if (d.has_error()) return d.error();
+    ds.push_back((*d)->typed_data());
+  }
+  const float* pg = g.typed_data();
+  int64_t blocks = (a.X + kMixBlock - 1) / kMixBlock;
+  int64_t workers = Workers(pool, a.K * a.R * a.n * a.X), per = a.K * a.R * a.n;
+  std::vector<double> sums(workers * per, 0.0);
+  ParallelFor(pool, blocks, workers, [&](int64_t t, int64_t slot) {
+    int64_t x0 = t * kMixBlock, len = std::min(kMixBlock, a.X - x0);
+    for (int64_t k0 = 0; k0 < a.K; k0 += kMixTile)
+      ByTile(static_cast<int>(std::min<int64_t>(kMixTile, a.K - k0)), [&](auto kt) {
+        MixBwdTile<decltype(kt)::value>(a, pg, ds, k0, x0, len, sums.data() + slot * per);
+      });
+  });
+  float* pdw = dw->typed_data();
+  for (int64_t k = 0; k < a.K; ++k)
+    for (int64_t r = 0; r < a.R; ++r)
+      for (int64_t j = 0; j < a.J; ++j) {
+        double total = 0.0;
+        if (j < a.n)
+          for (int64_t slot = 0; slot < workers; ++slot) total += sums[slot * per + (k * a.R + r) * a.n + j];
+        pdw[(k * a.R + r) * a.J + j] = static_cast<float>(total);
+      }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeTopKF32, TopKImpl,
@@ -405,3 +564,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeHTopKWalkF32, HTopKWalkImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dW_dec [M, D]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // G [B, D]
                                   .Ret<ffi::Buffer<ffi::F32>>()); // sse [K]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeMixF32, MixImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w [K, R, J]
+                                  .RemainingArgs()                // sources [R, ...] each
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // [K, ...]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeMixBwdF32, MixBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w [K, R, J]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // g [K, ...]
+                                  .RemainingArgs()                // sources [R, ...] each
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dw [K, R, J]
+                                  .RemainingRets());              // dsrc [R, ...] each

@@ -1,9 +1,10 @@
-"""XLA:CPU kernels for TopK SAE steps: `top_k` (`jax.lax.top_k`'s exact results) and the backward's sparse parts.
+"""XLA:CPU kernels: `top_k` (`jax.lax.top_k`'s exact results), the TopK backward's sparse parts, and a mix over sources.
 
 XLA:CPU's TopK partial-sorts an index vector per row on one thread: at [4096, 4608], k=32 it costs about
 0.7 of the encoder matmul that feeds it; its scatter-adds (the SAE backward) run one thread too.
 `cpu_kernels.cc` does them over XLA's intra-op threads: `top_k`, `gather_dot`, `scatter_rows` and `htopk_walk`,
-which callers route through `on_cpu(kernel, xla_version, *args)`. It is compiled with the system C++ compiler on
+which callers route through `on_cpu(kernel, xla_version, *args)`, and `mix_sources` (differentiable; LIMe v2's
+head mix over depth in `lime_jax.model`, which XLA runs as one small dot per source). It is compiled with the system C++ compiler on
 first use and cached; GPU and TPU (and CPU without a compiler, or with JAXSAE_CPU_KERNELS=0) run the XLA versions.
 """
 
@@ -23,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-_TOPK, _GATHER_DOT, _SCATTER_ROWS, _HTOPK_WALK = (f"jaxsae_{n}_f32" for n in ("topk", "gather_dot", "scatter_rows",
-                                                                                "htopk_walk"))
+_TOPK, _GATHER_DOT, _SCATTER_ROWS, _HTOPK_WALK, _MIX, _MIX_BWD = (
+    f"jaxsae_{n}_f32" for n in ("topk", "gather_dot", "scatter_rows", "htopk_walk", "mix", "mix_bwd"))
 
 
 def _cache_dir() -> Path:
@@ -71,7 +72,8 @@ def available() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         for name, fn in ((_TOPK, lib.JaxsaeTopKF32), (_GATHER_DOT, lib.JaxsaeGatherDotF32),
-                         (_SCATTER_ROWS, lib.JaxsaeScatterRowsF32), (_HTOPK_WALK, lib.JaxsaeHTopKWalkF32)):
+                         (_SCATTER_ROWS, lib.JaxsaeScatterRowsF32), (_HTOPK_WALK, lib.JaxsaeHTopKWalkF32),
+                         (_MIX, lib.JaxsaeMixF32), (_MIX_BWD, lib.JaxsaeMixBwdF32)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
     except (OSError, subprocess.CalledProcessError, AttributeError) as e:
         detail = getattr(e, "stderr", "") or str(e)
@@ -137,3 +139,42 @@ def htopk_walk(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, coef_K, ct_r_BxD):
     """(dvals [B, K], dW_dec [M, D], G [B, D], sse [K]) of `htopk._walk_back` (the kernel)."""
     return tuple(_call(_HTOPK_WALK, idx_BxK.shape, W_dec_MxD.shape, rK_BxD.shape, coef_K.shape)(
         vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, coef_K, ct_r_BxD))
+
+
+def _mix_xla(w_KxRxJ, *sources):
+    return sum(jnp.einsum("KR,R...->K...", w_KxRxJ[..., j], src) for j, src in enumerate(sources))
+
+
+def _mix_bwd_xla(w_KxRxJ, g_Kx, *sources):
+    dw = jnp.stack([jnp.einsum("K...,R...->KR", g_Kx, src) for src in sources], axis=-1)
+    dw = jnp.pad(dw, ((0, 0), (0, 0), (0, w_KxRxJ.shape[-1] - len(sources))))
+    return (dw, *(jnp.einsum("KR,K...->R...", w_KxRxJ[..., j], g_Kx) for j in range(len(sources))))
+
+
+@jax.custom_vjp
+def mix_sources(w_KxRxJ: jax.Array, sources: tuple) -> jax.Array:
+    """[K, ...]: the sum over sources j (each [R, ...]) of w[:, :, j] @ sources[j], contracting R.
+
+    LIMe v2's head mix over depth (`lime_jax.model`). On CPU one kernel call reads each source once per
+    direction, where XLA runs one small dot per source and adds up full-size partial sums.
+    """
+    K = w_KxRxJ.shape[0]
+    out = jax.ShapeDtypeStruct((K,) + sources[0].shape[1:], jnp.float32)
+    return on_cpu(lambda w, *s: jax.ffi.ffi_call(_MIX, out, vmap_method="sequential")(w, *s), _mix_xla,
+                  w_KxRxJ, *sources)
+
+
+def _mix_sources_fwd(w_KxRxJ, sources):
+    return mix_sources(w_KxRxJ, sources), (w_KxRxJ, sources)
+
+
+def _mix_sources_bwd(res, g_Kx):
+    w_KxRxJ, sources = res
+    shapes = (jax.ShapeDtypeStruct(w_KxRxJ.shape, jnp.float32),
+              *(jax.ShapeDtypeStruct(s.shape, jnp.float32) for s in sources))
+    grads = on_cpu(lambda w, g, *s: tuple(jax.ffi.ffi_call(_MIX_BWD, shapes, vmap_method="sequential")(w, g, *s)),
+                   _mix_bwd_xla, w_KxRxJ, g_Kx, *sources)
+    return grads[0], tuple(grads[1:])
+
+
+mix_sources.defvjp(_mix_sources_fwd, _mix_sources_bwd)

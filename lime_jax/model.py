@@ -20,7 +20,9 @@ the current layer reproduces plain Llama (`to_lime` converts a Llama that way).
 Routed models run their layers in an unrolled Python loop over a growing tuple of earlier states: summing
 per-source terms keeps one copy of each state for the backward pass (O(L B T D)), where a scan carrying a
 stacked buffer would store the whole buffer at every layer (O(L^2 B T D)); v1's per-head mixes [K, B, T, D] are
-recomputed in the backward pass, not stored (`_mix_project`). Attention and the routed mixes run
+recomputed in the backward pass, not stored (`_mix_project`); v2's head mix over depth runs on CPU as one
+C++ kernel per layer and direction (`jaxsae.cpu_kernels.mix_sources`; XLA's per-source dots cost a quarter of
+the step at d=64). Attention and the routed mixes run
 head-major ([B, heads, T, H], [K, B, T, ...]), the layout of their batched matmuls, and K and V come from one
 matmul over wk||wv.
 """
@@ -37,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsae import cpu_kernels
 from jaxsae.adapter import token_nll  # noqa: F401  (the LM loss lives once, with the adapter contract)
 from lime_jax import sharding as lm_sharding
 from lime_jax.config import ROUTINGS, LlamaConfig
@@ -173,8 +176,8 @@ def _mix(spec: str, w, sources: tuple):
     """Routing's mix over depth: the sum over sources j of einsum(spec, w[..., j], sources[j]).
 
     One einsum per source, not a broadcast product (autodiff would store each broadcast copy). The backward
-    is written out below: with JAX's own for this sum, the training step of dynamic and v2 routing ran 5-13%
-    slower (L=16, d=128, A/B in one process), though it compiled to as many dots and bytes.
+    is written out below: with JAX's own for this sum, the training step of dynamic routing ran 5-13% slower
+    (L=16, d=128), though it compiled to as many dots and bytes. (v2's head mix is `cpu_kernels.mix_sources`.)
     """
     return sum(jnp.einsum(spec, w[..., j], src) for j, src in enumerate(sources))
 
@@ -208,13 +211,13 @@ def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig)
         return (*_own_kv(lp, x_BxTxD), sources)
     n = len(sources) + 1  # this layer reads sources 0..l
     if cfg.routing == "v2":
-        # Sources head-major [K, B, T, 2H]: mixing heads over depth is then a plain [K, R] x [R, B*T*2H] matmul.
+        # Sources head-major [K, B, T, 2H]: mixing heads over depth is then [K, R] x [R, B*T*2H] per source.
         # The projection is written as a plain matmul and a transpose: 2-3% faster than the head-major einsum.
         kv_KxBxTx2H = jnp.transpose(jnp.einsum("BTD,DKE->BTKE", x_BxTxD, _wkv(lp)), (2, 0, 1, 3))
         sources = sources + (kv_KxBxTx2H,)
         if n > 1:  # layer 0: no router, its own K/V (the official fixed identity slice)
             w_KxRxJ = jnp.moveaxis(lp["router"][:, :n], 1, -1)
-            kv_KxBxTx2H = _mix("KR,RBTE->KBTE", w_KxRxJ, sources)
+            kv_KxBxTx2H = cpu_kernels.mix_sources(w_KxRxJ, sources)  # one fused pass on CPU (XLA elsewhere)
         return (*_split_kv(jnp.swapaxes(kv_KxBxTx2H, 0, 1)), sources)
     # v1: mix gain-free normalised states over depth, then apply this layer's norm gain (mixing is linear).
     sources = sources + (_rms(h_BxTxD, cfg.norm_eps).astype(dt),)

@@ -66,4 +66,8 @@ def sparse_backend(request, monkeypatch):
     from jaxsae import cpu_kernels
     if request.param == "xla":
         monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    return request.param
+    # JAX caches traces of jitted and custom-derivative functions by function and input types, not by what
+    # `available` says: without clearing, a path traced earlier in this process would run under either setting.
+    jax.clear_caches()
+    yield request.param
+    jax.clear_caches()

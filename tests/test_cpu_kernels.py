@@ -132,3 +132,27 @@ def test_out_of_range_index_is_an_error():
     with pytest.raises(Exception, match="latent index is out of range"):
         jax.block_until_ready(cpu_kernels.scatter_rows(idx[None], vals[None], rows[None], np.zeros((1, W.shape[1]),
                                                        np.float32), W.shape[0]))
+
+
+@pytest.mark.parametrize("K,R,J,n,shape", [(2, 2, 16, 5, (3, 7, 64)), (8, 8, 16, 16, (2, 33, 64)),
+                                           (3, 3, 4, 1, (5,)), (4, 4, 6, 3, (1500,)), (10, 2, 3, 2, (70,))])
+def test_mix_sources_and_its_gradients_match_numpy_loops(K, R, J, n, shape, sparse_backend):
+    """out[k] = sum_j sum_r w[k, r, j] src_j[r]; its gradients written out as loops in numpy (float64); the
+    kernel and the XLA path."""
+    rng = np.random.default_rng(K * 100 + n)
+    w = rng.normal(size=(K, R, J)).astype(np.float32)
+    src = [rng.normal(size=(R,) + shape).astype(np.float32) for _ in range(n)]
+    g = rng.normal(size=(K,) + shape).astype(np.float32)
+    out = np.zeros((K,) + shape)
+    dw, ds = np.zeros((K, R, J)), [np.zeros((R,) + shape) for _ in range(n)]
+    for k in range(K):
+        for j in range(n):
+            for r in range(R):
+                out[k] += float(w[k, r, j]) * src[j][r]
+                dw[k, r, j] = np.sum(g[k].astype(np.float64) * src[j][r])
+                ds[j][r] += float(w[k, r, j]) * g[k]
+    np.testing.assert_allclose(jax.jit(cpu_kernels.mix_sources)(w, tuple(src)), out, rtol=1e-5, atol=1e-5)
+    got_dw, got_ds = jax.jit(jax.grad(lambda w, s: jnp.sum(cpu_kernels.mix_sources(w, s) * g), (0, 1)))(w, tuple(src))
+    np.testing.assert_allclose(got_dw, dw, rtol=1e-4, atol=1e-3)  # dw sums up to ~4k products
+    for a, b in zip(got_ds, ds):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

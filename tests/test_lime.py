@@ -67,6 +67,26 @@ def test_remat_gives_the_same_loss_and_gradient(routing):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
+def test_v2_loss_and_gradients_through_the_cpu_kernel_equal_the_xla_path(monkeypatch):
+    """v2's head mix runs as jaxsae.cpu_kernels.mix_sources on CPU; GPU and TPU run XLA's per-source dots."""
+    from jaxsae import cpu_kernels
+
+    cfg = dataclasses.replace(SMALL, routing="v2")
+    params, tokens = model.init(jax.random.key(2), cfg), _tokens(cfg, B=2)
+    def grad():
+        jax.clear_caches()  # JAX keeps traces by function and input types: the second call must trace anew
+        return jax.jit(jax.value_and_grad(train.loss_fn), static_argnums=2)(params, tokens, cfg)
+
+    assert cpu_kernels.available()
+    l1, g1 = grad()
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    l2, g2 = grad()
+    jax.clear_caches()
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_smollm2_converted_to_lime_gives_its_own_logits():
     """The real model through `to_lime` (routers reading only the current layer) gives SmolLM2's logits."""
