@@ -1,11 +1,12 @@
-"""XLA:CPU kernels: `top_k` (`jax.lax.top_k`'s exact results), the TopK backward's sparse parts, and a mix over sources.
+"""XLA:CPU kernels: `top_k` (`lax.top_k`'s exact results), the TopK backward's sparse parts, a mix over sources.
 
 XLA:CPU's TopK partial-sorts an index vector per row on one thread: at [4096, 4608], k=32 it costs about
 0.7 of the encoder matmul that feeds it; its scatter-adds (the SAE backward) run one thread too.
 `cpu_kernels.cc` does them over XLA's intra-op threads: `top_k`, `gather_dot`, `scatter_rows` and `htopk_walk`,
 which callers route through `on_cpu(kernel, xla_version, *args)`, and `mix_sources` (differentiable; LIMe v2's
-head mix over depth in `lime_jax.model`, which XLA runs as one small dot per source). It is compiled with the system C++ compiler on
-first use and cached; GPU and TPU (and CPU without a compiler, or with JAXSAE_CPU_KERNELS=0) run the XLA versions.
+head mix over depth in `lime_jax.model`, which XLA runs as one small dot per source). The library is compiled
+with the system C++ compiler on first use and cached; GPU and TPU (and CPU without a compiler, or with
+JAXSAE_CPU_KERNELS=0) run the XLA versions.
 """
 
 from __future__ import annotations
