@@ -159,7 +159,10 @@ def mix_sources(w_KxRxJ: jax.Array, sources: tuple) -> jax.Array:
     LIMe v2's head mix over depth (`lime_jax.model`). On CPU one kernel call reads each source once per
     direction, where XLA runs one small dot per source and adds up full-size partial sums.
     """
-    K = w_KxRxJ.shape[0]
+    K, R, J = w_KxRxJ.shape
+    if not 1 <= len(sources) <= J or any(s.shape != sources[0].shape or s.shape[0] != R for s in sources):
+        raise ValueError(f"mix_sources: w [K, R, J] = {w_KxRxJ.shape} needs 1..J sources of one shape [R, ...], "
+                         f"got {[s.shape for s in sources]}")
     out = jax.ShapeDtypeStruct((K,) + sources[0].shape[1:], jnp.float32)
     return on_cpu(lambda w, *s: jax.ffi.ffi_call(_MIX, out, vmap_method="sequential")(w, *s), _mix_xla,
                   w_KxRxJ, *sources)

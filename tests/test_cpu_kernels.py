@@ -156,3 +156,10 @@ def test_mix_sources_and_its_gradients_match_numpy_loops(K, R, J, n, shape, spar
     np.testing.assert_allclose(got_dw, dw, rtol=1e-4, atol=1e-3)  # dw sums up to ~4k products
     for a, b in zip(got_ds, ds):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_mix_sources_rejects_mismatched_sources_in_one_line():
+    w = np.ones((2, 3, 2), np.float32)
+    for sources in [(), (np.ones((3, 4)),) * 3, (np.ones((3, 4)), np.ones((3, 5))), (np.ones((2, 4)),)]:
+        with pytest.raises(ValueError, match=r"mix_sources: w \[K, R, J\] = \(2, 3, 2\)"):
+            cpu_kernels.mix_sources(w, tuple(jnp.asarray(s, jnp.float32) for s in sources))
