@@ -9,9 +9,9 @@ rate XLA reaches on the bare matmuls of one block at this batch ([B*T, D] x [D, 
 [D, F] twice, [F, D]; jitted together with the forward's dot library, timed in the same run), i.e. the speed if
 everything but those matmuls were free. lime_jax runs on per-block weights (`model.unstack_layers`, as its
 adapter does) and also times the CE splice (`bench: splice_forward`, the full forward with the residual at
-`layer` passed through). With transformers, a first line {"check": ...} gives the largest difference between the two implementations'
-residuals on the same tokens. transformers runs HF's LlamaModel with the same weights, truncated to blocks
-0..layer with the final norm removed, so both return the residual after block `layer`.
+`layer` passed through). With transformers, a first line {"check": ...} gives the largest difference between
+the two implementations' residuals on the same tokens. transformers runs HF's LlamaModel with the same weights,
+truncated to blocks 0..layer with the final norm removed, so both return the residual after block `layer`.
 """
 from __future__ import annotations
 
