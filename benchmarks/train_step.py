@@ -1,7 +1,7 @@
 """Seed-ensemble step throughput (vmapped S seeds vs S separate 1-seed steps) and CacheSource read speed.
 
 Run: `python -m benchmarks.train_step [key=value ...]` from the repository root. Prints JSON lines:
-- `{"bench": "hlo", ...}`: [S, B, M]-shaped matmuls in the compiled train step vs in the bare vmapped
+- `{"bench": "hlo", ...}`: [..., B, n·M]-shaped matmuls in the compiled train step vs in the bare vmapped
   value_and_grad of the loss (with AuxK); equal counts mean the firing statistics (`sae.encode` on the same params and
   batch) were merged with the loss's encoder by XLA and cost no extra matmul.
 - `{"bench": "step", "seeds": S, ...}`: best step time over `reps` timed steps after one warm-up step (the
@@ -44,7 +44,9 @@ class BenchConfig:
 
 
 def _bxm_dots(compiled_text: str, b: int, m: int) -> int:
-    return len(re.findall(rf"= f32\[\d+,{b},{m}\]\S* dot\(", compiled_text))
+    """Matmuls whose output is [..., B, n·M]: [S, B, M], [B, M] (XLA:CPU's encoder loop) or seeds side by side."""
+    dims = [[int(d) for d in s.split(",")] for s in re.findall(r"= f32\[([\d,]+)\]\S* dot\(", compiled_text)]
+    return sum(len(d) >= 2 and d[-2] == b and d[-1] % m == 0 for d in dims)
 
 
 def bench_hlo(cfg: BenchConfig, sae_cfg: sae.SAEConfig) -> dict:
