@@ -21,7 +21,8 @@ forward encoder matmul. The backward touches just the K selected latents of each
 are scatter-adds of B·K rows (in column blocks that stay in cache), d(vals) a gather-dot, and d(b_dec)
 through the encoder input is −W_enc·d(b_enc) (a mat-vec) rather than a B×D×M product. Under `jax.vmap`
 over seeds a `custom_vmap` rule keeps these plain per-seed row operations. No gradient w.r.t. x is formed
-unless asked for. On XLA:CPU the top-k and this backward run as multi-threaded kernels (`cpu_kernels`, same results).
+unless asked for. On XLA:CPU the top-k and this backward run as multi-threaded kernels (`cpu_kernels`, same results),
+and the encoder runs seed by seed in row blocks, so no whole [B, M] pre-activation is ever allocated.
 """
 from __future__ import annotations
 
