@@ -210,8 +210,9 @@ def _encode_batched(k, x_aug_XxBxE, W_aug_SxExM):
     return tuple(_top_k(jnp.einsum("SBE,SEM->SBM", x_aug_SxBxE, W_aug_SxExM).reshape(S * B, M), k, (S, B, k)))
 
 
-# Pre-activation floats per block of `_encode_blocks` (16 MiB): under glibc's mmap threshold, so the block's
-# buffer is reused from the heap rather than page-faulted anew each step as a whole [B, M] one is.
+# Pre-activation floats per block of `_encode_blocks` (16 MiB). XLA:CPU takes a step's temporaries in one fresh
+# allocation that is page-faulted anew every step, so a whole [B, M] pre-activation (75 MB at B=4096, M=4608) or
+# [B, S·M] one costs its size in faults each step; blocks keep the step's temporaries small.
 _BLOCK_FLOATS = 1 << 22
 
 
