@@ -364,16 +364,28 @@ def _logits(params: Params, h_BxTxD, cfg: LlamaConfig) -> jax.Array:
 # XLA:CPU's default dot library (YNNPACK in jax 0.10) ran SmolLM2's forward matmuls at ~0.8x the rate of oneDNN
 # (torch's) on an AVX-512 host; oneDNN per dot brings the inference forward to that rate. Only plain Llama's
 # forward asks for it: in training steps (backward layouts) and in LIMe's routed mixes some dots ran 2-3x slower
-# under oneDNN, and its whole-graph mode ("dot") aborted the process on a training step. LIME_JAX_CPU_DOTS=xla
-# turns it off.
+# under oneDNN, and its whole-graph mode ("dot") aborted the process on a training step. It is on only where it
+# has run cleanly, x86 CPUs with AVX-512: on a 2-core AMD Zen 3 (AVX2) host SmolLM2's forward under it corrupted
+# the heap (glibc aborts, segfaults; jax 0.10.2). LIME_JAX_CPU_DOTS=xla turns it off, =onednn on whatever the CPU.
 _ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
                 "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
+@functools.cache
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
 def _uses_onednn(cfg: LlamaConfig) -> bool:
     """Whether the inference entry points compile cfg's forward with oneDNN dots (plain Llama, x86 CPU)."""
-    return (cfg.routing == "none" and platform.machine().lower() in ("x86_64", "amd64")
-            and os.environ.get("LIME_JAX_CPU_DOTS", "onednn") != "xla" and jax.default_backend() == "cpu")
+    choice = os.environ.get("LIME_JAX_CPU_DOTS", "auto")
+    if cfg.routing != "none" or choice == "xla" or jax.default_backend() != "cpu":
+        return False
+    return platform.machine().lower() in ("x86_64", "amd64") and (choice == "onednn" or _cpu_has_avx512())
 
 
 def _forward_jit(*static_argnums: int):

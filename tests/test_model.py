@@ -1,6 +1,7 @@
 """lime_jax.model and lime_jax.config on small random models: references, LIMe routing, causality, bad input."""
 import dataclasses
 import math
+import os
 import platform
 
 import jax
@@ -68,14 +69,19 @@ def test_apply_matches_numpy_reference(tie):
 
 
 def test_plain_forward_takes_onednn_dots_on_x86_cpu_and_both_paths_match_numpy(monkeypatch):
-    """Plain Llama's inference forward compiles with oneDNN dots on x86 CPUs unless LIME_JAX_CPU_DOTS=xla;
-    routed models never do. Either way the logits are the numpy forward's."""
+    """Plain Llama's inference forward compiles with oneDNN dots on x86 CPUs with AVX-512 by default, on any x86
+    CPU with LIME_JAX_CPU_DOTS=onednn, never with =xla; routed models never do. Either way the logits are the numpy
+    forward's."""
     x86 = platform.machine().lower() in ("x86_64", "amd64") and jax.default_backend() == "cpu"
+    avx512 = x86 and os.path.exists("/proc/cpuinfo") and "avx512f" in open("/proc/cpuinfo").read().split()
     params, tokens = model.init(jax.random.key(3), SMALL), _tokens(SMALL)
     expected = _np_forward(params, tokens, SMALL)
-    for setting in ("onednn", "xla"):
-        monkeypatch.setenv("LIME_JAX_CPU_DOTS", setting)
-        assert model._uses_onednn(SMALL) == (x86 and setting == "onednn")
+    for setting in ("auto", "onednn", "xla"):
+        if setting == "auto":
+            monkeypatch.delenv("LIME_JAX_CPU_DOTS", raising=False)
+        else:
+            monkeypatch.setenv("LIME_JAX_CPU_DOTS", setting)
+        assert model._uses_onednn(SMALL) == ((x86 and setting == "onednn") or (avx512 and setting == "auto"))
         assert not model._uses_onednn(model.to_lime(params, SMALL, "static")[1])
         np.testing.assert_allclose(model.apply(params, tokens, SMALL), expected, rtol=1e-4, atol=1e-4)
         # Inside a user's jit with concrete (closed-over) params and tokens: JAX refuses nested compiler options,
