@@ -373,6 +373,7 @@ _ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
 
 @functools.cache
 def _cpu_has_avx512() -> bool:
+    """Whether /proc/cpuinfo lists AVX-512 (avx512f); False where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             return any(line.startswith("flags") and " avx512f" in line for line in f)
@@ -381,7 +382,7 @@ def _cpu_has_avx512() -> bool:
 
 
 def _uses_onednn(cfg: LlamaConfig) -> bool:
-    """Whether the inference entry points compile cfg's forward with oneDNN dots (plain Llama, x86 CPU)."""
+    """Whether the inference entry points compile cfg's forward with oneDNN dots (plain Llama, x86 CPU, AVX-512 unless forced)."""
     choice = os.environ.get("LIME_JAX_CPU_DOTS", "auto")
     if cfg.routing != "none" or choice == "xla" or jax.default_backend() != "cpu":
         return False
