@@ -99,11 +99,9 @@ def test_smollm2_converted_to_lime_gives_its_own_logits():
     # v2, the official parametrisation the retrofit experiment uses; static and dynamic convert through the same
     # to_lime and are checked on tiny models (compiling each 30-block LIMe forward costs ~10 s).
     lime, lime_cfg = model.to_lime(params, cfg, "v2")
-    # atol 5e-4 on logits up to ~25: float32 rounding through 30 blocks whose position-0 states have norm
-    # ~2e4 (the routed K/V is a per-head batched matmul with the gain folded in, Llama's one flat matmul; on x86
-    # Llama's inference forward uses oneDNN's dots, LIMe's XLA's). An AVX2 host gave 2.2e-4 on one logit of 786k;
-    # a wrong conversion is off by O(1).
-    np.testing.assert_allclose(model.apply(lime, tokens, lime_cfg), expected, rtol=1e-4, atol=5e-4)
+    # atol 2e-4 on logits up to ~25: float32 rounding through 30 blocks whose position-0 states have norm
+    # ~2e4 (the routed K/V is a per-head batched matmul with the gain folded in, Llama's one flat matmul).
+    np.testing.assert_allclose(model.apply(lime, tokens, lime_cfg), expected, rtol=1e-4, atol=2e-4)
 
 
 def _renyi_reference(x_BxTxF, alpha, mean, std):
