@@ -382,7 +382,8 @@ def _cpu_has_avx512() -> bool:
 
 
 def _uses_onednn(cfg: LlamaConfig) -> bool:
-    """Whether the inference entry points compile cfg's forward with oneDNN dots (plain Llama, x86 CPU, AVX-512 unless forced)."""
+    """Whether the inference entry points compile cfg's forward with oneDNN dots (plain Llama on x86, AVX-512 by
+    default)."""
     choice = os.environ.get("LIME_JAX_CPU_DOTS", "auto")
     if cfg.routing != "none" or choice == "xla" or jax.default_backend() != "cpu":
         return False
