@@ -296,7 +296,7 @@ ffi::Error ScatterRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi:
 //   r -= vals[b, k]·W[idx[b, k]].
 // Every update is column-wise, so workers take column blocks (as ScatterRows) and their dv and sse shares are
 // summed at the end. A worker's two [M, kWidth] buffers (1.2 MB at M = 4608) outgrow a 512 KiB L2, where the
-// walk waits on their random rows: fetching the rows kAhead prefixes ahead took 10-25% off it there (AVX2 host,
+// walk waits on their random rows: fetching the rows kAhead prefixes ahead took 8-26% off it there (AVX2 host,
 // K = 32-128, unguarded runs); 2-6 ahead did about as well, 8-16 less.
 constexpr int64_t kAhead = 4;
 ffi::Error HTopKWalkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> idx,
