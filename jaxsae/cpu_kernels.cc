@@ -307,6 +307,7 @@ ffi::Error HTopKWalkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals, ffi::
   int64_t rows = idx.dimensions()[0], k = idx.dimensions()[1];
   const float *pv = vals.typed_data(), *pW = W.typed_data(), *pr = rK.typed_data(), *pc = coef.typed_data();
   const float* pct = ct_r.typed_data();
+  const bool has_ct = ct_r.dimensions()[0] != 0;  // ct_r [0, D]: a zero cotangent, not read
   const int32_t* pi = idx.typed_data();
   float *pdv = dv->typed_data(), *pdW = dW->typed_data(), *pG = G->typed_data(), *psse = sse->typed_data();
   if (auto e = CheckIndices(pi, rows * k, m); e.failure()) return e;
@@ -329,7 +330,7 @@ ffi::Error HTopKWalkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals, ffi::
     for (int64_t b = 0; b < rows; ++b) {
       alignas(64) float r_in[kWidth] = {0.0f}, g_in[kWidth] = {0.0f};
       std::copy(pr + b * d + c0, pr + b * d + c0 + w, r_in);
-      std::copy(pct + b * d + c0, pct + b * d + c0 + w, g_in);
+      if (has_ct) std::copy(pct + b * d + c0, pct + b * d + c0 + w, g_in);
       Vec r[kVecs], g[kVecs];
       for (int q = 0; q < kVecs; ++q) r[q] = Load(r_in + q * kLanes), g[q] = Load(g_in + q * kLanes);
       for (int64_t j = k - 1; j >= 0; --j) {
@@ -569,7 +570,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeHTopKWalkF32, HTopKWalkImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // W_dec [M, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // r_K [B, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // coef [K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // ct_r [B, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ct_r [B, D], or [0, D] for zeros
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dv [B, K]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dW_dec [M, D]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // G [B, D]

@@ -127,7 +127,7 @@ def _lean_bwd(tile, res, cts):
 # back in place, rather than [D // c, R, c] stacks, which cost a transposed copy of each operand.
 def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD):
     """(dvals, dW_dec, G_1 = dL/dr_0, sse_K = Σ r_j²) by walking the prefixes backwards, column block by block
-    (`cpu_kernels.htopk_walk` on XLA:CPU)."""
+    (`cpu_kernels.htopk_walk` on XLA:CPU). ct_r_BxD may be [0, D]: a zero cotangent that takes no memory."""
     coef_K = 2.0 * ct_K / (vals_BxK.shape[0] * rK_BxD.shape[1])  # dL/dr_j = coef_j · r_j
     return cpu_kernels.on_cpu(cpu_kernels.htopk_walk, _walk_back_xla, vals_BxK, idx_BxK, W_dec_MxD, rK_BxD,
                               coef_K.astype(jnp.float32), ct_r_BxD.astype(jnp.float32))
@@ -162,21 +162,24 @@ def _walk_back_xla(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, coef_K, ct_r_BxD):
         return (jax.lax.dynamic_update_slice_in_dim(dW_MxD, dW_Mxc, j * c, axis=1), dv_BxK + dv_block_BxK, sse_K,
                 jax.lax.dynamic_update_slice_in_dim(G_BxD, G_Bxc, j * c, axis=1))
 
-    init = (jnp.zeros((M, D), jnp.float32), jnp.zeros((B, K), jnp.float32), jnp.zeros((K,), jnp.float32),
-            ct_r_BxD.astype(jnp.float32))
+    G_BxD = ct_r_BxD.astype(jnp.float32) if ct_r_BxD.shape[0] else jnp.zeros((B, D), jnp.float32)
+    init = (jnp.zeros((M, D), jnp.float32), jnp.zeros((B, K), jnp.float32), jnp.zeros((K,), jnp.float32), G_BxD)
     dW_dec_MxD, dv_BxK, sse_K, G_BxD = jax.lax.fori_loop(0, D // c, walk_block, init)
     return dv_BxK, dW_dec_MxD, G_BxD, sse_K
 
 
-def _encoder_scatter(idx_BxK, dpre_BxK, x_in_BxD, M: int):
-    """(dW_enc [D, M], d(b_enc) [M]) of a TopK encoder: scatter-adds of dpre · x_in, in column blocks."""
-    def kernel(idx_BxK, dpre_BxK, x_in_BxD):
-        zeros_1xD = jnp.zeros((1, x_in_BxD.shape[1]), x_in_BxD.dtype)
-        dW_enc_1xDxM, db_enc_1xM = cpu_kernels.scatter_rows(idx_BxK[None], dpre_BxK[None], x_in_BxD[None], zeros_1xD,
+def _encoder_scatter(idx_BxK, dpre_BxK, x_BxD, b_dec_D, M: int):
+    """(dW_enc [D, M], d(b_enc) [M]) of a TopK encoder: scatter-adds of dpre · (x − b_dec), in column blocks (the
+    kernel subtracts b_dec per block, so no [B, D] x − b_dec is stored)."""
+    def kernel(idx_BxK, dpre_BxK, x_BxD, b_dec_D):
+        dW_enc_1xDxM, db_enc_1xM = cpu_kernels.scatter_rows(idx_BxK[None], dpre_BxK[None], x_BxD[None], b_dec_D[None],
                                                            M, transpose=True)
         return dW_enc_1xDxM[0], db_enc_1xM[0]
 
-    return cpu_kernels.on_cpu(kernel, functools.partial(_encoder_scatter_xla, M=M), idx_BxK, dpre_BxK, x_in_BxD)
+    def xla(idx_BxK, dpre_BxK, x_BxD, b_dec_D):
+        return _encoder_scatter_xla(idx_BxK, dpre_BxK, x_BxD - b_dec_D, M)
+
+    return cpu_kernels.on_cpu(kernel, xla, idx_BxK, dpre_BxK, x_BxD, b_dec_D)
 
 
 def _encoder_scatter_xla(idx_BxK, dpre_BxK, x_in_BxD, M: int):
@@ -226,10 +229,10 @@ def _fused_fwd(params, x_BxD, sae_cfg, cfg):
     (B, K), D = code.vals_BxK.shape, x_BxD.shape[1]
     rK_BxD = sae._gather_sum(*code, W_dec_MxD) + b_dec_D - x_BxD
     w_K = prefix_weights(K, cfg.prefixes)
-    dvals_BxK, dW_dec_MxD, G_BxD, sse_K = _walk_back(*code, W_dec_MxD, rK_BxD, w_K, jnp.zeros_like(rK_BxD))
+    dvals_BxK, dW_dec_MxD, G_BxD, sse_K = _walk_back(*code, W_dec_MxD, rK_BxD, w_K, jnp.zeros((0, D), jnp.float32))
     mse_K = sse_K / (B * D)
     dpre_BxK = jnp.where(code.vals_BxK > 0, dvals_BxK, 0.0)  # the ReLU after top_k
-    dW_enc_DxM, db_enc_M = _encoder_scatter(code.idx_BxK, dpre_BxK, x_BxD - b_dec_D, sae_cfg.d_sae)
+    dW_enc_DxM, db_enc_M = _encoder_scatter(code.idx_BxK, dpre_BxK, x_BxD, b_dec_D, sae_cfg.d_sae)
     # The encoder reads x − b_dec: through it, dx = Σ_k dpre_k W_enc[:, idx_k] (dropped by XLA unless x's
     # gradient is used) and d(b_dec) = −Σ_b dx = −W_enc·d(b_enc). Both read W_enc as the forward's
     # [W_enc; b_enc] buffer (`sae._topk_encode_aug`), and drop its last (b_enc) entry.
