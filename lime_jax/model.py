@@ -373,12 +373,8 @@ _ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
 
 @functools.cache
 def _cpu_has_avx512() -> bool:
-    """Whether /proc/cpuinfo lists AVX-512 (avx512f); False where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        return False
+    """Whether the CPU's flags, as `cpu_kernels` reads them from /proc/cpuinfo, list AVX-512 (avx512f)."""
+    return b"avx512f" in cpu_kernels._cpu_id().split()
 
 
 def _uses_onednn(cfg: LlamaConfig) -> bool:
