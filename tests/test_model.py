@@ -2,6 +2,7 @@
 import dataclasses
 import math
 import os
+import pathlib
 import platform
 
 import jax
@@ -73,7 +74,7 @@ def test_plain_forward_takes_onednn_dots_on_x86_cpu_and_both_paths_match_numpy(m
     CPU with LIME_JAX_CPU_DOTS=onednn, never with =xla; routed models never do. Either way the logits are the numpy
     forward's."""
     x86 = platform.machine().lower() in ("x86_64", "amd64") and jax.default_backend() == "cpu"
-    avx512 = x86 and os.path.exists("/proc/cpuinfo") and "avx512f" in open("/proc/cpuinfo").read().split()
+    avx512 = x86 and os.path.exists("/proc/cpuinfo") and "avx512f" in pathlib.Path("/proc/cpuinfo").read_text().split()
     params, tokens = model.init(jax.random.key(3), SMALL), _tokens(SMALL)
     expected = _np_forward(params, tokens, SMALL)
     for setting in ("auto", "onednn", "xla"):
