@@ -227,7 +227,7 @@ def _fused_fwd(params, x_BxD, sae_cfg, cfg):
     code, W_aug_ExM = sae._topk_encode_aug(params, x_BxD, sae_cfg)
     W_dec_MxD, b_dec_D = params["W_dec"], params["b_dec"]
     (B, K), D = code.vals_BxK.shape, x_BxD.shape[1]
-    rK_BxD = sae._gather_sum(*code, W_dec_MxD) + b_dec_D - x_BxD
+    rK_BxD = sae._topk_residual(params, code, x_BxD)
     w_K = prefix_weights(K, cfg.prefixes)
     dvals_BxK, dW_dec_MxD, G_BxD, sse_K = _walk_back(*code, W_dec_MxD, rK_BxD, w_K, jnp.zeros((0, D), jnp.float32))
     mse_K = sse_K / (B * D)

@@ -21,7 +21,8 @@ forward encoder matmul. The backward touches just the K selected latents of each
 are scatter-adds of B·K rows (in column blocks that stay in cache), d(vals) a gather-dot, and d(b_dec)
 through the encoder input is −W_enc·d(b_enc) (a mat-vec) rather than a B×D×M product. Under `jax.vmap`
 over seeds a `custom_vmap` rule keeps these plain per-seed row operations. No gradient w.r.t. x is formed
-unless asked for. On XLA:CPU the top-k and this backward run as multi-threaded kernels (`cpu_kernels`, same results),
+unless asked for. `loss` goes one step further (`_topk_mse`): the MSE's weights are fixed, so its forward forms the
+gradient at once from the residual r = x̂ − x, summed from b_dec − x, the one [B, D] tensor of the step. On XLA:CPU the top-k and this backward run as multi-threaded kernels (`cpu_kernels`, same results),
 and the encoder runs seed by seed in row blocks, so no whole [B, M] pre-activation is ever allocated.
 """
 from __future__ import annotations
@@ -145,16 +146,18 @@ def _col(a_BxK: jax.Array, k) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(a_BxK, k, 1, keepdims=False)
 
 
-def _gather_sum(vals_BxK: jax.Array, idx_BxK: jax.Array, W_MxD: jax.Array) -> jax.Array:
-    """Σ_k vals[:, k] · W[idx[:, k]]: the gathers fuse into the adds, nothing [B, K, D] is built."""
+def _gather_sum(vals_BxK: jax.Array, idx_BxK: jax.Array, W_MxD: jax.Array, start_BxD: jax.Array | None = None):
+    """start + Σ_k vals[:, k] · W[idx[:, k]] (start: zeros): the gathers fuse into the adds, nothing [B, K, D] is built."""
     B, K = vals_BxK.shape
+    if start_BxD is None:
+        start_BxD = jnp.zeros((B, W_MxD.shape[1]), vals_BxK.dtype)
 
     def add_row(k, acc_BxD):
         return acc_BxD + _col(vals_BxK, k)[:, None] * _gather_rows(W_MxD, _col(idx_BxK, k))
 
     # unroll=8: each trip is one fused gather-add, and the loop carry materialises the sum once (fully
     # unrolled, XLA fuses the sum into every consumer and materialises each gather instead).
-    return jax.lax.fori_loop(0, K, add_row, jnp.zeros((B, W_MxD.shape[1]), vals_BxK.dtype), unroll=min(K, 8))
+    return jax.lax.fori_loop(0, K, add_row, start_BxD, unroll=min(K, 8))
 
 
 def _top_k(pre_NxM: jax.Array, k: int, shape: tuple[int, ...] | None = None) -> Code:
@@ -176,9 +179,9 @@ def _top_k(pre_NxM: jax.Array, k: int, shape: tuple[int, ...] | None = None) -> 
 # (`lax.map`), so each touches one seed's weights (cache-sized) with plain row operations that XLA:CPU
 # fuses well. `jax.vmap` over seeds folds its axis into S through `custom_vmap` rather than producing
 # batched gathers, which XLA:CPU does not fuse.
-def _fwd_seeds(k, W_enc_SxDxM, b_enc_SxM, W_dec_SxMxD, b_dec_SxD, x_XxBxD):
-    """(x̂ [S, B, D], vals [S, B, K], idx [S, B, K], W_aug [S, D+1, M]) of S TopK SAEs; W_aug's first D rows are
-    W_enc, its last the bias the encoder matmul added."""
+def _encode_seeds(k, W_enc_SxDxM, b_enc_SxM, b_dec_SxD, x_XxBxD):
+    """(vals [S, B, K], idx [S, B, K], W_aug [S, D+1, M]) of S TopK encoders; W_aug's first D rows are W_enc, its
+    last the bias the encoder matmul added."""
     (S, D, M), B = W_enc_SxDxM.shape, x_XxBxD.shape[1]
     # The bias rides in the matmul as the weight row of an extra input column of ones, so TopK reads the matmul's
     # output itself: a separate bias add would read and write the whole [S, B, M] once more.
@@ -195,8 +198,22 @@ def _fwd_seeds(k, W_enc_SxDxM, b_enc_SxM, W_dec_SxMxD, b_dec_SxD, x_XxBxD):
     args = (x_aug_XxBxE, W_aug_SxExM)
     vals_SxBxK, idx_SxBxK = jax.lax.platform_dependent(*args, cpu=functools.partial(_encode_blocks, k),
                                                        default=functools.partial(_encode_batched, k))
-    x_hat_SxBxD = jax.lax.map(lambda a: _gather_sum(*a), (vals_SxBxK, idx_SxBxK, W_dec_SxMxD))
-    return x_hat_SxBxD + b_dec_SxD[:, None], vals_SxBxK, idx_SxBxK, W_aug_SxExM
+    return vals_SxBxK, idx_SxBxK, W_aug_SxExM
+
+
+def _decode_seeds(minus_x: bool, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, x_XxBxD):
+    """(x̂ [S, B, D],) of S TopK decoders, or with `minus_x` (x̂ − x,): the sum then starts from b_dec − x, so the
+    residual is built in the sum's own buffer rather than as one more [S, B, D] tensor."""
+    x_shared = x_XxBxD.shape[0] == 1
+
+    def one_seed(a):
+        W_dec_MxD, b_dec_D, vals_BxK, idx_BxK, x_BxD = a
+        if not minus_x:
+            return _gather_sum(vals_BxK, idx_BxK, W_dec_MxD) + b_dec_D
+        return _gather_sum(vals_BxK, idx_BxK, W_dec_MxD, b_dec_D - (x_XxBxD[0] if x_shared else x_BxD))
+
+    xs = W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, (b_dec_SxD if x_shared else x_XxBxD)
+    return (jax.lax.map(one_seed, xs),)
 
 
 def _encode_batched(k, x_aug_XxBxE, W_aug_SxExM):
@@ -252,8 +269,9 @@ def _cols(a_RxD: jax.Array, j, c: int) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(a_RxD, j * c, c, axis=1)
 
 
-def _bwd_one_seed(k, W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
-    """(dW_dec [M, D], dW_enc [D, M], d(b_enc) [M]) of one seed, in XLA (`_bwd_kernels` on XLA:CPU).
+def _bwd_one_seed(k, scale, W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
+    """(dW_dec [M, D], dW_enc [D, M], d(b_enc) [M]) of one seed whose x̂ has the gradient scale·g, in XLA
+    (`_bwd_kernels` on XLA:CPU).
 
     Both passes walk D in blocks of c columns, so each scatter-add hits an [M, c] accumulator and each
     gathered [B, c] block that stay in cache, unlike full-width [M, D] rows on a CPU. The blocks are column
@@ -263,7 +281,7 @@ def _bwd_one_seed(k, W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
     M, D = W_dec_MxD.shape
     c = _chunk_width(D)
 
-    def dvals_block(j, dvals_BxK):  # adds the block's share of d(val)[b, k] = g_b · W_dec[idx[b, k]]
+    def dvals_block(j, dvals_BxK):  # adds the block's share of g_b · W_dec[idx[b, k]]
         g_Bxc, W_Mxc = _cols(g_BxD, j, c), _cols(W_dec_MxD, j, c)
 
         def one_k(kk, dvals_BxK):
@@ -271,16 +289,17 @@ def _bwd_one_seed(k, W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
 
         return jax.lax.fori_loop(0, k, one_k, dvals_BxK)
 
-    dvals_BxK = jax.lax.fori_loop(0, D // c, dvals_block, g_vals_BxK)
+    dvals_BxK = scale * jax.lax.fori_loop(0, D // c, dvals_block, jnp.zeros_like(g_vals_BxK)) + g_vals_BxK
     dpre_BxK = jnp.where(vals_BxK > 0, dvals_BxK, 0.0)  # through the ReLU
+    coef_BxK = scale * vals_BxK
 
-    def scatter_block(j, carry):  # dW_dec[idx] += val · g and dW_enc[:, idx] += dpre · x_in, block columns only
+    def scatter_block(j, carry):  # dW_dec[idx] += scale · val · g and dW_enc[:, idx] += dpre · x_in, block columns
         g_Bxc, x_Bxc = _cols(g_BxD, j, c), _cols(x_in_BxD, j, c)
 
         def one_k(kk, acc):
             dW_dec_Mxc, dW_enc_Mxc = acc
             i_B = _col(idx_BxK, kk)
-            return (dW_dec_Mxc.at[i_B].add(_col(vals_BxK, kk)[:, None] * g_Bxc, mode="promise_in_bounds"),
+            return (dW_dec_Mxc.at[i_B].add(_col(coef_BxK, kk)[:, None] * g_Bxc, mode="promise_in_bounds"),
                     dW_enc_Mxc.at[i_B].add(_col(dpre_BxK, kk)[:, None] * x_Bxc, mode="promise_in_bounds"))
 
         zeros_Mxc = jnp.zeros((M, c), g_BxD.dtype)
@@ -294,47 +313,50 @@ def _bwd_one_seed(k, W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
     return dW_dec_MxD, dW_enc_MxD.T, db_enc_M
 
 
-def _dx_one_seed(W_aug_ExM, W_dec_MxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
-    """d(loss)/dx of one seed, through the K selected latents."""
-    dvals_BxK = jnp.einsum("BD,BKD->BK", g_BxD, _gather_rows(W_dec_MxD, idx_BxK)) + g_vals_BxK
+def _dx_one_seed(scale, W_aug_ExM, W_dec_MxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
+    """d(loss)/dx of one seed through the encoder, the K selected latents (x̂'s gradient: scale·g)."""
+    dvals_BxK = scale * jnp.einsum("BD,BKD->BK", g_BxD, _gather_rows(W_dec_MxD, idx_BxK)) + g_vals_BxK
     return _gather_sum(jnp.where(vals_BxK > 0, dvals_BxK, 0.0), idx_BxK, W_aug_ExM.T)[:, :-1]
 
 
-def _bwd_xla(k, W_dec_SxMxD, b_dec_SxD, x_XxBxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK):
+def _bwd_xla(k, scale, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK, x_XxBxD):
     """(dW_dec, dW_enc, d(b_enc)) of S seeds, seed by seed (`lax.map`), each touching one seed's weights."""
     x_shared = x_XxBxD.shape[0] == 1
 
     def one_seed(a):
         W_dec_MxD, b_dec_D, x_BxD, *rest = a
-        return _bwd_one_seed(k, W_dec_MxD, (x_XxBxD[0] if x_shared else x_BxD) - b_dec_D, *rest)
+        return _bwd_one_seed(k, scale, W_dec_MxD, (x_XxBxD[0] if x_shared else x_BxD) - b_dec_D, *rest)
 
     xs = W_dec_SxMxD, b_dec_SxD, (b_dec_SxD if x_shared else x_XxBxD), vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK
     return jax.lax.map(one_seed, xs)
 
 
-def _bwd_kernels(W_dec_SxMxD, b_dec_SxD, x_XxBxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK):
-    """`_bwd_xla` by `cpu_kernels`, all seeds per call: no per-seed x − b_dec, stacking copies or transposes."""
+def _bwd_kernels(scale, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK, x_XxBxD):
+    """`_bwd_xla` by `cpu_kernels`, all seeds per call: no per-seed x − b_dec, stacking copies or transposes; the
+    scale rides in the [S, B, K] coefficients, so no scaled [S, B, D] gradient is formed."""
     M = W_dec_SxMxD.shape[1]
-    dvals_SxBxK = cpu_kernels.gather_dot(g_SxBxD, W_dec_SxMxD, idx_SxBxK) + g_vals_SxBxK
+    dvals_SxBxK = scale * cpu_kernels.gather_dot(g_SxBxD, W_dec_SxMxD, idx_SxBxK) + g_vals_SxBxK
     dpre_SxBxK = jnp.where(vals_SxBxK > 0, dvals_SxBxK, 0.0)
-    dW_dec_SxMxD, _ = cpu_kernels.scatter_rows(idx_SxBxK, vals_SxBxK, g_SxBxD, jnp.zeros_like(b_dec_SxD), M)
+    dW_dec_SxMxD, _ = cpu_kernels.scatter_rows(idx_SxBxK, scale * vals_SxBxK, g_SxBxD, jnp.zeros_like(b_dec_SxD), M)
     dW_enc_SxDxM, db_enc_SxM = cpu_kernels.scatter_rows(idx_SxBxK, dpre_SxBxK, x_XxBxD, b_dec_SxD, M, transpose=True)
     return dW_dec_SxMxD, dW_enc_SxDxM, db_enc_SxM
 
 
-def _bwd_seeds(k, W_aug_SxExM, W_dec_SxMxD, b_dec_SxD, x_XxBxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK):
-    """Gradients of S TopK SAEs touching only the selected latents; dx is per seed, [S, B, D].
+def _bwd_seeds(k, scale, W_aug_SxExM, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK, x_XxBxD):
+    """(dW_enc, d(b_enc), dW_dec, d(b_dec), dx [S, B, D]) of S TopK SAEs whose x̂ has the gradient scale·g (and
+    their code's values g_vals), touching only the selected latents. dx is through the encoder only.
 
     The encoder weights come as the forward's W_aug (W_enc and a bias row), a buffer of the step's own: reading the
     W_enc parameter itself this late would make XLA copy it, so that the in-place Adam update cannot overwrite
     it before this read.
     """
-    args = W_dec_SxMxD, b_dec_SxD, x_XxBxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK
-    dW_dec_SxMxD, dW_enc_SxDxM, db_enc_SxM = cpu_kernels.on_cpu(_bwd_kernels, functools.partial(_bwd_xla, k), *args)
+    args = W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK, x_XxBxD
+    dW_dec_SxMxD, dW_enc_SxDxM, db_enc_SxM = cpu_kernels.on_cpu(
+        functools.partial(_bwd_kernels, scale), functools.partial(_bwd_xla, k, scale), *args)
     # x_in = x − b_dec, so through the encoder d(b_dec) = −Σ_b dx_in[b] = −W_enc·d(b_enc): a mat-vec.
-    db_dec_SxD = g_SxBxD.sum(1) - jnp.einsum("SEM,SM->SE", W_aug_SxExM, db_enc_SxM)[:, :-1]
+    db_dec_SxD = scale * g_SxBxD.sum(1) - jnp.einsum("SEM,SM->SE", W_aug_SxExM, db_enc_SxM)[:, :-1]
     # dx is only computed when the caller differentiates w.r.t. x (otherwise XLA drops it).
-    dx_SxBxD = jax.lax.map(lambda a: _dx_one_seed(*a),
+    dx_SxBxD = jax.lax.map(lambda a: _dx_one_seed(scale, *a),
                            (W_aug_SxExM, W_dec_SxMxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK))
     return dW_enc_SxDxM, db_enc_SxM, dW_dec_SxMxD, db_dec_SxD, dx_SxBxD
 
@@ -354,27 +376,24 @@ def _fold_x(x_XxBxD: jax.Array, batched: bool, n: int, S: int) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def _seed_batched(k: int):
-    """(fwd, bwd) for S seeds whose vmap rule folds the mapped axis into S."""
-    fwd = jax.custom_batching.custom_vmap(functools.partial(_fwd_seeds, k))
-    bwd = jax.custom_batching.custom_vmap(functools.partial(_bwd_seeds, k))
+def _per_seed(fn, *static):
+    """fn(*static, *args) over S seeds (params [S, ...] first, x [1, B, D] or [S, B, D] last), returning a tuple, as
+    a `custom_vmap` whose rule folds a vmapped axis into S."""
+    f = jax.custom_batching.custom_vmap(functools.partial(fn, *static))
 
-    @fwd.def_vmap
-    def fwd_rule(n, batched, W_enc, b_enc, W_dec, b_dec, x):
-        S = W_enc.shape[1] if batched[0] else W_enc.shape[0]
-        params = [_fold(a, b, n) for a, b in zip((W_enc, b_enc, W_dec, b_dec), batched)]
-        outs = fwd(*params, _fold_x(x, batched[4], n, S))
-        return tuple(o.reshape((n, S) + o.shape[1:]) for o in outs), (True,) * 4
+    @f.def_vmap
+    def rule(n, batched, *args):
+        S = args[0].shape[1] if batched[0] else args[0].shape[0]
+        folded = [_fold(a, b, n) for a, b in zip(args[:-1], batched[:-1])]
+        outs = f(*folded, _fold_x(args[-1], batched[-1], n, S))
+        return tuple(o.reshape((n, S) + o.shape[1:]) for o in outs), (True,) * len(outs)
 
-    @bwd.def_vmap
-    def bwd_rule(n, batched, W_aug, W_dec, b_dec, x, *rest):
-        S = W_aug.shape[1] if batched[0] else W_aug.shape[0]
-        folded = [_fold(a, b, n) for a, b in zip((W_aug, W_dec, b_dec), batched)]
-        folded_rest = [_fold(a, b, n) for a, b in zip(rest, batched[4:])]
-        grads = bwd(*folded, _fold_x(x, batched[3], n, S), *folded_rest)
-        return tuple(g.reshape((n, S) + g.shape[1:]) for g in grads), (True,) * 5
+    return f
 
-    return fwd, bwd
+
+def _encode_one(W_enc_DxM, b_enc_M, b_dec_D, x_BxD, k):
+    """(vals [1, B, K], idx [1, B, K], W_aug [1, D+1, M]) of one TopK encoder, through `_per_seed`."""
+    return _per_seed(_encode_seeds, k)(W_enc_DxM[None], b_enc_M[None], b_dec_D[None], x_BxD[None])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -384,18 +403,50 @@ def _topk_autoencode(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
 
 
 def _topk_autoencode_fwd(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
-    fwd, _ = _seed_batched(k)
-    x_hat, vals, idx, W_aug = fwd(W_enc_DxM[None], b_enc_M[None], W_dec_MxD[None], b_dec_D[None], x_BxD[None])
-    return (x_hat[0], Code(vals[0], idx[0])), (W_aug[0], W_dec_MxD, b_dec_D, x_BxD, vals[0], idx[0])
+    vals, idx, W_aug = _encode_one(W_enc_DxM, b_enc_M, b_dec_D, x_BxD, k)
+    x_hat, = _per_seed(_decode_seeds, False)(W_dec_MxD[None], b_dec_D[None], vals, idx, x_BxD[None])
+    return (x_hat[0], Code(vals[0], idx[0])), (W_aug, W_dec_MxD[None], b_dec_D[None], vals, idx, x_BxD[None])
 
 
 def _topk_autoencode_bwd(k, res, cts):
     g_BxD, (g_vals_BxK, _) = cts
-    _, bwd = _seed_batched(k)
-    return tuple(a[0] for a in bwd(*(r[None] for r in res), g_BxD[None], g_vals_BxK[None]))
+    W_aug, W_dec, b_dec, vals, idx, x = res
+    grads = _per_seed(_bwd_seeds, k, 1.0)(W_aug, W_dec, b_dec, vals, idx, g_BxD[None], g_vals_BxK[None], x)
+    return tuple(a[0] for a in grads)
 
 
 _topk_autoencode.defvjp(_topk_autoencode_fwd, _topk_autoencode_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _topk_mse(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
+    """(mse, r = x̂ − x, Code) of one TopK SAE; only mse carries a gradient (callers put the rest under stop_gradient).
+
+    Under differentiation the forward forms the gradient at once, as the loss's weights are fixed: dL/dx̂ = c·r with
+    c = 2/(B·D), and c rides in the sparse backward's [B, K] coefficients, so r is the step's only [B, D] tensor
+    (loss, metrics, AuxK and the backward all read it). The backward scales the saved gradient.
+    """
+    vals, idx, _ = _encode_one(W_enc_DxM, b_enc_M, b_dec_D, x_BxD, k)
+    r, = _per_seed(_decode_seeds, True)(W_dec_MxD[None], b_dec_D[None], vals, idx, x_BxD[None])
+    return jnp.sum(r * r) / x_BxD.size, r[0], Code(vals[0], idx[0])
+
+
+def _topk_mse_fwd(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
+    vals, idx, W_aug = _encode_one(W_enc_DxM, b_enc_M, b_dec_D, x_BxD, k)
+    args = W_dec_MxD[None], b_dec_D[None], vals, idx
+    r, = _per_seed(_decode_seeds, True)(*args, x_BxD[None])
+    c = 2.0 / x_BxD.size
+    *grads, dx_enc = _per_seed(_bwd_seeds, k, c)(W_aug, *args, r, jnp.zeros_like(vals), x_BxD[None])
+    dx_BxD = dx_enc[0] - c * r[0]  # x also enters r directly (dropped by XLA unless x's gradient is used)
+    return (jnp.sum(r * r) / x_BxD.size, r[0], Code(vals[0], idx[0])), (tuple(g[0] for g in grads), dx_BxD)
+
+
+def _topk_mse_bwd(k, res, cts):
+    grads, dx_BxD = res
+    return tuple(cts[0] * g for g in (*grads, dx_BxD))
+
+
+_topk_mse.defvjp(_topk_mse_fwd, _topk_mse_bwd)
 
 
 def _topk_encode_aug(params: dict, x_BxD: jax.Array, cfg: SAEConfig) -> tuple[Code, jax.Array]:
@@ -404,9 +455,16 @@ def _topk_encode_aug(params: dict, x_BxD: jax.Array, cfg: SAEConfig) -> tuple[Co
     For hand-written backward passes (`htopk`): reading that buffer instead of the W_enc parameter keeps XLA
     from copying W_enc ahead of the in-place optimiser update.
     """
-    fwd, _ = _seed_batched(cfg.k)
-    _, vals, idx, W_aug = fwd(*(a[None] for a in _topk_args(params, x_BxD, cfg)))
+    W_enc, b_enc, _, b_dec, x = _topk_args(params, x_BxD, cfg)
+    vals, idx, W_aug = _encode_one(W_enc, b_enc, b_dec, x, cfg.k)
     return Code(vals[0], idx[0]), W_aug[0]
+
+
+def _topk_residual(params: dict, code: Code, x_BxD: jax.Array) -> jax.Array:
+    """x̂ − x of a TopK code, summed from b_dec − x in one [B, D] buffer (seed-folded under vmap, as `loss`'s)."""
+    r, = _per_seed(_decode_seeds, True)(params["W_dec"][None], params["b_dec"][None], code.vals_BxK[None],
+                                        code.idx_BxK[None], x_BxD[None])
+    return r[0]
 
 
 def _batchtopk(pre_BxM: jax.Array, k: int) -> jax.Array:
@@ -502,8 +560,10 @@ def loss(params: dict, x_BxD: jax.Array, cfg: SAEConfig, dead_M: jax.Array | Non
     D = cfg.d_in
     metrics = {}
     penalty = 0.0
-    if cfg.activation == "topk":
-        x_hat_BxD, code = _topk_autoencode(*_topk_args(params, x_BxD, cfg), cfg.k)
+    if cfg.activation == "topk":  # r = x̂ − x from the fused MSE (`_topk_mse`), the step's only [B, D] tensor
+        mse, r_BxD, code = _topk_mse(*_topk_args(params, x_BxD, cfg), cfg.k)
+        r_BxD, code = jax.lax.stop_gradient((r_BxD, code))
+        resid_BxD = -r_BxD
     else:
         pre_BxM = pre_activations(params, x_BxD, cfg)
         if cfg.activation == "batchtopk":
@@ -517,10 +577,9 @@ def loss(params: dict, x_BxD: jax.Array, cfg: SAEConfig, dead_M: jax.Array | Non
             l1 = jnp.mean(code @ jnp.linalg.norm(params["W_dec"], axis=-1))
             metrics["l1"] = l1
             penalty = cfg.l1_coeff * l1 / D
-        x_hat_BxD = decode(params, code, cfg)
+        resid_BxD = x_BxD - decode(params, code, cfg)
+        mse = jnp.mean(resid_BxD**2)
     l0 = jnp.mean(jnp.sum((code.vals_BxK if isinstance(code, Code) else code) != 0, axis=-1))
-    resid_BxD = x_BxD - x_hat_BxD
-    mse = jnp.mean(resid_BxD**2)
     aux = aux_loss(params, x_BxD, resid_BxD, dead_M, cfg)
     total = mse + penalty + cfg.aux_coeff * aux
     var = jnp.sum((x_BxD - x_BxD.mean(0)) ** 2)

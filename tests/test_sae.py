@@ -189,17 +189,19 @@ def test_jumprelu_threshold_gradient_nonzero_inside_window():
     np.testing.assert_allclose(g["threshold"], ref, atol=1e-5 * max(1, np.abs(ref).max()))
 
 
+def dense_topk(W_enc, b_enc, W_dec, b_dec, x):
+    """(x̂, ReLU'd top-K values) of a TopK SAE through a dense [B, M] code: plain jax autodiff applies."""
+    pre = (x - b_dec) @ W_enc + b_enc
+    vals, idx = jax.lax.top_k(pre, K)
+    acts = jnp.zeros_like(pre).at[jnp.arange(x.shape[0])[:, None], idx].set(jax.nn.relu(vals))
+    return acts @ W_dec + b_dec, jax.nn.relu(vals)
+
+
 def test_topk_custom_vjp_equals_plain_autodiff(sparse_backend):
     """The sparse backward against jax autodiff of a dense TopK written here (also d/dx and d/dvals)."""
     cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K)
     p, x = to_jax(make_params(cfg, seed=6)), jnp.asarray(data(seed=7, n=33), jnp.float32)
     w_vals = jnp.asarray(np.random.default_rng(8).normal(size=(33, K)), jnp.float32)
-
-    def dense_topk(W_enc, b_enc, W_dec, b_dec, x):
-        pre = (x - b_dec) @ W_enc + b_enc
-        vals, idx = jax.lax.top_k(pre, K)
-        acts = jnp.zeros_like(pre).at[jnp.arange(x.shape[0])[:, None], idx].set(jax.nn.relu(vals))
-        return acts @ W_dec + b_dec, jax.nn.relu(vals)
 
     def custom(W_enc, b_enc, W_dec, b_dec, x):
         x_hat, code = sae._topk_autoencode(W_enc, b_enc, W_dec, b_dec, x, K)
@@ -215,6 +217,23 @@ def test_topk_custom_vjp_equals_plain_autodiff(sparse_backend):
     want = jax.jit(jax.grad(objective(dense_topk), argnums=range(5)))(*args)
     got = jax.jit(jax.grad(objective(custom), argnums=range(5)))(*args)
     for name, g, w in zip(["W_enc", "b_enc", "W_dec", "b_dec", "x"], got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()), err_msg=name)
+
+
+def test_topk_loss_fused_gradient_equals_plain_autodiff(sparse_backend):
+    """`loss`'s TopK MSE, whose forward forms the gradient, against autodiff of the dense TopK's MSE (also d/dx)."""
+    cfg = sae.SAEConfig(d_in=D, d_sae=M, k=K)
+    p, x = to_jax(make_params(cfg, seed=12)), jnp.asarray(data(seed=13, n=21), jnp.float32)
+
+    def dense_mse(p, x):
+        return jnp.mean((dense_topk(p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], x)[0] - x) ** 2)
+
+    (got_loss, metrics), got = jax.jit(jax.value_and_grad(lambda p, x: sae.loss(p, x, cfg), argnums=(0, 1),
+                                                          has_aux=True))(p, x)
+    want_loss, want = jax.jit(jax.value_and_grad(dense_mse, argnums=(0, 1)))(p, x)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["mse"], want_loss, rtol=1e-5)
+    for name, g, w in [*((n, got[0][n], want[0][n]) for n in p), ("x", got[1], want[1])]:
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()), err_msg=name)
 
 
@@ -378,7 +397,8 @@ def test_row_blocked_encoder_equals_numpy_topk(monkeypatch, shared):
     W_enc, b_enc = rng.normal(size=(S, D, M_)).astype(np.float32), rng.normal(size=(S, M_)).astype(np.float32)
     W_dec, b_dec = rng.normal(size=(S, M_, D)).astype(np.float32), rng.normal(size=(S, D)).astype(np.float32)
     x = rng.normal(size=(1 if shared else S, B_, D)).astype(np.float32)
-    x_hat, vals, idx, _ = sae._fwd_seeds(K, W_enc, b_enc, W_dec, b_dec, x)
+    vals, idx, _ = sae._encode_seeds(K, W_enc, b_enc, b_dec, x)
+    x_hat, = sae._decode_seeds(False, W_dec, b_dec, vals, idx, x)
     pre = np.einsum("SBD,SDM->SBM", np.broadcast_to(x, (S, B_, D)) - b_dec[:, None], W_enc) + b_enc[:, None]
     want_idx = np.argsort(-pre, axis=-1, kind="stable")[..., :K]
     np.testing.assert_array_equal(idx, want_idx)
