@@ -55,13 +55,20 @@ inline int32_t Compact(Entry* buf, int64_t n, int64_t k) {
 // element at or above the floor without a branch (the write happens anyway, the count moves only on a hit);
 // a full buffer is cut back to its best k and the floor raised past the k-th best: an element equal to the
 // k-th best found later has a higher index than every kept one, so k kept elements rank above it.
-void TopKRow(const float* x, int64_t m, int64_t k, int64_t cap, Entry* buf, float* vals, int32_t* idx) {
+// With kBias the row is x + bias (one float add per element, as XLA's), without storing the sum.
+template <bool kBias>
+void TopKRow(const float* x, const float* bias, int64_t m, int64_t k, int64_t cap, Entry* buf, float* vals,
+             int32_t* idx) {
+  auto at = [x, bias](int64_t i) {
+    if constexpr (kBias) return x[i] + bias[i];
+    else return x[i];
+  };
   int64_t chunk = m / k;
   int32_t lo = INT32_MAX;
   for (int64_t j = 0; j < k; ++j) {
     int64_t end = j == k - 1 ? m : (j + 1) * chunk;
     int32_t top = INT32_MIN;
-    for (int64_t i = j * chunk; i < end; ++i) top = std::max(top, Key(x[i]));
+    for (int64_t i = j * chunk; i < end; ++i) top = std::max(top, Key(at(i)));
     lo = std::min(lo, top);
   }
   int64_t n = 0;
@@ -70,11 +77,11 @@ void TopKRow(const float* x, int64_t m, int64_t k, int64_t cap, Entry* buf, floa
     if (len == 16) {
       // One vectorised test skips the blocks with nothing at or above the floor: most of them.
       int32_t hit = 0;
-      for (int j = 0; j < 16; ++j) hit |= Key(x[i + j]) >= lo;
+      for (int j = 0; j < 16; ++j) hit |= Key(at(i + j)) >= lo;
       if (!hit) continue;
     }
     for (int64_t j = 0; j < len; ++j) {
-      int32_t key = Key(x[i + j]);
+      int32_t key = Key(at(i + j));
       buf[n] = {key, static_cast<int32_t>(i + j)};
       n += key >= lo;
     }
@@ -88,7 +95,7 @@ void TopKRow(const float* x, int64_t m, int64_t k, int64_t cap, Entry* buf, floa
   if (n > k) Compact(buf, n, k);
   std::sort(buf, buf + k, Better);
   for (int64_t j = 0; j < k; ++j) {
-    vals[j] = x[buf[j].idx];
+    vals[j] = at(buf[j].idx);
     idx[j] = buf[j].idx;
   }
 }
@@ -126,8 +133,9 @@ int64_t Workers(ffi::ThreadPool& pool, int64_t work) {
   return work < (1 << 16) ? 1 : std::max<int64_t>(1, pool.num_threads());  // tiny calls stay on one thread
 }
 
-ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> vals,
-                    ffi::ResultBuffer<ffi::S32> idx) {
+// bias: [0] (none), or [..., M] with leading dims a prefix of x's: each bias row serves an equal run of x rows.
+ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
+                    ffi::ResultBuffer<ffi::F32> vals, ffi::ResultBuffer<ffi::S32> idx) {
   auto dims = x.dimensions();
   auto out_dims = vals->dimensions();
   if (dims.size() == 0 || out_dims.size() != dims.size()) return ffi::Error::InvalidArgument("top_k: rank");
@@ -135,7 +143,11 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBu
   if (k < 1 || k > m) return ffi::Error::InvalidArgument("top_k: k must be in [1, M]");
   int64_t rows = static_cast<int64_t>(x.element_count()) / m;
   if (rows == 0) return ffi::Error::Success();
-  const float* px = x.typed_data();
+  int64_t bias_rows = static_cast<int64_t>(bias.element_count()) / m;
+  if (bias_rows * m != static_cast<int64_t>(bias.element_count()) || (bias_rows && rows % bias_rows))
+    return ffi::Error::InvalidArgument("top_k: bias must be [0] or [..., M] with a row count dividing x's");
+  int64_t per_bias = bias_rows ? rows / bias_rows : rows;
+  const float *px = x.typed_data(), *pb = bias.typed_data();
   float* pv = vals->typed_data();
   int32_t* pi = idx->typed_data();
   int64_t workers = Workers(pool, rows * m);
@@ -144,8 +156,12 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBu
   std::vector<std::vector<Entry>> bufs(workers, std::vector<Entry>(cap + 16));
   ParallelFor(pool, (rows + block - 1) / block, workers, [&](int64_t b, int64_t slot) {
     Entry* buf = bufs[slot].data();
-    for (int64_t r = b * block; r < std::min(rows, (b + 1) * block); ++r)
-      TopKRow(px + r * m, m, k, cap, buf, pv + r * k, pi + r * k);
+    for (int64_t r = b * block; r < std::min(rows, (b + 1) * block); ++r) {
+      if (bias_rows)
+        TopKRow<true>(px + r * m, pb + (r / per_bias) * m, m, k, cap, buf, pv + r * k, pi + r * k);
+      else
+        TopKRow<false>(px + r * m, nullptr, m, k, cap, buf, pv + r * k, pi + r * k);
+    }
   });
   return ffi::Error::Success();
 }
@@ -208,17 +224,9 @@ inline int64_t Seeds(const ffi::Buffer<ffi::S32>& idx) {
 }
 
 // out[s, b, j] = a[s, b] · W[s, idx[s, b, j]]: the gradient reaching each selected latent from a [B, D]
-// cotangent, for S seeds at once (rank 3) or one (rank 2).
-ffi::Error GatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> W,
-                         ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
-  auto wd = W.dimensions();
-  auto id = idx.dimensions();
-  int64_t S = Seeds(idx), m = wd[wd.size() - 2], d = wd[wd.size() - 1];
-  int64_t rows = id[id.size() - 2], k = id[id.size() - 1];
-  const float *pa = a.typed_data(), *pW = W.typed_data();
-  const int32_t* pi = idx.typed_data();
-  float* po = out->typed_data();
-  if (auto e = CheckIndices(pi, S * rows * k, m); e.failure()) return e;
+// cotangent, for S seeds.
+void GatherDot(ffi::ThreadPool& pool, const float* pa, const float* pW, const int32_t* pi, int64_t S, int64_t rows,
+               int64_t k, int64_t m, int64_t d, float* po) {
   int64_t workers = Workers(pool, S * rows * k * d);
   int64_t per = std::max<int64_t>(1, S * rows / (8 * workers));
   ParallelFor(pool, (S * rows + per - 1) / per, workers, [&](int64_t t, int64_t) {
@@ -228,7 +236,6 @@ ffi::Error GatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buf
         po[sb * k + j] = Dot(pa + sb * d, Ws + static_cast<int64_t>(pi[sb * k + j]) * d, d);
     }
   });
-  return ffi::Error::Success();
 }
 
 // Column blocks of the [M, D] scatter targets: each worker accumulates one block at a time in a packed
@@ -238,21 +245,11 @@ constexpr int64_t kWidth = 32;
 constexpr int kVecs = kWidth / kLanes;  // vectors per block row
 
 // For each seed s: out[s][i] = Σ coef[s, b, j] · (rows[r, b] − sub[s]) over (b, j) with idx[s, b, j] = i, and
-// sums[s][i] = Σ coef[s, b, j] likewise; r = s, or 0 when all seeds share one batch (rows [1, B, D]). A TopK
-// decoder's gradient (sub = 0), or an encoder's (rows = x, sub = b_dec) with its bias gradient. `transpose`
-// writes out[s] as [D, M] (the encoder weight's own layout) instead of [M, D].
-ffi::Error ScatterRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> coef,
-                           ffi::Buffer<ffi::F32> rows_in, ffi::Buffer<ffi::F32> sub, bool transpose,
-                           ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> sums) {
-  auto id = idx.dimensions();
-  auto rd = rows_in.dimensions();
-  int64_t S = Seeds(idx), rows = id[id.size() - 2], k = id[id.size() - 1], d = rd[rd.size() - 1];
-  int64_t m = sums->dimensions()[sums->dimensions().size() - 1];
-  bool shared = rd.size() == 3 && rd[0] == 1 && S > 1;
-  const int32_t* pi = idx.typed_data();
-  const float *pc = coef.typed_data(), *pr = rows_in.typed_data(), *psub = sub.typed_data();
-  float *po = out->typed_data(), *ps = sums->typed_data();
-  if (auto e = CheckIndices(pi, S * rows * k, m); e.failure()) return e;
+// sums[s][i] = Σ coef[s, b, j] likewise; r = s, or 0 when all seeds share one batch (`shared`: rows [1, B, D]);
+// sub may be null (zero). `transpose` writes out[s] as [D, M] (the encoder weight's own layout) instead of [M, D].
+void ScatterRows(ffi::ThreadPool& pool, const int32_t* pi, const float* pc, const float* pr, const float* psub,
+                 int64_t S, int64_t rows, int64_t k, int64_t d, int64_t m, bool shared, bool transpose, float* po,
+                 float* ps) {
   int64_t workers = Workers(pool, S * rows * k * d);
   int64_t n_blocks = (d + kWidth - 1) / kWidth;
   std::vector<std::vector<float>> acc(workers, std::vector<float>(m * kWidth));
@@ -262,7 +259,7 @@ ffi::Error ScatterRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi:
     const float* pcs = pc + s * rows * k;
     const float* prs = pr + (shared ? 0 : s) * rows * d;
     alignas(64) float off[kWidth] = {0.0f};
-    std::copy(psub + s * d + c0, psub + s * d + c0 + w, off);
+    if (psub) std::copy(psub + s * d + c0, psub + s * d + c0 + w, off);
     float* a = acc[slot].data();
     std::fill(a, a + m * kWidth, 0.0f);
     alignas(64) float r[kWidth] = {0.0f};
@@ -287,6 +284,50 @@ ffi::Error ScatterRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi:
   std::fill(ps, ps + S * m, 0.0f);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t t = 0; t < rows * k; ++t) ps[s * m + pi[s * rows * k + t]] += pc[s * rows * k + t];
+}
+
+// Operands carry a leading seed axis S (rank 3), or none (rank 2, S = 1).
+inline int64_t Rows(const ffi::Buffer<ffi::S32>& idx) { return idx.dimensions()[idx.dimensions().size() - 2]; }
+inline int64_t Cols(const ffi::AnyBuffer::Dimensions& dims) { return dims[dims.size() - 1]; }
+
+// A TopK decoder's sparse gradients from g, the gradient reaching x̂: dv[s, b, j] = g[s, b] · W[s, idx[s, b, j]]
+// and dW[s][idx[s, b, j]] += coef[s, b, j] · g[s, b]. One call, so that XLA orders every read of W here before
+// the in-place optimiser update that follows from dW (two calls left one unordered, and XLA copied W each step).
+ffi::Error DecoderGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> W,
+                            ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> dv,
+                            ffi::ResultBuffer<ffi::F32> dW) {
+  int64_t S = Seeds(idx), rows = Rows(idx), k = Cols(idx.dimensions()), d = Cols(W.dimensions());
+  int64_t m = W.dimensions()[W.dimensions().size() - 2];
+  const int32_t* pi = idx.typed_data();
+  if (auto e = CheckIndices(pi, S * rows * k, m); e.failure()) return e;
+  GatherDot(pool, g.typed_data(), W.typed_data(), pi, S, rows, k, m, d, dv->typed_data());
+  std::vector<float> sums(S * m);
+  ScatterRows(pool, pi, coef.typed_data(), g.typed_data(), nullptr, S, rows, k, d, m, false, false,
+              dW->typed_data(), sums.data());
+  return ffi::Error::Success();
+}
+
+// A TopK encoder's sparse gradients from dpre, the gradient reaching the selected pre-activations of
+// (x − b) W + c: dW[s] ([D, M], W's layout) += dpre[s, b, j] · (x[r, b] − b[s]) into column idx[s, b, j],
+// dc[s] likewise (the bias), and Wdc[s] = W[s] dc[s], the mat-vec that gives b's gradient (−Wdc). The mat-vec reads
+// W in this call for the reason DecoderGrads gathers it. x is [1, B, D] when all seeds share it (r = 0).
+ffi::Error EncoderGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> dpre,
+                            ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> W,
+                            ffi::ResultBuffer<ffi::F32> dW, ffi::ResultBuffer<ffi::F32> dc,
+                            ffi::ResultBuffer<ffi::F32> Wdc) {
+  int64_t S = Seeds(idx), rows = Rows(idx), k = Cols(idx.dimensions()), d = Cols(x.dimensions());
+  int64_t m = Cols(W.dimensions());
+  const int32_t* pi = idx.typed_data();
+  if (auto e = CheckIndices(pi, S * rows * k, m); e.failure()) return e;
+  bool shared = x.dimensions().size() == 3 && x.dimensions()[0] == 1 && S > 1;
+  float* pdc = dc->typed_data();
+  ScatterRows(pool, pi, dpre.typed_data(), x.typed_data(), b.typed_data(), S, rows, k, d, m, shared, true,
+              dW->typed_data(), pdc);
+  const float* pW = W.typed_data();
+  float* pWdc = Wdc->typed_data();
+  ParallelFor(pool, S * d, Workers(pool, S * d * m), [&](int64_t t, int64_t) {
+    pWdc[t] = Dot(pW + t * m, pdc + (t / d) * m, m);
+  });
   return ffi::Error::Success();
 }
 
@@ -308,6 +349,7 @@ ffi::Error HTopKWalkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals, ffi::
   const float *pv = vals.typed_data(), *pW = W.typed_data(), *pr = rK.typed_data(), *pc = coef.typed_data();
   const float* pct = ct_r.typed_data();
   const bool has_ct = ct_r.dimensions()[0] != 0;  // ct_r [0, D]: a zero cotangent, not read
+  const bool sum_G = G->dimensions()[0] == 1;  // G [1, D]: only its column sums, Σ_b G[b]
   const int32_t* pi = idx.typed_data();
   float *pdv = dv->typed_data(), *pdW = dW->typed_data(), *pG = G->typed_data(), *psse = sse->typed_data();
   if (auto e = CheckIndices(pi, rows * k, m); e.failure()) return e;
@@ -327,6 +369,7 @@ ffi::Error HTopKWalkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals, ffi::
     // A short last block is zero-padded to kWidth (zero columns add nothing), so each row's r and G live in
     // registers for the whole walk; sse is summed per lane and reduced once at the end.
     std::vector<Vec> sse_lanes(k, Vec{});
+    Vec g_sum[kVecs] = {};
     for (int64_t b = 0; b < rows; ++b) {
       alignas(64) float r_in[kWidth] = {0.0f}, g_in[kWidth] = {0.0f};
       std::copy(pr + b * d + c0, pr + b * d + c0 + w, r_in);
@@ -357,9 +400,18 @@ ffi::Error HTopKWalkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vals, ffi::
         dvp[b * k + j] += Sum(dot);
         sse_lanes[j] += sq;
       }
+      if (sum_G) {
+        for (int q = 0; q < kVecs; ++q) g_sum[q] += g[q];
+        continue;
+      }
       alignas(64) float g_out[kWidth];
       for (int q = 0; q < kVecs; ++q) Store(g_out + q * kLanes, g[q]);
       std::copy(g_out, g_out + w, pG + b * d + c0);
+    }
+    if (sum_G) {
+      alignas(64) float g_out[kWidth];
+      for (int q = 0; q < kVecs; ++q) Store(g_out + q * kLanes, g_sum[q]);
+      std::copy(g_out, g_out + w, pG + c0);
     }
     for (int64_t j = 0; j < k; ++j) ssep[j] += Sum(sse_lanes[j]);
     for (int64_t i = 0; i < m; ++i) std::copy(a + i * kWidth, a + i * kWidth + w, pdW + i * d + c0);
@@ -539,28 +591,32 @@ ffi::Error MixBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeTopKF32, TopKImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [..., M]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias [0] or [..., M]
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeGatherDotF32, GatherDotImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeDecoderGradsF32, DecoderGradsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // a [(S,) B, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // g [(S,) B, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // W [(S,) M, D]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // idx [(S,) B, K]
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // [(S,) B, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // coef [(S,) B, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dv [(S,) B, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // dW [(S,) M, D]
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterRowsF32, ScatterRowsImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncoderGradsF32, EncoderGradsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // idx [B, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // coef [B, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // rows [1 or S, B, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // sub [S, D]
-                                  .Attr<bool>("transpose")
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // [S, M, D] or [S, D, M]
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // [S, M]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // idx [(S,) B, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dpre [(S,) B, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [(1 or S,) B, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b [(S,) D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W [(S,) D, M]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dW [(S,) D, M]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dc [(S,) M]
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // W dc [(S,) D]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeHTopKWalkF32, HTopKWalkImpl,
                               ffi::Ffi::Bind()
@@ -573,7 +629,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeHTopKWalkF32, HTopKWalkImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // ct_r [B, D], or [0, D] for zeros
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dv [B, K]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dW_dec [M, D]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // G [B, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // G [B, D], or [1, D]: Σ_b G
                                   .Ret<ffi::Buffer<ffi::F32>>()); // sse [K]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeMixF32, MixImpl,

@@ -2,7 +2,7 @@
 
 XLA:CPU's TopK partial-sorts an index vector per row on one thread: at [4096, 4608], k=32 it costs about
 0.7 of the encoder matmul that feeds it; its scatter-adds (the SAE backward) run one thread too.
-`cpu_kernels.cc` does them over XLA's intra-op threads: `top_k`, `gather_dot`, `scatter_rows` and `htopk_walk`,
+`cpu_kernels.cc` does them over XLA's intra-op threads: `top_k`, `decoder_grads`, `encoder_grads` and `htopk_walk`,
 which callers route through `on_cpu(kernel, xla_version, *args)`, and `mix_sources` (differentiable; LIMe v2's
 head mix over depth in `lime_jax.model`, which XLA runs as one small dot per source). The library is compiled
 with the system C++ compiler on first use and cached; GPU and TPU (and CPU without a compiler, or with
@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-_TOPK, _GATHER_DOT, _SCATTER_ROWS, _HTOPK_WALK, _MIX, _MIX_BWD = (
-    f"jaxsae_{n}_f32" for n in ("topk", "gather_dot", "scatter_rows", "htopk_walk", "mix", "mix_bwd"))
+_TOPK, _DECODER_GRADS, _ENCODER_GRADS, _HTOPK_WALK, _MIX, _MIX_BWD = (
+    f"jaxsae_{n}_f32" for n in ("topk", "decoder_grads", "encoder_grads", "htopk_walk", "mix", "mix_bwd"))
 
 
 def _cache_dir() -> Path:
@@ -72,8 +72,8 @@ def available() -> bool:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
-        for name, fn in ((_TOPK, lib.JaxsaeTopKF32), (_GATHER_DOT, lib.JaxsaeGatherDotF32),
-                         (_SCATTER_ROWS, lib.JaxsaeScatterRowsF32), (_HTOPK_WALK, lib.JaxsaeHTopKWalkF32),
+        for name, fn in ((_TOPK, lib.JaxsaeTopKF32), (_DECODER_GRADS, lib.JaxsaeDecoderGradsF32),
+                         (_ENCODER_GRADS, lib.JaxsaeEncoderGradsF32), (_HTOPK_WALK, lib.JaxsaeHTopKWalkF32),
                          (_MIX, lib.JaxsaeMixF32), (_MIX_BWD, lib.JaxsaeMixBwdF32)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
     except (OSError, subprocess.CalledProcessError, AttributeError) as e:
@@ -83,27 +83,48 @@ def available() -> bool:
     return True
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def top_k(x_NxM: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """(values [..., k] descending, indices [..., k] int32) of the last axis; equal to `jax.lax.top_k`."""
+def top_k(x_NxM: jax.Array, k: int, bias_M: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(values [..., k] descending, indices [..., k] int32) of the last axis of x + bias; equal to `jax.lax.top_k`.
+
+    The kernel adds the bias ([M], or [..., M] over leading axes of x) as it reads each row, so x + bias is never
+    stored: an SAE encoder's matmul output goes to the selection as it is.
+    """
     if not 1 <= k <= x_NxM.shape[-1]:
         raise ValueError(f"top_k: k={k} is not in [1, {x_NxM.shape[-1]}] for an operand of shape {x_NxM.shape}")
+    bias = jnp.zeros((0,), x_NxM.dtype) if bias_M is None else jnp.asarray(bias_M, x_NxM.dtype)
+    if bias.size and (bias.shape[-1] != x_NxM.shape[-1] or x_NxM.shape[:bias.ndim - 1] != bias.shape[:-1]):
+        raise ValueError(f"top_k: bias of shape {bias.shape} does not fit an operand of shape {x_NxM.shape}")
+    return _top_k(x_NxM, bias, k)
+
+
+def _top_k_xla(x, bias, k):
+    return tuple(jax.lax.top_k(x + bias.reshape(bias.shape[:-1] + (1,) * (x.ndim - bias.ndim) + bias.shape[-1:])
+                               if bias.size else x, k))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _top_k(x_NxM, bias, k):
     if x_NxM.dtype != jnp.float32 or not available():
-        return jax.lax.top_k(x_NxM, k)
+        return _top_k_xla(x_NxM, bias, k)
     out = (jax.ShapeDtypeStruct(x_NxM.shape[:-1] + (k,), jnp.float32),
            jax.ShapeDtypeStruct(x_NxM.shape[:-1] + (k,), jnp.int32))
 
-    def cpu(x):
-        # Rows are independent, so a vmapped call is one call over the stacked rows.
-        return tuple(jax.ffi.ffi_call(_TOPK, out, vmap_method="broadcast_all")(x))
+    def cpu(x, b):
+        # Rows are independent, so a vmapped call is one call over the stacked rows (and bias rows).
+        return tuple(jax.ffi.ffi_call(_TOPK, out, vmap_method="broadcast_all")(x, b))
 
-    return tuple(jax.lax.platform_dependent(x_NxM, cpu=cpu, default=lambda x: tuple(jax.lax.top_k(x, k))))
+    return tuple(jax.lax.platform_dependent(x_NxM, bias, cpu=cpu, default=functools.partial(_top_k_xla, k=k)))
 
 
-@top_k.defjvp
+@_top_k.defjvp
 def _top_k_jvp(k, primals, tangents):
-    vals, idx = top_k(primals[0], k)
-    return (vals, idx), (jnp.take_along_axis(tangents[0], idx, axis=-1), jnp.zeros(idx.shape, jax.dtypes.float0))
+    (x, bias), (dx, dbias) = primals, tangents
+    vals, idx = _top_k(x, bias, k)
+    dvals = jnp.take_along_axis(dx, idx, axis=-1)
+    if bias.size:
+        dvals = dvals + jnp.take_along_axis(jnp.broadcast_to(
+            dbias.reshape(bias.shape[:-1] + (1,) * (x.ndim - bias.ndim) + bias.shape[-1:]), x.shape), idx, axis=-1)
+    return (vals, idx), (dvals, jnp.zeros(idx.shape, jax.dtypes.float0))
 
 
 def on_cpu(kernel, xla, *args):
@@ -121,24 +142,25 @@ def _call(target, *out):
     return jax.ffi.ffi_call(target, shapes, vmap_method="sequential")
 
 
-def gather_dot(a_BxD, W_MxD, idx_BxK):
-    """[(S,) B, K]: a[s, b] · W[s, idx[s, b, k]], one seed or S stacked (the kernel; see `on_cpu`)."""
-    return _call(_GATHER_DOT, idx_BxK.shape)(a_BxD, W_MxD, idx_BxK)[0]
+def decoder_grads(g_BxD, W_MxD, idx_BxK, coef_BxK):
+    """(dv [(S,) B, K], dW [(S,) M, D]) of TopK decoders from g, the gradient reaching x̂ (the kernel):
+    dv[b, k] = g[b] · W[idx[b, k]] and dW[idx[b, k]] += coef[b, k] · g[b]."""
+    return tuple(_call(_DECODER_GRADS, idx_BxK.shape, W_MxD.shape)(g_BxD, W_MxD, idx_BxK, coef_BxK))
 
 
-def scatter_rows(idx_SxBxK, coef_SxBxK, rows_RxBxD, sub_SxD, M: int, transpose: bool = False):
-    """(out [S, M, D] (or [S, D, M] with `transpose`), sums [S, M]) of S seeds (the kernel):
-    out[s][idx[s, b, k]] += coef[s, b, k]·(rows[r, b] − sub[s]) and sums[s][idx[s, b, k]] += coef[s, b, k], with
-    r = s, or 0 for all seeds when rows is [1, B, D]."""
-    S, D = idx_SxBxK.shape[0], rows_RxBxD.shape[2]
-    out = (S, D, M) if transpose else (S, M, D)
-    return tuple(_call(_SCATTER_ROWS, out, (S, M))(idx_SxBxK, coef_SxBxK, rows_RxBxD, sub_SxD,
-                                                   transpose=bool(transpose)))
+def encoder_grads(idx_SxBxK, dpre_SxBxK, x_XxBxD, b_SxD, W_SxDxM):
+    """(dW [S, D, M], dc [S, M], W·dc [S, D]) of S TopK encoders (x − b) W + c from dpre, the gradient reaching the
+    selected pre-activations (the kernel): dW[s][:, idx] += dpre · (x[r] − b[s]), with r = s, or 0 for all seeds
+    when x is [1, B, D]; b's gradient is then −W·dc."""
+    S, D, M = W_SxDxM.shape
+    return tuple(_call(_ENCODER_GRADS, (S, D, M), (S, M), (S, D))(idx_SxBxK, dpre_SxBxK, x_XxBxD, b_SxD, W_SxDxM))
 
 
-def htopk_walk(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, coef_K, ct_r_BxD):
-    """(dvals [B, K], dW_dec [M, D], G [B, D], sse [K]) of `htopk._walk_back` (the kernel)."""
-    return tuple(_call(_HTOPK_WALK, idx_BxK.shape, W_dec_MxD.shape, rK_BxD.shape, coef_K.shape)(
+def htopk_walk(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, coef_K, ct_r_BxD, sum_G: bool = False):
+    """(dvals [B, K], dW_dec [M, D], G [B, D] (with `sum_G` its column sums [1, D]), sse [K]) of
+    `htopk._walk_back` (the kernel)."""
+    G_shape = (1, rK_BxD.shape[1]) if sum_G else rK_BxD.shape
+    return tuple(_call(_HTOPK_WALK, idx_BxK.shape, W_dec_MxD.shape, G_shape, coef_K.shape)(
         vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, coef_K, ct_r_BxD))
 
 

@@ -125,15 +125,17 @@ def _lean_bwd(tile, res, cts):
 # width c, each over all rows at once, with [M, c] scatter targets that stay in cache (as TopK's backward
 # in `sae.py` does); d(val) is summed over the blocks. The blocks are column slices (`sae._cols`), written
 # back in place, rather than [D // c, R, c] stacks, which cost a transposed copy of each operand.
-def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD):
-    """(dvals, dW_dec, G_1 = dL/dr_0, sse_K = Σ r_j²) by walking the prefixes backwards, column block by block
-    (`cpu_kernels.htopk_walk` on XLA:CPU). ct_r_BxD may be [0, D]: a zero cotangent that takes no memory."""
+def _walk_back(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, ct_K, ct_r_BxD, sum_G: bool = False):
+    """(dvals, dW_dec, G_1 = dL/dr_0 [B, D] (with `sum_G` only Σ_b G_1, [1, D]), sse_K = Σ r_j²) by walking the
+    prefixes backwards, column block by block (`cpu_kernels.htopk_walk` on XLA:CPU). ct_r_BxD may be [0, D]: a
+    zero cotangent that takes no memory."""
     coef_K = 2.0 * ct_K / (vals_BxK.shape[0] * rK_BxD.shape[1])  # dL/dr_j = coef_j · r_j
-    return cpu_kernels.on_cpu(cpu_kernels.htopk_walk, _walk_back_xla, vals_BxK, idx_BxK, W_dec_MxD, rK_BxD,
+    return cpu_kernels.on_cpu(functools.partial(cpu_kernels.htopk_walk, sum_G=sum_G),
+                              functools.partial(_walk_back_xla, sum_G=sum_G), vals_BxK, idx_BxK, W_dec_MxD, rK_BxD,
                               coef_K.astype(jnp.float32), ct_r_BxD.astype(jnp.float32))
 
 
-def _walk_back_xla(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, coef_K, ct_r_BxD):
+def _walk_back_xla(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, coef_K, ct_r_BxD, sum_G=False):
     (B, K), (M, D) = vals_BxK.shape, W_dec_MxD.shape
     c = sae._chunk_width(D)
 
@@ -165,21 +167,21 @@ def _walk_back_xla(vals_BxK, idx_BxK, W_dec_MxD, rK_BxD, coef_K, ct_r_BxD):
     G_BxD = ct_r_BxD.astype(jnp.float32) if ct_r_BxD.shape[0] else jnp.zeros((B, D), jnp.float32)
     init = (jnp.zeros((M, D), jnp.float32), jnp.zeros((B, K), jnp.float32), jnp.zeros((K,), jnp.float32), G_BxD)
     dW_dec_MxD, dv_BxK, sse_K, G_BxD = jax.lax.fori_loop(0, D // c, walk_block, init)
-    return dv_BxK, dW_dec_MxD, G_BxD, sse_K
+    return dv_BxK, dW_dec_MxD, G_BxD.sum(0, keepdims=True) if sum_G else G_BxD, sse_K
 
 
-def _encoder_scatter(idx_BxK, dpre_BxK, x_BxD, b_dec_D, M: int):
-    """(dW_enc [D, M], d(b_enc) [M]) of a TopK encoder: scatter-adds of dpre · (x − b_dec), in column blocks (the
-    kernel subtracts b_dec per block, so no [B, D] x − b_dec is stored)."""
-    def kernel(idx_BxK, dpre_BxK, x_BxD, b_dec_D):
-        dW_enc_1xDxM, db_enc_1xM = cpu_kernels.scatter_rows(idx_BxK[None], dpre_BxK[None], x_BxD[None], b_dec_D[None],
-                                                           M, transpose=True)
-        return dW_enc_1xDxM[0], db_enc_1xM[0]
+def _encoder_scatter(idx_BxK, dpre_BxK, x_BxD, b_dec_D, W_enc_DxM):
+    """(dW_enc [D, M], d(b_enc) [M], W_enc·d(b_enc) [D]) of a TopK encoder: scatter-adds of dpre · (x − b_dec), in
+    column blocks (the kernel subtracts b_dec per block, so no [B, D] x − b_dec is stored)."""
+    def kernel(idx_BxK, dpre_BxK, x_BxD, b_dec_D, W_enc_DxM):
+        return tuple(a[0] for a in cpu_kernels.encoder_grads(idx_BxK[None], dpre_BxK[None], x_BxD[None],
+                                                             b_dec_D[None], W_enc_DxM[None]))
 
-    def xla(idx_BxK, dpre_BxK, x_BxD, b_dec_D):
-        return _encoder_scatter_xla(idx_BxK, dpre_BxK, x_BxD - b_dec_D, M)
+    def xla(idx_BxK, dpre_BxK, x_BxD, b_dec_D, W_enc_DxM):
+        dW_enc_DxM, db_enc_M = _encoder_scatter_xla(idx_BxK, dpre_BxK, x_BxD - b_dec_D, W_enc_DxM.shape[1])
+        return dW_enc_DxM, db_enc_M, W_enc_DxM @ db_enc_M
 
-    return cpu_kernels.on_cpu(kernel, xla, idx_BxK, dpre_BxK, x_BxD, b_dec_D)
+    return cpu_kernels.on_cpu(kernel, xla, idx_BxK, dpre_BxK, x_BxD, b_dec_D, W_enc_DxM)
 
 
 def _encoder_scatter_xla(idx_BxK, dpre_BxK, x_in_BxD, M: int):
@@ -224,23 +226,25 @@ def _fused_loss(params, x_BxD, sae_cfg, cfg):
 
 
 def _fused_fwd(params, x_BxD, sae_cfg, cfg):
-    code, W_aug_ExM = sae._topk_encode_aug(params, x_BxD, sae_cfg)
-    W_dec_MxD, b_dec_D = params["W_dec"], params["b_dec"]
+    code = sae._topk_code(params, x_BxD, sae_cfg)
+    W_enc_DxM, W_dec_MxD, b_dec_D = params["W_enc"], params["W_dec"], params["b_dec"]
     (B, K), D = code.vals_BxK.shape, x_BxD.shape[1]
     rK_BxD = sae._topk_residual(params, code, x_BxD)
     w_K = prefix_weights(K, cfg.prefixes)
-    dvals_BxK, dW_dec_MxD, G_BxD, sse_K = _walk_back(*code, W_dec_MxD, rK_BxD, w_K, jnp.zeros((0, D), jnp.float32))
+    no_ct = jnp.zeros((0, D), jnp.float32)
+    # Only Σ_b G goes into the parameters' gradients; the whole [B, D] G only into x's, from a second walk that
+    # XLA drops unless x's gradient is used.
+    dvals_BxK, dW_dec_MxD, G_1xD, sse_K = _walk_back(*code, W_dec_MxD, rK_BxD, w_K, no_ct, sum_G=True)
     mse_K = sse_K / (B * D)
     dpre_BxK = jnp.where(code.vals_BxK > 0, dvals_BxK, 0.0)  # the ReLU after top_k
-    dW_enc_DxM, db_enc_M = _encoder_scatter(code.idx_BxK, dpre_BxK, x_BxD, b_dec_D, sae_cfg.d_sae)
+    dW_enc_DxM, db_enc_M, Wdb_D = _encoder_scatter(code.idx_BxK, dpre_BxK, x_BxD, b_dec_D, W_enc_DxM)
     # The encoder reads x − b_dec: through it, dx = Σ_k dpre_k W_enc[:, idx_k] (dropped by XLA unless x's
-    # gradient is used) and d(b_dec) = −Σ_b dx = −W_enc·d(b_enc). Both read W_enc as the forward's
-    # [W_enc; b_enc] buffer (`sae._topk_encode_aug`), and drop its last (b_enc) entry.
-    dx_enc_BxE = sae._gather_sum(dpre_BxK, code.idx_BxK, W_aug_ExM.T)
+    # gradient is used) and d(b_dec) = −Σ_b dx = −W_enc·d(b_enc), a mat-vec that the encoder's scatter returns.
+    dx_enc_BxD = sae._gather_sum(dpre_BxK, code.idx_BxK, W_enc_DxM.T)
     grads = {**jax.tree.map(jnp.zeros_like, params), "W_enc": dW_enc_DxM, "b_enc": db_enc_M,
-             "W_dec": dW_dec_MxD, "b_dec": jnp.sum(G_BxD, axis=0) - (W_aug_ExM @ db_enc_M)[:D]}
+             "W_dec": dW_dec_MxD, "b_dec": G_1xD[0] - Wdb_D}
     grads = {name: g.astype(params[name].dtype) for name, g in grads.items()}
-    dx_BxD = (dx_enc_BxE[:, :D] - G_BxD).astype(x_BxD.dtype)
+    dx_BxD = (dx_enc_BxD - _walk_back(*code, W_dec_MxD, rK_BxD, w_K, no_ct)[2]).astype(x_BxD.dtype)
     return (jnp.dot(w_K, mse_K), (mse_K, rK_BxD, code)), (grads, dx_BxD)
 
 

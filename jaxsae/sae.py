@@ -23,7 +23,9 @@ through the encoder input is −W_enc·d(b_enc) (a mat-vec) rather than a B×D×
 over seeds a `custom_vmap` rule keeps these plain per-seed row operations. No gradient w.r.t. x is formed
 unless asked for. `loss` goes one step further (`_topk_mse`): the MSE's weights are fixed, so its forward forms the
 gradient at once from the residual r = x̂ − x, summed from b_dec − x, the one [B, D] tensor of the step. On XLA:CPU the top-k and this backward run as multi-threaded kernels (`cpu_kernels`, same results),
-and the encoder runs seed by seed in row blocks, so no whole [B, M] pre-activation is ever allocated.
+and the encoder runs seed by seed in row blocks, so no whole [B, M] pre-activation is ever allocated. The kernels read
+the weights whose gradients they return (the top-k adds the encoder bias as it reads), so XLA copies no weight ahead
+of an in-place optimiser update.
 """
 from __future__ import annotations
 
@@ -160,14 +162,14 @@ def _gather_sum(vals_BxK: jax.Array, idx_BxK: jax.Array, W_MxD: jax.Array, start
     return jax.lax.fori_loop(0, K, add_row, start_BxD, unroll=min(K, 8))
 
 
-def _top_k(pre_NxM: jax.Array, k: int, shape: tuple[int, ...] | None = None) -> Code:
+def _top_k(pre_NxM: jax.Array, k: int, shape: tuple[int, ...] | None = None, bias_M: jax.Array | None = None) -> Code:
     # On XLA:CPU `cpu_kernels` runs a multi-threaded kernel (XLA's TopK is one thread, ~0.7 encoder matmuls here);
     # elsewhere it is lax.top_k. The barrier keeps XLA:CPU on its TopK when the kernel is off: fusing the slice
     # into consumers turns it into a full sort.
     # The operand must be 2-D: on [S, B, M] XLA copies it to 2-D first, one more pass over [S, B, M]. The
     # results are reshaped to `shape` before the barrier: a barrier on the 2-D results of a batch-sharded
     # [S·B, M] crashes XLA's CPU compiler (a failed HLO downcast check, jax 0.10.2).
-    vals_NxK, idx_NxK = cpu_kernels.top_k(pre_NxM, k)
+    vals_NxK, idx_NxK = cpu_kernels.top_k(pre_NxM, k, bias_M)
     if shape is not None:
         vals_NxK, idx_NxK = vals_NxK.reshape(shape), idx_NxK.reshape(shape)
     vals_NxK, idx_NxK = jax.lax.optimization_barrier((vals_NxK, idx_NxK))
@@ -180,25 +182,15 @@ def _top_k(pre_NxM: jax.Array, k: int, shape: tuple[int, ...] | None = None) -> 
 # fuses well. `jax.vmap` over seeds folds its axis into S through `custom_vmap` rather than producing
 # batched gathers, which XLA:CPU does not fuse.
 def _encode_seeds(k, W_enc_SxDxM, b_enc_SxM, b_dec_SxD, x_XxBxD):
-    """(vals [S, B, K], idx [S, B, K], W_aug [S, D+1, M]) of S TopK encoders; W_aug's first D rows are W_enc, its
-    last the bias the encoder matmul added."""
-    (S, D, M), B = W_enc_SxDxM.shape, x_XxBxD.shape[1]
-    # The bias rides in the matmul as the weight row of an extra input column of ones, so TopK reads the matmul's
-    # output itself: a separate bias add would read and write the whole [S, B, M] once more.
-    if S > 1 and x_XxBxD.shape[0] == 1:
-        # Seeds sharing a batch: b_dec moves into the bias row, (x − b_dec)·W + b = x·W + (b − b_dec·W), so x_aug
-        # is built once for all of them.
-        b_row_SxM = b_enc_SxM - jnp.einsum("SD,SDM->SM", b_dec_SxD, W_enc_SxDxM)
-        W_aug_SxExM = jnp.concatenate([W_enc_SxDxM, b_row_SxM[:, None]], axis=1)
-        x_aug_XxBxE = jnp.concatenate([x_XxBxD, jnp.ones((1, B, 1), x_XxBxD.dtype)], axis=2)
-    else:
-        W_aug_SxExM = jnp.concatenate([W_enc_SxDxM, b_enc_SxM[:, None]], axis=1)
-        x_in_SxBxD = x_XxBxD - b_dec_SxD[:, None]
-        x_aug_XxBxE = jnp.concatenate([x_in_SxBxD, jnp.ones(x_in_SxBxD.shape[:2] + (1,), x_in_SxBxD.dtype)], axis=2)
-    args = (x_aug_XxBxE, W_aug_SxExM)
-    vals_SxBxK, idx_SxBxK = jax.lax.platform_dependent(*args, cpu=functools.partial(_encode_blocks, k),
-                                                       default=functools.partial(_encode_batched, k))
-    return vals_SxBxK, idx_SxBxK, W_aug_SxExM
+    """(vals [S, B, K], idx [S, B, K]) of S TopK encoders.
+
+    b_dec moves into the bias, (x − b_dec)·W + b = x·W + (b − b_dec·W), so the matmul reads x itself (shared by
+    all seeds, or each seed's) and the weights as they are: no x − b_dec and no copy of W_enc with a bias row.
+    """
+    b_row_SxM = b_enc_SxM - jnp.einsum("SD,SDM->SM", b_dec_SxD, W_enc_SxDxM)
+    args = (x_XxBxD, W_enc_SxDxM, b_row_SxM)
+    return jax.lax.platform_dependent(*args, cpu=functools.partial(_encode_blocks, k),
+                                      default=functools.partial(_encode_batched, k))
 
 
 def _decode_seeds(minus_x: bool, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, x_XxBxD):
@@ -216,47 +208,53 @@ def _decode_seeds(minus_x: bool, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, 
     return (jax.lax.map(one_seed, xs),)
 
 
-def _encode_batched(k, x_aug_XxBxE, W_aug_SxExM):
-    """Code [S, B, K] of every seed's x_aug @ W_aug at once: the encoder on GPU and TPU."""
-    (S, E, M), B = W_aug_SxExM.shape, x_aug_XxBxE.shape[1]
-    if S > 1 and x_aug_XxBxE.shape[0] == 1:
-        # Seeds sharing a batch: one [B, E] x [E, S·M] matmul whose rows of S·M are S rows of M for the top-k.
-        pre_BSxM = (x_aug_XxBxE[0] @ jnp.transpose(W_aug_SxExM, (1, 0, 2)).reshape(E, S * M)).reshape(B * S, M)
+def _encode_batched(k, x_XxBxD, W_enc_SxDxM, b_row_SxM):
+    """Code [S, B, K] of every seed's x @ W_enc + b_row at once: the encoder on GPU and TPU."""
+    (S, D, M), B = W_enc_SxDxM.shape, x_XxBxD.shape[1]
+    if S > 1 and x_XxBxD.shape[0] == 1:
+        # Seeds sharing a batch: one [B, D] x [D, S·M] matmul whose rows of S·M are S rows of M for the top-k.
+        pre_BxSxM = (x_XxBxD[0] @ jnp.transpose(W_enc_SxDxM, (1, 0, 2)).reshape(D, S * M)).reshape(B, S, M)
+        pre_BSxM = (pre_BxSxM + b_row_SxM).reshape(B * S, M)
         return tuple(a.transpose(1, 0, 2) for a in _top_k(pre_BSxM, k, (B, S, k)))
-    x_aug_SxBxE = jnp.broadcast_to(x_aug_XxBxE, (S, B, E))
-    return tuple(_top_k(jnp.einsum("SBE,SEM->SBM", x_aug_SxBxE, W_aug_SxExM).reshape(S * B, M), k, (S, B, k)))
+    x_SxBxD = jnp.broadcast_to(x_XxBxD, (S, B, D))
+    pre_SxBxM = jnp.einsum("SBD,SDM->SBM", x_SxBxD, W_enc_SxDxM) + b_row_SxM[:, None]
+    return tuple(_top_k(pre_SxBxM.reshape(S * B, M), k, (S, B, k)))
 
 
-# Pre-activation floats per block of `_encode_blocks` (16 MiB). XLA:CPU takes a step's temporaries in one fresh
-# allocation that is page-faulted anew every step, so a whole [B, M] pre-activation (75 MB at B=4096, M=4608) or
-# [B, S·M] one costs its size in faults each step; blocks keep the step's temporaries small.
-_BLOCK_FLOATS = 1 << 22
+# Pre-activation floats per block of `_encode_blocks` (8 MiB). XLA:CPU takes a step's temporaries in one allocation
+# per run. glibc maps one of 32 MiB or more (its largest mmap threshold) afresh each time, so every page of it faults
+# every step (~4 µs a page on a 2-core VM), and keeps a smaller one in its heap for the next run. A whole [B, M]
+# pre-activation (75 MB at B=4096, M=4608) would cost its size in faults each step; 8 MiB blocks keep the
+# temporaries of a one-seed TopK or HierarchicalTopK (K ≤ 128) step at 576 -> 4608 under 32 MiB.
+_BLOCK_FLOATS = 1 << 21
 
 
-def _encode_blocks(k, x_aug_XxBxE, W_aug_SxExM):
+def _encode_blocks(k, x_XxBxD, W_enc_SxDxM, b_row_SxM):
     """`_encode_batched` on XLA:CPU: seed by seed, each in blocks of R rows (matmul then top-k).
 
     In unguarded exploration runs on a 2-core AVX2 host (B=4096, 576→4608, k=32; void as timings) the matmul
     and top-k took 0.16-0.17 s per seed this way against 0.20 s for one seed's whole [B, M] and 0.23-0.27 s per
     seed for 8 seeds' [B, 8·M]: a whole pre-activation page-faults all its memory every step. The
-    [S·M]-wide matmul of `_encode_batched` also copies all seeds' weights transposed.
+    [S·M]-wide matmul of `_encode_batched` also copies all seeds' weights transposed. The top-k kernel adds the
+    bias as it reads each block.
     """
-    (S, E, M), B = W_aug_SxExM.shape, x_aug_XxBxE.shape[1]
+    (S, D, M), B = W_enc_SxDxM.shape, x_XxBxD.shape[1]
     R = max((r for r in range(1, B + 1) if B % r == 0 and r * M <= _BLOCK_FLOATS), default=1)
     if R < min(B, 64):  # blocks this thin would starve the matmul
         R = B
     n = B // R
     # Block j takes rows j, j + n, j + 2n, ...: a batch sharded in contiguous slices stays sharded within blocks.
-    x_aug_XxNxRxE = x_aug_XxBxE.reshape(-1, R, n, E).transpose(0, 2, 1, 3)
+    x_XxNxRxD = x_XxBxD.reshape(-1, R, n, D).transpose(0, 2, 1, 3)
 
     def one_seed(xs):
-        x_aug_NxRxE, W_aug_ExM = xs
-        vals_NxRxK, idx_NxRxK = jax.lax.map(lambda x_RxE: tuple(_top_k(x_RxE @ W_aug_ExM, k)), x_aug_NxRxE)
+        x_NxRxD, W_enc_DxM, b_row_M = xs
+        vals_NxRxK, idx_NxRxK = jax.lax.map(lambda x_RxD: tuple(_top_k(x_RxD @ W_enc_DxM, k, bias_M=b_row_M)),
+                                            x_NxRxD)
         return tuple(a.transpose(1, 0, 2).reshape(B, k) for a in (vals_NxRxK, idx_NxRxK))
 
-    if x_aug_XxBxE.shape[0] == 1:
-        return jax.lax.map(lambda W_aug_ExM: one_seed((x_aug_XxNxRxE[0], W_aug_ExM)), W_aug_SxExM)
-    return jax.lax.map(one_seed, (x_aug_XxNxRxE, W_aug_SxExM))
+    if x_XxBxD.shape[0] == 1:
+        return jax.lax.map(lambda a: one_seed((x_XxNxRxD[0], *a)), (W_enc_SxDxM, b_row_SxM))
+    return jax.lax.map(one_seed, (x_XxNxRxD, W_enc_SxDxM, b_row_SxM))
 
 
 def _chunk_width(D: int) -> int:
@@ -313,14 +311,15 @@ def _bwd_one_seed(k, scale, W_dec_MxD, x_in_BxD, vals_BxK, idx_BxK, g_BxD, g_val
     return dW_dec_MxD, dW_enc_MxD.T, db_enc_M
 
 
-def _dx_one_seed(scale, W_aug_ExM, W_dec_MxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
+def _dx_one_seed(scale, W_enc_DxM, W_dec_MxD, vals_BxK, idx_BxK, g_BxD, g_vals_BxK):
     """d(loss)/dx of one seed through the encoder, the K selected latents (x̂'s gradient: scale·g)."""
     dvals_BxK = scale * jnp.einsum("BD,BKD->BK", g_BxD, _gather_rows(W_dec_MxD, idx_BxK)) + g_vals_BxK
-    return _gather_sum(jnp.where(vals_BxK > 0, dvals_BxK, 0.0), idx_BxK, W_aug_ExM.T)[:, :-1]
+    return _gather_sum(jnp.where(vals_BxK > 0, dvals_BxK, 0.0), idx_BxK, W_enc_DxM.T)
 
 
-def _bwd_xla(k, scale, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK, x_XxBxD):
-    """(dW_dec, dW_enc, d(b_enc)) of S seeds, seed by seed (`lax.map`), each touching one seed's weights."""
+def _bwd_xla(k, scale, W_enc_SxDxM, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK, x_XxBxD):
+    """(dW_dec, dW_enc, d(b_enc), W_enc·d(b_enc)) of S seeds, seed by seed (`lax.map`), each touching one seed's
+    weights."""
     x_shared = x_XxBxD.shape[0] == 1
 
     def one_seed(a):
@@ -328,36 +327,33 @@ def _bwd_xla(k, scale, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g
         return _bwd_one_seed(k, scale, W_dec_MxD, (x_XxBxD[0] if x_shared else x_BxD) - b_dec_D, *rest)
 
     xs = W_dec_SxMxD, b_dec_SxD, (b_dec_SxD if x_shared else x_XxBxD), vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK
-    return jax.lax.map(one_seed, xs)
+    dW_dec_SxMxD, dW_enc_SxDxM, db_enc_SxM = jax.lax.map(one_seed, xs)
+    return dW_dec_SxMxD, dW_enc_SxDxM, db_enc_SxM, jnp.einsum("SDM,SM->SD", W_enc_SxDxM, db_enc_SxM)
 
 
-def _bwd_kernels(scale, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK, x_XxBxD):
+def _bwd_kernels(scale, W_enc_SxDxM, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK, x_XxBxD):
     """`_bwd_xla` by `cpu_kernels`, all seeds per call: no per-seed x − b_dec, stacking copies or transposes; the
-    scale rides in the [S, B, K] coefficients, so no scaled [S, B, D] gradient is formed."""
-    M = W_dec_SxMxD.shape[1]
-    dvals_SxBxK = scale * cpu_kernels.gather_dot(g_SxBxD, W_dec_SxMxD, idx_SxBxK) + g_vals_SxBxK
-    dpre_SxBxK = jnp.where(vals_SxBxK > 0, dvals_SxBxK, 0.0)
-    dW_dec_SxMxD, _ = cpu_kernels.scatter_rows(idx_SxBxK, scale * vals_SxBxK, g_SxBxD, jnp.zeros_like(b_dec_SxD), M)
-    dW_enc_SxDxM, db_enc_SxM = cpu_kernels.scatter_rows(idx_SxBxK, dpre_SxBxK, x_XxBxD, b_dec_SxD, M, transpose=True)
-    return dW_dec_SxMxD, dW_enc_SxDxM, db_enc_SxM
+    scale rides in the [S, B, K] coefficients, so no scaled [S, B, D] gradient is formed. Each kernel reads the
+    weights whose gradient it returns, so XLA need not copy them ahead of the in-place optimiser update."""
+    dv_SxBxK, dW_dec_SxMxD = cpu_kernels.decoder_grads(g_SxBxD, W_dec_SxMxD, idx_SxBxK, scale * vals_SxBxK)
+    dpre_SxBxK = jnp.where(vals_SxBxK > 0, scale * dv_SxBxK + g_vals_SxBxK, 0.0)
+    dW_enc_SxDxM, db_enc_SxM, Wdb_SxD = cpu_kernels.encoder_grads(idx_SxBxK, dpre_SxBxK, x_XxBxD, b_dec_SxD,
+                                                                  W_enc_SxDxM)
+    return dW_dec_SxMxD, dW_enc_SxDxM, db_enc_SxM, Wdb_SxD
 
 
-def _bwd_seeds(k, scale, W_aug_SxExM, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK, x_XxBxD):
+def _bwd_seeds(k, scale, W_enc_SxDxM, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK,
+               x_XxBxD):
     """(dW_enc, d(b_enc), dW_dec, d(b_dec), dx [S, B, D]) of S TopK SAEs whose x̂ has the gradient scale·g (and
-    their code's values g_vals), touching only the selected latents. dx is through the encoder only.
-
-    The encoder weights come as the forward's W_aug (W_enc and a bias row), a buffer of the step's own: reading the
-    W_enc parameter itself this late would make XLA copy it, so that the in-place Adam update cannot overwrite
-    it before this read.
-    """
-    args = W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK, x_XxBxD
-    dW_dec_SxMxD, dW_enc_SxDxM, db_enc_SxM = cpu_kernels.on_cpu(
+    their code's values g_vals), touching only the selected latents. dx is through the encoder only."""
+    args = W_enc_SxDxM, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK, x_XxBxD
+    dW_dec_SxMxD, dW_enc_SxDxM, db_enc_SxM, Wdb_SxD = cpu_kernels.on_cpu(
         functools.partial(_bwd_kernels, scale), functools.partial(_bwd_xla, k, scale), *args)
     # x_in = x − b_dec, so through the encoder d(b_dec) = −Σ_b dx_in[b] = −W_enc·d(b_enc): a mat-vec.
-    db_dec_SxD = scale * g_SxBxD.sum(1) - jnp.einsum("SEM,SM->SE", W_aug_SxExM, db_enc_SxM)[:, :-1]
+    db_dec_SxD = scale * g_SxBxD.sum(1) - Wdb_SxD
     # dx is only computed when the caller differentiates w.r.t. x (otherwise XLA drops it).
     dx_SxBxD = jax.lax.map(lambda a: _dx_one_seed(scale, *a),
-                           (W_aug_SxExM, W_dec_SxMxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK))
+                           (W_enc_SxDxM, W_dec_SxMxD, vals_SxBxK, idx_SxBxK, g_SxBxD, g_vals_SxBxK))
     return dW_enc_SxDxM, db_enc_SxM, dW_dec_SxMxD, db_dec_SxD, dx_SxBxD
 
 
@@ -392,7 +388,7 @@ def _per_seed(fn, *static):
 
 
 def _encode_one(W_enc_DxM, b_enc_M, b_dec_D, x_BxD, k):
-    """(vals [1, B, K], idx [1, B, K], W_aug [1, D+1, M]) of one TopK encoder, through `_per_seed`."""
+    """(vals [1, B, K], idx [1, B, K]) of one TopK encoder, through `_per_seed`."""
     return _per_seed(_encode_seeds, k)(W_enc_DxM[None], b_enc_M[None], b_dec_D[None], x_BxD[None])
 
 
@@ -403,15 +399,16 @@ def _topk_autoencode(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
 
 
 def _topk_autoencode_fwd(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
-    vals, idx, W_aug = _encode_one(W_enc_DxM, b_enc_M, b_dec_D, x_BxD, k)
-    x_hat, = _per_seed(_decode_seeds, False)(W_dec_MxD[None], b_dec_D[None], vals, idx, x_BxD[None])
-    return (x_hat[0], Code(vals[0], idx[0])), (W_aug, W_dec_MxD[None], b_dec_D[None], vals, idx, x_BxD[None])
+    vals, idx = _encode_one(W_enc_DxM, b_enc_M, b_dec_D, x_BxD, k)
+    weights = W_enc_DxM[None], W_dec_MxD[None], b_dec_D[None]
+    x_hat, = _per_seed(_decode_seeds, False)(*weights[1:], vals, idx, x_BxD[None])
+    return (x_hat[0], Code(vals[0], idx[0])), (*weights, vals, idx, x_BxD[None])
 
 
 def _topk_autoencode_bwd(k, res, cts):
     g_BxD, (g_vals_BxK, _) = cts
-    W_aug, W_dec, b_dec, vals, idx, x = res
-    grads = _per_seed(_bwd_seeds, k, 1.0)(W_aug, W_dec, b_dec, vals, idx, g_BxD[None], g_vals_BxK[None], x)
+    *weights, vals, idx, x = res
+    grads = _per_seed(_bwd_seeds, k, 1.0)(*weights, vals, idx, g_BxD[None], g_vals_BxK[None], x)
     return tuple(a[0] for a in grads)
 
 
@@ -426,17 +423,17 @@ def _topk_mse(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
     c = 2/(B·D), and c rides in the sparse backward's [B, K] coefficients, so r is the step's only [B, D] tensor
     (loss, metrics, AuxK and the backward all read it). The backward scales the saved gradient.
     """
-    vals, idx, _ = _encode_one(W_enc_DxM, b_enc_M, b_dec_D, x_BxD, k)
+    vals, idx = _encode_one(W_enc_DxM, b_enc_M, b_dec_D, x_BxD, k)
     r, = _per_seed(_decode_seeds, True)(W_dec_MxD[None], b_dec_D[None], vals, idx, x_BxD[None])
     return jnp.sum(r * r) / x_BxD.size, r[0], Code(vals[0], idx[0])
 
 
 def _topk_mse_fwd(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
-    vals, idx, W_aug = _encode_one(W_enc_DxM, b_enc_M, b_dec_D, x_BxD, k)
-    args = W_dec_MxD[None], b_dec_D[None], vals, idx
-    r, = _per_seed(_decode_seeds, True)(*args, x_BxD[None])
+    vals, idx = _encode_one(W_enc_DxM, b_enc_M, b_dec_D, x_BxD, k)
+    weights = W_enc_DxM[None], W_dec_MxD[None], b_dec_D[None]
+    r, = _per_seed(_decode_seeds, True)(*weights[1:], vals, idx, x_BxD[None])
     c = 2.0 / x_BxD.size
-    *grads, dx_enc = _per_seed(_bwd_seeds, k, c)(W_aug, *args, r, jnp.zeros_like(vals), x_BxD[None])
+    *grads, dx_enc = _per_seed(_bwd_seeds, k, c)(*weights, vals, idx, r, jnp.zeros_like(vals), x_BxD[None])
     dx_BxD = dx_enc[0] - c * r[0]  # x also enters r directly (dropped by XLA unless x's gradient is used)
     return (jnp.sum(r * r) / x_BxD.size, r[0], Code(vals[0], idx[0])), (tuple(g[0] for g in grads), dx_BxD)
 
@@ -449,15 +446,11 @@ def _topk_mse_bwd(k, res, cts):
 _topk_mse.defvjp(_topk_mse_fwd, _topk_mse_bwd)
 
 
-def _topk_encode_aug(params: dict, x_BxD: jax.Array, cfg: SAEConfig) -> tuple[Code, jax.Array]:
-    """(Code, W_aug [D+1, M]: W_enc and a bias row): TopK's forward encoder (the one `loss` runs) and its weights.
-
-    For hand-written backward passes (`htopk`): reading that buffer instead of the W_enc parameter keeps XLA
-    from copying W_enc ahead of the in-place optimiser update.
-    """
+def _topk_code(params: dict, x_BxD: jax.Array, cfg: SAEConfig) -> Code:
+    """TopK's forward encoder (the one `loss` runs, so XLA merges the two), for hand-written backward passes."""
     W_enc, b_enc, _, b_dec, x = _topk_args(params, x_BxD, cfg)
-    vals, idx, W_aug = _encode_one(W_enc, b_enc, b_dec, x, cfg.k)
-    return Code(vals[0], idx[0]), W_aug[0]
+    vals, idx = _encode_one(W_enc, b_enc, b_dec, x, cfg.k)
+    return Code(vals[0], idx[0])
 
 
 def _topk_residual(params: dict, code: Code, x_BxD: jax.Array) -> jax.Array:

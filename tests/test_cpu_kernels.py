@@ -1,4 +1,5 @@
-"""cpu_kernels.top_k against a numpy selection under XLA's float order, and against jax.lax.top_k itself."""
+"""cpu_kernels: top_k against a numpy selection under XLA's float order and jax.lax.top_k; the sparse SAE kernels and
+LIMe's mix against numpy loops."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,30 +81,59 @@ def _sparse_case(B=70, D=45, M=90, K=6, seed=0):
     return vals, idx, W, rows
 
 
-@pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("transpose", [True, False])
-def test_gather_dot_and_scatter_rows_match_loops(shared, transpose):
-    S = 3
+def _seeds_case(S=3):
     cases = [_sparse_case(seed=s) for s in range(S)]
-    vals, idx, W = (np.stack([c[i] for c in cases]) for i in range(3))
-    rows = cases[0][3][None] if shared else np.stack([c[3] for c in cases])
-    sub = np.random.default_rng(9).standard_normal((S, rows.shape[2])).astype(np.float32)
-    (_, B, K), (M, D) = idx.shape, W.shape[1:]
-    want_dot = np.array([[[rows[0 if shared else s, b] @ W[s, idx[s, b, j]] for j in range(K)] for b in range(B)]
-                         for s in range(S)])
-    want_sc, want_sum = np.zeros((S, M, D)), np.zeros((S, M))
+    return tuple(np.stack([c[i] for c in cases]) for i in range(4))
+
+
+def test_decoder_grads_match_loops():
+    vals, idx, W, g = _seeds_case()
+    (S, B, K), (M, D) = idx.shape, W.shape[1:]
+    want_dv, want_dW = np.zeros((S, B, K)), np.zeros((S, M, D))
     for s in range(S):
         for b in range(B):
             for j in range(K):
-                want_sc[s, idx[s, b, j]] += vals[s, b, j] * (rows[0 if shared else s, b] - sub[s])
-                want_sum[s, idx[s, b, j]] += vals[s, b, j]
-    a = np.broadcast_to(rows, (S, B, D))
-    np.testing.assert_allclose(jax.jit(cpu_kernels.gather_dot)(a, W, idx), want_dot, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(jax.jit(cpu_kernels.gather_dot)(a[1], W[1], idx[1]), want_dot[1], rtol=1e-5,
-                               atol=1e-5)  # one seed, rank 2
-    sc, sums = jax.jit(cpu_kernels.scatter_rows, static_argnums=(4, 5))(idx, vals, rows, sub, M, transpose)
-    np.testing.assert_allclose(sc, want_sc.transpose(0, 2, 1) if transpose else want_sc, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(sums, want_sum, rtol=1e-5, atol=1e-5)
+                want_dv[s, b, j] = g[s, b] @ W[s, idx[s, b, j]]
+                want_dW[s, idx[s, b, j]] += vals[s, b, j] * g[s, b]
+    for got, want in ((jax.jit(cpu_kernels.decoder_grads)(g, W, idx, vals), (want_dv, want_dW)),
+                      (jax.jit(cpu_kernels.decoder_grads)(g[1], W[1], idx[1], vals[1]), (want_dv[1], want_dW[1]))):
+        for a, w in zip(got, want):  # S seeds, then one seed at rank 2
+            np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_encoder_grads_match_loops(shared):
+    vals, idx, _, rows = _seeds_case()
+    x = rows[:1] if shared else rows
+    (S, B, K), D, M = idx.shape, x.shape[2], 90
+    rng = np.random.default_rng(9)
+    b, W = rng.standard_normal((S, D)).astype(np.float32), rng.standard_normal((S, D, M)).astype(np.float32)
+    want_dW, want_dc = np.zeros((S, D, M)), np.zeros((S, M))
+    for s in range(S):
+        for bb in range(B):
+            for j in range(K):
+                want_dW[s, :, idx[s, bb, j]] += vals[s, bb, j] * (x[0 if shared else s, bb] - b[s])
+                want_dc[s, idx[s, bb, j]] += vals[s, bb, j]
+    want_Wdc = np.einsum("SDM,SM->SD", W.astype(np.float64), want_dc)
+    got = jax.jit(cpu_kernels.encoder_grads)(idx, vals, x, b, W)
+    for a, w in zip(got, (want_dW, want_dc, want_Wdc)):
+        np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-4)
+
+
+def test_top_k_bias_equals_lax_on_the_sum():
+    """The bias is added as each row is read: the same selection and values as lax.top_k of x + bias."""
+    x = jax.random.normal(jax.random.key(3), (2, 50, 70))
+    bias = jax.random.normal(jax.random.key(4), (2, 70))
+    _same(jax.jit(cpu_kernels.top_k, static_argnums=1)(x, 9, bias), _reference(np.asarray(x + bias[:, None]), 9))
+    _same(cpu_kernels.top_k(x[0], 9, bias[0]), _reference(np.asarray(x[0] + bias[0]), 9))
+    _same(jax.vmap(lambda r, c: cpu_kernels.top_k(r, 9, c))(x, bias), _reference(np.asarray(x + bias[:, None]), 9))
+    w = jax.random.normal(jax.random.key(5), (50, 9))
+    ours = jax.grad(lambda x, c: jnp.sum(cpu_kernels.top_k(x, 9, c)[0] * w), argnums=(0, 1))(x[0], bias[0])
+    theirs = jax.grad(lambda x, c: jnp.sum(jax.lax.top_k(x + c, 9)[0] * w), argnums=(0, 1))(x[0], bias[0])
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"bias of shape \(3, 70\)"):
+        cpu_kernels.top_k(x, 9, jnp.zeros((3, 70)))
 
 
 def test_htopk_walk_matches_loop():
@@ -124,14 +154,16 @@ def test_htopk_walk_matches_loop():
     got = jax.jit(cpu_kernels.htopk_walk)(vals, idx, W, r, coef, ct_r)
     for g, w in zip(got, (dv, dW, G, sse)):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-4)
+    got_sum = jax.jit(cpu_kernels.htopk_walk, static_argnums=6)(vals, idx, W, r, coef, ct_r, True)
+    for g, w in zip(got_sum, (dv, dW, G.sum(0, keepdims=True), sse)):  # G as its column sums only
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-3)
 
 
 def test_out_of_range_index_is_an_error():
     vals, idx, W, rows = _sparse_case()
     idx[3, 2] = W.shape[0]
     with pytest.raises(Exception, match="latent index is out of range"):
-        jax.block_until_ready(cpu_kernels.scatter_rows(idx[None], vals[None], rows[None], np.zeros((1, W.shape[1]),
-                                                       np.float32), W.shape[0]))
+        jax.block_until_ready(cpu_kernels.decoder_grads(rows, W, idx, vals))
 
 
 @pytest.mark.parametrize("K,R,J,n,shape", [(2, 2, 16, 5, (3, 7, 64)), (8, 8, 16, 16, (2, 33, 64)),

@@ -397,7 +397,7 @@ def test_row_blocked_encoder_equals_numpy_topk(monkeypatch, shared):
     W_enc, b_enc = rng.normal(size=(S, D, M_)).astype(np.float32), rng.normal(size=(S, M_)).astype(np.float32)
     W_dec, b_dec = rng.normal(size=(S, M_, D)).astype(np.float32), rng.normal(size=(S, D)).astype(np.float32)
     x = rng.normal(size=(1 if shared else S, B_, D)).astype(np.float32)
-    vals, idx, _ = sae._encode_seeds(K, W_enc, b_enc, b_dec, x)
+    vals, idx = sae._encode_seeds(K, W_enc, b_enc, b_dec, x)
     x_hat, = sae._decode_seeds(False, W_dec, b_dec, vals, idx, x)
     pre = np.einsum("SBD,SDM->SBM", np.broadcast_to(x, (S, B_, D)) - b_dec[:, None], W_enc) + b_enc[:, None]
     want_idx = np.argsort(-pre, axis=-1, kind="stable")[..., :K]
