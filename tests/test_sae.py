@@ -388,9 +388,9 @@ def test_topk_decode_and_train_gradient_never_form_dense_BxM():
     assert sum(any(s[-2:] == (B, M) for s in _shapes(e)) for e in dots) == 2
 
 
-# ---------------------------------------------------------------- XLA:CPU's row-blocked encoder
+# ---------------------------------------------------------------- the encoders: XLA:CPU's row blocks, the batched one
 @pytest.mark.parametrize("shared", [True, False])
-def test_row_blocked_encoder_equals_numpy_topk(monkeypatch, shared):
+def test_encoders_equal_numpy_topk(monkeypatch, shared):
     S, B_, M_ = 3, 256, 40
     monkeypatch.setattr(sae, "_BLOCK_FLOATS", 64 * M_)  # blocks of 64 rows, 4 per seed
     rng = np.random.default_rng(0)
@@ -406,6 +406,11 @@ def test_row_blocked_encoder_equals_numpy_topk(monkeypatch, shared):
     np.testing.assert_allclose(vals, want_vals, rtol=1e-5, atol=1e-5)
     want_x_hat = np.einsum("SBK,SBKD->SBD", want_vals, W_dec[np.arange(S)[:, None, None], want_idx]) + b_dec[:, None]
     np.testing.assert_allclose(x_hat, want_x_hat, rtol=1e-4, atol=1e-4)
+    # The GPU/TPU encoder (all seeds' matmul at once), which XLA:CPU's platform switch never takes.
+    b_row = b_enc - np.einsum("SD,SDM->SM", b_dec, W_enc)
+    vals_b, idx_b = sae._encode_batched(K, jnp.asarray(x), jnp.asarray(W_enc), jnp.asarray(b_row))
+    np.testing.assert_array_equal(idx_b, want_idx)
+    np.testing.assert_allclose(vals_b, want_vals, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- BatchTopK -> JumpReLU
