@@ -246,7 +246,8 @@ constexpr int kVecs = kWidth / kLanes;  // vectors per block row
 
 // For each seed s: out[s][i] = Σ coef[s, b, j] · (rows[r, b] − sub[s]) over (b, j) with idx[s, b, j] = i, and
 // sums[s][i] = Σ coef[s, b, j] likewise; r = s, or 0 when all seeds share one batch (`shared`: rows [1, B, D]);
-// sub may be null (zero). `transpose` writes out[s] as [D, M] (the encoder weight's own layout) instead of [M, D].
+// sub may be null (zero), and sums too (not formed). `transpose` writes out[s] as [D, M] (the encoder weight's own
+// layout) instead of [M, D].
 void ScatterRows(ffi::ThreadPool& pool, const int32_t* pi, const float* pc, const float* pr, const float* psub,
                  int64_t S, int64_t rows, int64_t k, int64_t d, int64_t m, bool shared, bool transpose, float* po,
                  float* ps) {
@@ -281,6 +282,7 @@ void ScatterRows(ffi::ThreadPool& pool, const int32_t* pi, const float* pc, cons
       for (int64_t i = 0; i < m; ++i) std::copy(a + i * kWidth, a + i * kWidth + w, os + i * d + c0);
     }
   });
+  if (!ps) return;
   std::fill(ps, ps + S * m, 0.0f);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t t = 0; t < rows * k; ++t) ps[s * m + pi[s * rows * k + t]] += pc[s * rows * k + t];
@@ -301,9 +303,8 @@ ffi::Error DecoderGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::
   const int32_t* pi = idx.typed_data();
   if (auto e = CheckIndices(pi, S * rows * k, m); e.failure()) return e;
   GatherDot(pool, g.typed_data(), W.typed_data(), pi, S, rows, k, m, d, dv->typed_data());
-  std::vector<float> sums(S * m);
   ScatterRows(pool, pi, coef.typed_data(), g.typed_data(), nullptr, S, rows, k, d, m, false, false,
-              dW->typed_data(), sums.data());
+              dW->typed_data(), nullptr);
   return ffi::Error::Success();
 }
 
