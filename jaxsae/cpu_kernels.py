@@ -97,9 +97,13 @@ def top_k(x_NxM: jax.Array, k: int, bias_M: jax.Array | None = None) -> tuple[ja
     return _top_k(x_NxM, bias, k)
 
 
+def _bias_like(bias, x):
+    """bias [..., M] over leading axes of x, reshaped to broadcast against x [..., N, M]."""
+    return bias.reshape(bias.shape[:-1] + (1,) * (x.ndim - bias.ndim) + bias.shape[-1:])
+
+
 def _top_k_xla(x, bias, k):
-    return tuple(jax.lax.top_k(x + bias.reshape(bias.shape[:-1] + (1,) * (x.ndim - bias.ndim) + bias.shape[-1:])
-                               if bias.size else x, k))
+    return tuple(jax.lax.top_k(x + _bias_like(bias, x) if bias.size else x, k))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -122,8 +126,7 @@ def _top_k_jvp(k, primals, tangents):
     vals, idx = _top_k(x, bias, k)
     dvals = jnp.take_along_axis(dx, idx, axis=-1)
     if bias.size:
-        dvals = dvals + jnp.take_along_axis(jnp.broadcast_to(
-            dbias.reshape(bias.shape[:-1] + (1,) * (x.ndim - bias.ndim) + bias.shape[-1:]), x.shape), idx, axis=-1)
+        dvals = dvals + jnp.take_along_axis(jnp.broadcast_to(_bias_like(dbias, x), x.shape), idx, axis=-1)
     return (vals, idx), (dvals, jnp.zeros(idx.shape, jax.dtypes.float0))
 
 

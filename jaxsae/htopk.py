@@ -226,7 +226,7 @@ def _fused_loss(params, x_BxD, sae_cfg, cfg):
 
 
 def _fused_fwd(params, x_BxD, sae_cfg, cfg):
-    code = sae._topk_code(params, x_BxD, sae_cfg)
+    code = sae.encode(params, x_BxD, sae_cfg)  # the encoder `loss` runs, so XLA merges the two
     W_enc_DxM, W_dec_MxD, b_dec_D = params["W_enc"], params["W_dec"], params["b_dec"]
     (B, K), D = code.vals_BxK.shape, x_BxD.shape[1]
     rK_BxD = sae._topk_residual(params, code, x_BxD)

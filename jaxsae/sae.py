@@ -16,16 +16,16 @@ FVU of that fit, Σ‖e − ê‖² / Σ‖e − ē‖² over the batch, scaled 
 as in sparsify, so it is exactly zero when nothing is dead; it is zero too when Σ‖e − ē‖² is at float32
 rounding level, ≤ (B·ε)²·Σ‖e‖² (a batch of equal rows).
 
-Speed (TopK training): `loss` runs encode+decode through a `jax.custom_vjp` whose only dense work is the
-forward encoder matmul. The backward touches just the K selected latents of each token: dW_dec and dW_enc
-are scatter-adds of B·K rows (in column blocks that stay in cache), d(vals) a gather-dot, and d(b_dec)
-through the encoder input is −W_enc·d(b_enc) (a mat-vec) rather than a B×D×M product. Under `jax.vmap`
-over seeds a `custom_vmap` rule keeps these plain per-seed row operations. No gradient w.r.t. x is formed
-unless asked for. `loss` goes one step further (`_topk_mse`): the MSE's weights are fixed, so its forward forms the
-gradient at once from the residual r = x̂ − x, summed from b_dec − x, the one [B, D] tensor of the step. On XLA:CPU the top-k and this backward run as multi-threaded kernels (`cpu_kernels`, same results),
-and the encoder runs seed by seed in row blocks, so no whole [B, M] pre-activation is ever allocated. The kernels read
-the weights whose gradients they return (the top-k adds the encoder bias as it reads), so XLA copies no weight ahead
-of an in-place optimiser update.
+Speed (TopK training): `loss` runs encode+decode through a `jax.custom_vjp` whose only dense work is the forward
+encoder matmul. The backward touches just the K selected latents of each token: dW_dec and dW_enc are scatter-adds
+of B·K rows (in column blocks that stay in cache), d(vals) a gather-dot, and d(b_dec) through the encoder input is
+−W_enc·d(b_enc) (a mat-vec) rather than a B×D×M product. Under `jax.vmap` over seeds a `custom_vmap` rule keeps
+these plain per-seed row operations. No gradient w.r.t. x is formed unless asked for. `loss` goes one step further
+(`_topk_mse`): the MSE's weights are fixed, so its forward forms the gradient at once from the residual r = x̂ − x,
+summed from b_dec − x, the one [B, D] tensor of the step. On XLA:CPU the top-k and this backward run as
+multi-threaded kernels (`cpu_kernels`, same results), and the encoder runs seed by seed in row blocks, so no whole
+[B, M] pre-activation is ever allocated. The kernels read the weights whose gradients they return (the top-k adds
+the encoder bias as it reads), so XLA copies no weight ahead of an in-place optimiser update.
 """
 from __future__ import annotations
 
@@ -149,7 +149,8 @@ def _col(a_BxK: jax.Array, k) -> jax.Array:
 
 
 def _gather_sum(vals_BxK: jax.Array, idx_BxK: jax.Array, W_MxD: jax.Array, start_BxD: jax.Array | None = None):
-    """start + Σ_k vals[:, k] · W[idx[:, k]] (start: zeros): the gathers fuse into the adds, nothing [B, K, D] is built."""
+    """start + Σ_k vals[:, k] · W[idx[:, k]] (start: zeros): the gathers fuse into the adds, nothing [B, K, D] is
+    built."""
     B, K = vals_BxK.shape
     if start_BxD is None:
         start_BxD = jnp.zeros((B, W_MxD.shape[1]), vals_BxK.dtype)
@@ -417,7 +418,8 @@ _topk_autoencode.defvjp(_topk_autoencode_fwd, _topk_autoencode_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _topk_mse(W_enc_DxM, b_enc_M, W_dec_MxD, b_dec_D, x_BxD, k):
-    """(mse, r = x̂ − x, Code) of one TopK SAE; only mse carries a gradient (callers put the rest under stop_gradient).
+    """(mse, r = x̂ − x, Code) of one TopK SAE; only mse carries a gradient (callers put the rest under
+    stop_gradient).
 
     Under differentiation the forward forms the gradient at once, as the loss's weights are fixed: dL/dx̂ = c·r with
     c = 2/(B·D), and c rides in the sparse backward's [B, K] coefficients, so r is the step's only [B, D] tensor
@@ -444,13 +446,6 @@ def _topk_mse_bwd(k, res, cts):
 
 
 _topk_mse.defvjp(_topk_mse_fwd, _topk_mse_bwd)
-
-
-def _topk_code(params: dict, x_BxD: jax.Array, cfg: SAEConfig) -> Code:
-    """TopK's forward encoder (the one `loss` runs, so XLA merges the two), for hand-written backward passes."""
-    W_enc, b_enc, _, b_dec, x = _topk_args(params, x_BxD, cfg)
-    vals, idx = _encode_one(W_enc, b_enc, b_dec, x, cfg.k)
-    return Code(vals[0], idx[0])
 
 
 def _topk_residual(params: dict, code: Code, x_BxD: jax.Array) -> jax.Array:
