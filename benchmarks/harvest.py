@@ -1,11 +1,11 @@
 """Harvest throughput: SmolLM2-135M forward to the middle layer, lime_jax (jit) vs HF transformers (torch CPU).
 
-`python -m benchmarks.harvest [batch_sizes=4,8,16] [ctx_len=128] [repeats=3] [impls=lime_jax,transformers]`
-prints JSON lines {impl, bench, layer, batch, seq, seconds_per_call, tokens_per_s, load_avg_1m}: random token
-ids, one untimed call per shape (compilation / warm-up), then the best of `repeats` timed calls. Implementations
-alternate per batch size so both see the same load. Per batch size, a line with `bench: matmul_bound` gives
-`matmul_bound_tokens_per_s`: the forward's FLOPs per token up to `layer` (`forward_flops_per_token`) over the
-rate XLA reaches on the bare matmuls of one block at this batch ([B*T, D] x [D, N*H], [D, K*H] twice, [N*H, D],
+`python -m benchmarks.harvest [batch_sizes=4,8,16] [ctx_len=128] [repeats=5] [impls=lime_jax,transformers]`
+prints JSON lines {impl, bench, layer, batch, seq, seconds_per_call, tokens_per_s, malloc, load_avg_1m}: random
+token ids, one untimed call per shape (compilation / warm-up), then the best of `repeats` timed calls, the
+implementations (and the bare matmuls below) taking turns call by call so that all see the same load. Per batch
+size, a line with `bench: matmul_bound` gives `matmul_bound_tokens_per_s`: the forward's FLOPs per token up to
+`layer` (`forward_flops_per_token`) over the rate XLA reaches on the bare matmuls of one block at this batch ([B*T, D] x [D, N*H], [D, K*H] twice, [N*H, D],
 [D, F] twice, [F, D]; jitted together with the forward's dot library, timed in the same run), i.e. the speed if
 everything but those matmuls were free. lime_jax runs on per-block weights (`model.unstack_layers`, as its
 adapter does) and also times the CE splice (`bench: splice_forward`, the full forward with the residual at
@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from jaxsae import configlib
+from jaxsae import configlib, hostmem
 from lime_jax import gguf, model
 
 
@@ -32,19 +32,22 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (4, 8, 16)  # contexts per forward
     ctx_len: int = 128  # tokens per context
     layer: int = 14  # harvest stops after this block (the middle of SmolLM2's 30)
-    repeats: int = 3  # timed calls per measurement (the best is reported)
+    repeats: int = 5  # timed calls per implementation, taking turns (the best is reported)
     impls: tuple[str, ...] = ("lime_jax", "transformers")  # implementations to time (transformers if installed)
 
 
-def _best_time(fn, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` calls, after one untimed call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _best_times(fns: dict, repeats: int) -> dict:
+    """Seconds of the fastest of `repeats` calls of each fn, after one untimed call each. The fns take turns
+    call by call, so a drift in the host's speed reaches all of them alike."""
+    for fn in fns.values():
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def _load_avg_1m() -> float:
@@ -135,23 +138,24 @@ def main(argv=None) -> int:
                           "median_abs_diff": float(np.median(diff))}), flush=True)
     for b in bc.batch_sizes:
         tokens = np.random.default_rng(b).integers(0, cfg.vocab, (b, bc.ctx_len)).astype(np.int32)
-        for (impl, bench), fn in runs.items():
-            load = _load_avg_1m()
-            s = _best_time(lambda: fn(tokens), bc.repeats)
-            print(json.dumps({"impl": impl, "bench": bench, "layer": bc.layer, "batch": b, "seq": bc.ctx_len,
-                              "seconds_per_call": round(s, 3), "tokens_per_s": round(b * bc.ctx_len / s, 1),
-                              "load_avg_1m": load}), flush=True)
         matmuls, flops = _block_matmuls(cfg, b * bc.ctx_len)
         load = _load_avg_1m()
-        s = _best_time(matmuls, bc.repeats)
+        best = _best_times({**{key: (lambda fn=fn: fn(tokens)) for key, fn in runs.items()}, "matmuls": matmuls},
+                           bc.repeats)
+        for (impl, bench), s in ((key, s) for key, s in best.items() if key != "matmuls"):
+            print(json.dumps({"impl": impl, "bench": bench, "layer": bc.layer, "batch": b, "seq": bc.ctx_len,
+                              "seconds_per_call": round(s, 3), "tokens_per_s": round(b * bc.ctx_len / s, 1),
+                              "malloc": hostmem.setting(), "load_avg_1m": load}), flush=True)
         per_token = forward_flops_per_token(cfg, bc.layer, bc.ctx_len)
+        s = best["matmuls"]
         print(json.dumps({"impl": "xla_matmuls", "bench": "matmul_bound", "layer": bc.layer, "batch": b,
                           "seq": bc.ctx_len, "matmul_gflop_per_s": round(flops / s / 1e9, 1),
                           "forward_flops_per_token": per_token,
-                          "matmul_bound_tokens_per_s": round(flops / s / per_token, 1), "load_avg_1m": load}),
+                          "matmul_bound_tokens_per_s": round(flops / s / per_token, 1),
+                          "malloc": hostmem.setting(), "load_avg_1m": load}),
               flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(configlib.run(main, prog="python -m benchmarks.harvest"))

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import tqdm
 
-from jaxsae import configlib
+from jaxsae import configlib, hostmem
 
 # htopk_scan_autodiff: the lean forward as a plain lax.scan differentiated by JAX, to show why the lean
 # loss needs its own backward (autodiff stores the B×D carry of every step, i.e. B×K×D again).
@@ -160,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                           "peak_bytes": max(r["peak_bytes"] for r in rs), "rounds": cfg.rounds, "date": date})
     load = [load_before, round(os.getloadavg()[0], 2)]
     for line in lines:  # printed at the end, so that every line carries the load after the whole run
-        print(json.dumps({**line, "load_avg_1m": load, "load_avg_1m_before": load[0], "load_avg_1m_after": load[1]}),
+        print(json.dumps({**line, "malloc": hostmem.setting(), "load_avg_1m": load, "load_avg_1m_before": load[0], "load_avg_1m_after": load[1]}),
               flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(configlib.run(main, prog="python -m benchmarks.htopk_step"))

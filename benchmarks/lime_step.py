@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 
 import jax
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from jaxsae import configlib, hostmem
 from lime_jax import config, train
 
 IMPLS = {"llama": "none", "lime_static": "static", "lime_dynamic": "dynamic", "lime_v2": "v2"}
@@ -41,7 +43,7 @@ def _compiled(model_cfg: config.LlamaConfig, train_cfg: train.TrainConfig, B: in
     return step, compiled.memory_analysis()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="12,64,8,128", help="L,D,B,T: layers, d_model, sequences, positions")
     ap.add_argument("--d_models", default="", help="widths to sweep, e.g. 64,128,256 (default: D of --shape)")
@@ -49,7 +51,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds (median reported)")
     ap.add_argument("--depths", default="2,4,8",
                     help="depths for the compile-only memory scan at the last width ('' skips)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     L, D, B, T = (int(s) for s in args.shape.split(","))
     for width in [int(s) for s in args.d_models.split(",") if s] or [D]:
         mems = _time_width(L, width, B, T, args)
@@ -102,9 +104,10 @@ def _time_width(L: int, D: int, B: int, T: int, args) -> dict:
                           "speed_vs_llama": round(base / t, 4),
                           "flops_vs_llama": round(_model(routing, L, D, T, args.vocab).flops_per_token / base_flops, 4),
                           "peak_bytes": int(peak), "temp_bytes": int(mem.temp_size_in_bytes),
-                          "load_avg_1m": load_before, "load_avg_1m_after": load_after}), flush=True)
+                          "malloc": hostmem.setting(), "load_avg_1m": load_before, "load_avg_1m_after": load_after}),
+              flush=True)
     return mems
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(configlib.run(main, prog="python -m benchmarks.lime_step"))

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -28,7 +29,7 @@ import numpy as np
 import optax
 import tqdm
 
-from jaxsae import sae
+from jaxsae import configlib, hostmem, sae
 
 
 def load_avg_1m() -> float:
@@ -179,7 +180,7 @@ def main(argv=None):
     load = [load_before, load_avg_1m()]
     common = {"B": B, "d_in": D, "d_sae": M, "k": K, "aux": args.aux, "rounds": args.rounds,
               "matmul_s": round(med["matmul"], 4), "cpus": os.cpu_count(), "machine": platform.machine(),
-              "load_avg_1m": load, "load_avg_1m_before": load[0], "load_avg_1m_after": load[1],
+              "malloc": hostmem.setting(), "load_avg_1m": load, "load_avg_1m_before": load[0], "load_avg_1m_after": load[1],
               "jax": jax.__version__}
     if "torch_matmul" in med:
         common["torch_matmul_s"] = round(med["torch_matmul"], 4)
@@ -197,4 +198,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(configlib.run(main, prog="python -m benchmarks.sae_step"))

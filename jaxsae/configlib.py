@@ -10,6 +10,8 @@ import types
 import typing
 from typing import Any, Callable, Sequence, TypeVar
 
+from jaxsae import hostmem
+
 T = TypeVar("T")
 
 
@@ -111,7 +113,9 @@ DEBUG_FLAG = "--debug"
 
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, prog: str = "") -> int:
     """`main(argv)` as a command: a user error prints one line `prog: error: ...` and returns 2; `--debug`
-    anywhere in argv re-raises it with its traceback instead. Bugs (any other exception) always propagate."""
+    anywhere in argv re-raises it with its traceback instead. Bugs (any other exception) always propagate.
+    First, before any JAX computation starts its threads, glibc is set to reuse freed memory (`hostmem`)."""
+    hostmem.keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in argv
     argv = [a for a in argv if a != DEBUG_FLAG]

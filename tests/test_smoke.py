@@ -247,6 +247,7 @@ def test_benchmark_sae_step_jax(tmp_path):
     assert [(r["impl"], r["seeds"]) for r in rows] == [("jaxsae", 1), ("jaxsae_vmap8", 8)]
     for r in rows:
         assert has_fields(r, "step_s", "tokens_per_s", "step_over_matmul", "matmul_s") and r["tokens_per_s"] > 0
+        assert r["malloc"] == "keep"  # run through configlib.run, as the commands are
 
 
 def test_benchmark_sae_step_torch(tmp_path):
