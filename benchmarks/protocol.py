@@ -9,7 +9,8 @@ the machine's day), as `python -m benchmarks.<script> ARGS` under `--wrap` (a co
 guard). Each run leaves DIR/<bench>.<round>.jsonl (stdout), .err (stderr) and .rc (exit code); a run already
 done (exit code 0, and a "-> quiet" verdict on stderr when wrapped) is skipped, so a killed protocol resumes.
 `summarize` prints one JSON line per figure (`figure`, `median`, `min`, `max`, `values`: one per round), one per
-benchmark with its runs' quiet verdicts and load before, then the figures as a markdown table.
+benchmark with its runs' quiet verdicts and load before, then the figures as a markdown table. A run the guard
+judged not quiet is void: it is counted but its figures are left out.
 """
 from __future__ import annotations
 
@@ -144,7 +145,8 @@ def _rows(path: Path) -> list[dict]:
 
 
 def summarize(folder: Path) -> list[dict]:
-    """The protocol's figures from `folder`: per figure the median, min and max over the rounds that have it."""
+    """The protocol's figures from `folder`: per figure the median, min and max over the rounds that have it
+    and were not judged void by the quiet guard."""
     if not folder.is_dir():
         raise ValueError(f"no such folder: {folder}")
     runs = sorted(folder.glob("*.*.jsonl"))
@@ -156,15 +158,18 @@ def summarize(folder: Path) -> list[dict]:
         bench = path.name.split(".")[0]
         if bench not in FIGURES:
             raise ValueError(f"{path.name}: unknown benchmark {bench!r} (known: {', '.join(FIGURES)})")
+        load, verdict = _verdict(path.with_suffix(".err"))
+        verdicts.setdefault(bench, []).append((load, verdict))
+        if verdict is not None and verdict != "quiet":
+            continue  # the guard saw other work beside it: timings void
         for name, v in FIGURES[bench](_rows(path)).items():
             values.setdefault(name, []).append(float(v))
-        verdicts.setdefault(bench, []).append(_verdict(path.with_suffix(".err")))
     lines = [{"figure": name, "median": float(np.median(v)), "min": min(v), "max": max(v), "values": v}
              for name, v in values.items()]
     for bench, vs in verdicts.items():
         loads = [load for load, _ in vs if load is not None]
         lines.append({"bench": bench, "runs": len(vs), "quiet": sum(v == "quiet" for _, v in vs),
-                      "unguarded": sum(v is None for _, v in vs),
+                      "void": sum(v not in (None, "quiet") for _, v in vs), "unguarded": sum(v is None for _, v in vs),
                       "load_before": [min(loads), max(loads)] if loads else None})
     return lines
 

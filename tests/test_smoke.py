@@ -309,11 +309,12 @@ def test_benchmark_protocol_run_and_summarize(tmp_path):
     vmap = [d["jaxsae_vmap8"]["tokens_per_s"] / d["jaxsae"]["tokens_per_s"] for d in raw]
     assert got["8 seeds vmapped, per-seed tokens/s / one seed"]["median"] == pytest.approx((vmap[0] + vmap[1]) / 2)
     assert got["SAE step / JAX encoder matmul"]["values"] == [d["jaxsae"]["step_over_matmul"] for d in raw]
-    assert {"bench": "sae", "runs": 2, "quiet": 0, "unguarded": 2, "load_before": None} in lines
+    assert {"bench": "sae", "runs": 2, "quiet": 0, "void": 0, "unguarded": 2, "load_before": None} in lines
 
 
 def test_benchmark_protocol_summarize_by_hand(tmp_path):
-    """Three rounds of made-up htopk and harvest lines, figures worked out by hand; bad input exits 2."""
+    """Three rounds of made-up htopk and harvest lines, figures worked out by hand (harvest's third round is
+    void: the guard said not quiet); bad input exits 2."""
     for r, (topk, htopk, lj, tr, bound) in enumerate([(2.0, 2.2, 120, 100, 150), (1.0, 1.3, 90, 100, 100),
                                                        (4.0, 4.0, 110, 100, 200)], 1):
         (tmp_path / f"htopk.{r}.jsonl").write_text("\n".join(json.dumps(d) for d in (
@@ -329,9 +330,9 @@ def test_benchmark_protocol_summarize_by_hand(tmp_path):
     got = {l["figure"]: (l["median"], l["min"], l["max"]) for l in lines if "figure" in l}
     assert got["HTopK / TopK best step, K=8"] == pytest.approx((1.1, 1.0, 1.3))
     assert got["HTopK / TopK median step, K=8"] == pytest.approx((1.0, 1.0, 1.0))
-    assert got["harvest batch 4, lime_jax / transformers"] == pytest.approx((1.1, 0.9, 1.2))
-    assert got["harvest batch 4, lime_jax / matmul bound"] == pytest.approx((0.8, 0.55, 0.9))
-    assert {"bench": "harvest", "runs": 3, "quiet": 2, "unguarded": 0, "load_before": [0.41, 0.43]} in lines
+    assert got["harvest batch 4, lime_jax / transformers"] == pytest.approx((1.05, 0.9, 1.2))
+    assert got["harvest batch 4, lime_jax / matmul bound"] == pytest.approx((0.85, 0.8, 0.9))
+    assert {"bench": "harvest", "runs": 3, "quiet": 2, "void": 1, "unguarded": 0, "load_before": [0.41, 0.43]} in lines
     for args, said in [(("summarize", "missing"), "no such folder"),
                        (("run", "--out", "p", "--benches", "sea"), "unknown ['sea']"),
                        (("run", "--out", "p", "--wrap", "./no-such-guard"), "is not an executable file")]:
