@@ -5,13 +5,14 @@ prints JSON lines {impl, bench, layer, batch, seq, seconds_per_call, tokens_per_
 token ids, one untimed call per shape (compilation / warm-up), then the best of `repeats` timed calls, the
 implementations (and the bare matmuls below) taking turns call by call so that all see the same load. Per batch
 size, a line with `bench: matmul_bound` gives `matmul_bound_tokens_per_s`: the forward's FLOPs per token up to
-`layer` (`forward_flops_per_token`) over the rate XLA reaches on the bare matmuls of one block at this batch ([B*T, D] x [D, N*H], [D, K*H] twice, [N*H, D],
-[D, F] twice, [F, D]; jitted together with the forward's dot library, timed in the same run), i.e. the speed if
-everything but those matmuls were free. lime_jax runs on per-block weights (`model.unstack_layers`, as its
-adapter does) and also times the CE splice (`bench: splice_forward`, the full forward with the residual at
-`layer` passed through). With transformers, a first line {"check": ...} gives the largest difference between
-the two implementations' residuals on the same tokens. transformers runs HF's LlamaModel with the same weights,
-truncated to blocks 0..layer with the final norm removed, so both return the residual after block `layer`.
+`layer` (`forward_flops_per_token`) over the rate XLA reaches on the bare matmuls of one block at this batch
+([B*T, D] x [D, N*H], [D, K*H] twice, [N*H, D], [D, F] twice, [F, D]; jitted together with the forward's dot
+library, timed in the same run), i.e. the speed if everything but those matmuls were free. lime_jax runs on
+per-block weights (`model.unstack_layers`, as its adapter does) and also times the CE splice (`bench:
+splice_forward`, the full forward with the residual at `layer` passed through). With transformers, a first line
+{"check": ...} gives the largest difference between the two implementations' residuals on the same tokens.
+transformers runs HF's LlamaModel with the same weights, truncated to blocks 0..layer with the final norm removed,
+so both return the residual after block `layer`.
 """
 from __future__ import annotations
 

@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                           "peak_bytes": max(r["peak_bytes"] for r in rs), "rounds": cfg.rounds, "date": date})
     load = [load_before, round(os.getloadavg()[0], 2)]
     for line in lines:  # printed at the end, so that every line carries the load after the whole run
-        print(json.dumps({**line, "malloc": hostmem.setting(), "load_avg_1m": load, "load_avg_1m_before": load[0], "load_avg_1m_after": load[1]}),
-              flush=True)
+        print(json.dumps({**line, "malloc": hostmem.setting(), "load_avg_1m": load, "load_avg_1m_before": load[0],
+                          "load_avg_1m_after": load[1]}), flush=True)
     return 0
 
 

@@ -180,8 +180,8 @@ def main(argv=None):
     load = [load_before, load_avg_1m()]
     common = {"B": B, "d_in": D, "d_sae": M, "k": K, "aux": args.aux, "rounds": args.rounds,
               "matmul_s": round(med["matmul"], 4), "cpus": os.cpu_count(), "machine": platform.machine(),
-              "malloc": hostmem.setting(), "load_avg_1m": load, "load_avg_1m_before": load[0], "load_avg_1m_after": load[1],
-              "jax": jax.__version__}
+              "malloc": hostmem.setting(), "load_avg_1m": load, "load_avg_1m_before": load[0],
+              "load_avg_1m_after": load[1], "jax": jax.__version__}
     if "torch_matmul" in med:
         common["torch_matmul_s"] = round(med["torch_matmul"], 4)
     for name in impls:

@@ -3,8 +3,9 @@
 XLA:CPU allocates an executable's temporaries as one block per call, and torch allocates its large tensors
 afresh per op. glibc serves blocks of 32 MiB or more (its largest dynamic mmap threshold) with a fresh mmap
 and unmaps them on free, and an allocation on a worker thread's arena does so at any size over that arena's
-64 MiB heap. Each call then faults in every page again: about 4 µs per 4 KiB page on the hosts we measured,
-so an 8-seed SAE step (246 MiB of temporaries) spent ~10% of its time there, and sparsify's step ~30%.
+64 MiB heap. Each call then faults in every page again: an 8-seed SAE step (246 MiB of temporaries) took
+82k faults per step, and sparsify's step ran 1.3-1.5x slower than with freed memory kept (benchmarks/README.md,
+ninth set; the JAX step's own time moved less than the host's noise).
 `keep_freed_memory()` puts every thread on the main arena, serves large blocks from the heap (no mmap) and
 never trims it, so a block freed by one step is reused by the next. The cost: resident memory stays at its
 peak. Commands (`configlib.run`) call it first thing, unless `JAXSAE_HOST_MALLOC=default` is set in the
