@@ -47,6 +47,11 @@ def _verdict(err_path: Path) -> tuple[float | None, str | None]:
     return None, None
 
 
+def _void(verdict: str | None) -> bool:
+    """Whether the guard ran and saw other work beside the run (its timings are void)."""
+    return verdict is not None and verdict != "quiet"
+
+
 def run(out: Path, rounds: int, benches: list[str], wrap: list[str], args: dict[str, str]) -> int:
     """Every round runs each of `benches` once; returns how many runs failed."""
     out.mkdir(parents=True, exist_ok=True)
@@ -160,8 +165,8 @@ def summarize(folder: Path) -> list[dict]:
             raise ValueError(f"{path.name}: unknown benchmark {bench!r} (known: {', '.join(FIGURES)})")
         load, verdict = _verdict(path.with_suffix(".err"))
         verdicts.setdefault(bench, []).append((load, verdict))
-        if verdict is not None and verdict != "quiet":
-            continue  # the guard saw other work beside it: timings void
+        if _void(verdict):
+            continue
         for name, v in FIGURES[bench](_rows(path)).items():
             values.setdefault(name, []).append(float(v))
     lines = [{"figure": name, "median": float(np.median(v)), "min": min(v), "max": max(v), "values": v}
@@ -169,7 +174,7 @@ def summarize(folder: Path) -> list[dict]:
     for bench, vs in verdicts.items():
         loads = [load for load, _ in vs if load is not None]
         lines.append({"bench": bench, "runs": len(vs), "quiet": sum(v == "quiet" for _, v in vs),
-                      "void": sum(v not in (None, "quiet") for _, v in vs), "unguarded": sum(v is None for _, v in vs),
+                      "void": sum(_void(v) for _, v in vs), "unguarded": sum(v is None for _, v in vs),
                       "load_before": [min(loads), max(loads)] if loads else None})
     return lines
 
