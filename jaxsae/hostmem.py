@@ -4,8 +4,8 @@ XLA:CPU allocates an executable's temporaries as one block per call, and torch a
 afresh per op. glibc serves blocks of 32 MiB or more (its largest dynamic mmap threshold) with a fresh mmap
 and unmaps them on free, and an allocation on a worker thread's arena does so at any size over that arena's
 64 MiB heap. Each call then faults in every page again: an 8-seed SAE step (246 MiB of temporaries) took
-82k faults per step, and sparsify's step ran 1.3-1.5x slower than with freed memory kept (benchmarks/README.md,
-ninth set; the JAX step's own time moved less than the host's noise).
+82k faults per step, and sparsify's step took 0.59-0.78 s against 0.42-0.52 s with freed memory kept
+(benchmarks/README.md, ninth set; the JAX step's own time moved less than the host's noise).
 `keep_freed_memory()` puts every thread on the main arena, serves large blocks from the heap (no mmap) and
 never trims it, so a block freed by one step is reused by the next. The cost: resident memory stays at its
 peak. Commands (`configlib.run`) call it first thing, unless `JAXSAE_HOST_MALLOC=default` is set in the
