@@ -21,6 +21,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -214,6 +218,141 @@ inline float Sum(Vec v) {  // a tree of halves: log2(lanes) dependent adds, not 
 ffi::Error CheckIndices(const int32_t* idx, int64_t n, int64_t m) {
   for (int64_t t = 0; t < n; ++t)
     if (idx[t] < 0 || idx[t] >= m) return ffi::Error::InvalidArgument("a latent index is out of range");
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------- the TopK encoder: matmul and top-k fused
+//
+// vals, idx [S, B, k] = top-k of each row of x W_s + b_s, and x W is never stored whole. XLA:CPU's matmul writes
+// a [B, M] pre-activation (75 MB at B = 4096, M = 4608) that the top-k reads back; here each task multiplies
+// kMc rows of x into a [kMc, M] block (in L3) and hands its rows to TopKRow at once. The product is computed in
+// the manner of BLIS: W packed into panels of kNr columns ([depth][kNr], contiguous), the task's rows into
+// panels of kMr rows ([depth][kMr]), and each kMr x kNr tile summed in registers over a depth block of at most
+// kKcMax, the W panel in L1 while the task's row panels pass by from L2. On a 2-core AVX2 host this ran the
+// SAE encoder's shape as fast as numpy's OpenBLAS and 10% faster than XLA's matmul plus the top-k (exploration
+// runs; blocks of 12 rows, whose [12, M] block stays in L2, were 15-20% slower). The sums run in another order
+// than XLA's dot, so a value may differ from its matmul's in the last bits.
+#if defined(__AVX512F__)
+inline Vec Splat(const float* p) { return (Vec)_mm512_set1_ps(*p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return (Vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+#elif defined(__AVX__)
+inline Vec Splat(const float* p) { return (Vec)_mm256_broadcast_ss(p); }  // `Vec{} + *p` adds a real 0.0 first
+#if defined(__FMA__)
+inline Vec Fma(Vec a, Vec b, Vec c) { return (Vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#else
+inline Vec Fma(Vec a, Vec b, Vec c) { return a * b + c; }
+#endif
+#else
+inline Vec Splat(const float* p) { return Vec{*p, *p, *p, *p}; }
+inline Vec Fma(Vec a, Vec b, Vec c) { return a * b + c; }
+#endif
+
+constexpr int kMr = 6, kNr = 2 * kLanes;  // a 6 x 2-vector tile: 12 accumulators, 2 B loads, 1 splat register
+constexpr int64_t kMc = 28 * kMr;         // rows per task: their panels (194 KB at depth 288) stay in L2
+constexpr int64_t kKcMax = 320;           // depth per pass: a kNr panel of it (20 KB with AVX2) stays in L1
+
+// c[r * ldc + j] (+)= sum over p < kc of a[p * kMr + r] * b[p * kNr + j], for r < kMr, j < kNr. The
+// accumulators are named, not an array: GCC spilled an array of them to the stack on every step.
+template <bool kAdd>
+inline void Tile(const float* a, const float* b, int64_t kc, float* c, int64_t ldc) {
+  Vec c00{}, c01{}, c10{}, c11{}, c20{}, c21{}, c30{}, c31{}, c40{}, c41{}, c50{}, c51{};
+#pragma GCC unroll 4
+  for (int64_t p = 0; p < kc; ++p, a += kMr, b += kNr) {
+    Vec b0 = Load(b), b1 = Load(b + kLanes), ar;
+#define JAXSAE_ROW(r) ar = Splat(a + r); c##r##0 = Fma(ar, b0, c##r##0); c##r##1 = Fma(ar, b1, c##r##1);
+    JAXSAE_ROW(0) JAXSAE_ROW(1) JAXSAE_ROW(2) JAXSAE_ROW(3) JAXSAE_ROW(4) JAXSAE_ROW(5)
+#undef JAXSAE_ROW
+  }
+  Vec rows[kMr][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int r = 0; r < kMr; ++r, c += ldc)
+    for (int h = 0; h < 2; ++h) Store(c + h * kLanes, kAdd ? Load(c + h * kLanes) + rows[r][h] : rows[r][h]);
+}
+
+// Float buffers aligned to 64 bytes, so no vector load of a panel straddles two cache lines.
+struct Floats {
+  std::unique_ptr<float[]> raw;
+  float* p;
+  explicit Floats(int64_t n) : raw(new float[n + 16]), p(raw.get()) {
+    p += ((64 - reinterpret_cast<uintptr_t>(p) % 64) % 64) / sizeof(float);
+  }
+};
+
+struct Depth {  // the depth blocks: n passes of at most kKcMax, as even as possible
+  int64_t n, kc;
+  explicit Depth(int64_t d) : n((d + kKcMax - 1) / kKcMax), kc((d + n - 1) / n) {}
+  int64_t Len(int64_t t, int64_t d) const { return std::min(kc, d - t * kc); }
+};
+
+// W [D, M] into panels: depth block t at Wp + t * kc * Mp, panel j within it at + j * kNr * len, [len][kNr].
+void PackPanels(ffi::ThreadPool& pool, const float* W, int64_t d, int64_t m, const Depth& depth, float* Wp) {
+  int64_t panels = (m + kNr - 1) / kNr, mp = panels * kNr;
+  ParallelFor(pool, panels, Workers(pool, d * m), [&](int64_t j, int64_t) {
+    int64_t cols = std::min<int64_t>(kNr, m - j * kNr);
+    for (int64_t t = 0; t < depth.n; ++t) {
+      int64_t len = depth.Len(t, d);
+      float* dst = Wp + t * depth.kc * mp + j * kNr * len;
+      for (int64_t p = 0; p < len; ++p, dst += kNr) {
+        const float* src = W + (t * depth.kc + p) * m + j * kNr;
+        for (int64_t q = 0; q < kNr; ++q) dst[q] = q < cols ? src[q] : 0.0f;
+      }
+    }
+  });
+}
+
+// The [kMc, Mp] block C = x[rows] W of `rows` <= kMc rows of x (the rest of the block's rows are zeros times W).
+void BlockProduct(const float* x, int64_t rows, int64_t d, int64_t mp, const Depth& depth, const float* Wp,
+                  float* Ap, float* C) {
+  for (int64_t t = 0; t < depth.n; ++t) {
+    int64_t len = depth.Len(t, d), k0 = t * depth.kc;
+    for (int64_t i = 0; i < kMc / kMr; ++i)  // rows into panels [len][kMr]
+      for (int64_t p = 0; p < len; ++p)
+        for (int r = 0; r < kMr; ++r) {
+          int64_t row = i * kMr + r;
+          Ap[(i * len + p) * kMr + r] = row < rows ? x[row * d + k0 + p] : 0.0f;
+        }
+    const float* panels = Wp + k0 * mp;
+    for (int64_t j = 0; j < mp / kNr; ++j)
+      for (int64_t i = 0; i < kMc / kMr; ++i) {
+        float* c = C + i * kMr * mp + j * kNr;
+        if (t == 0) Tile<false>(Ap + i * len * kMr, panels + j * kNr * len, len, c, mp);
+        else Tile<true>(Ap + i * len * kMr, panels + j * kNr * len, len, c, mp);
+      }
+  }
+}
+
+ffi::Error EncodeTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W,
+                          ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> vals,
+                          ffi::ResultBuffer<ffi::S32> idx) {
+  auto xd = x.dimensions(), wd = W.dimensions(), bd = bias.dimensions(), vd = vals->dimensions();
+  if (xd.size() != 3 || wd.size() != 3 || bd.size() != 2 || vd.size() != 3)
+    return ffi::Error::InvalidArgument("encode_top_k: x [X, B, D], W [S, D, M], bias [S, M] and [S, B, k]");
+  int64_t X = xd[0], B = xd[1], d = xd[2], S = wd[0], m = wd[2], k = vd[2];
+  if ((X != 1 && X != S) || wd[1] != d || bd[0] != S || bd[1] != m || vd[0] != S || vd[1] != B)
+    return ffi::Error::InvalidArgument("encode_top_k: shapes do not fit x [1 or S, B, D], W [S, D, M], bias [S, M]");
+  if (k < 1 || k > m) return ffi::Error::InvalidArgument("encode_top_k: k must be in [1, M]");
+  if (S == 0 || B == 0) return ffi::Error::Success();
+  int64_t mp = (m + kNr - 1) / kNr * kNr, tasks = (B + kMc - 1) / kMc;
+  int64_t workers = std::min(tasks, Workers(pool, B * d * m));
+  int64_t cap = std::max<int64_t>(4 * k, 64);
+  Depth depth(d);
+  Floats Wp(std::max<int64_t>(d, 1) * mp);
+  std::vector<Floats> Ap, C;
+  std::vector<std::vector<Entry>> bufs(workers, std::vector<Entry>(cap + 16));
+  for (int64_t w = 0; w < workers; ++w) Ap.emplace_back(kMc * depth.kc), C.emplace_back(kMc * mp);
+  for (int64_t s = 0; s < S; ++s) {
+    const float* xs = x.typed_data() + (X == 1 ? 0 : s * B * d);
+    const float* bs = bias.typed_data() + s * m;
+    PackPanels(pool, W.typed_data() + s * d * m, d, m, depth, Wp.p);
+    ParallelFor(pool, tasks, workers, [&](int64_t task, int64_t slot) {
+      int64_t r0 = task * kMc, rows = std::min(kMc, B - r0);
+      BlockProduct(xs + r0 * d, rows, d, mp, depth, Wp.p, Ap[slot].p, C[slot].p);
+      for (int64_t r = 0; r < rows; ++r) {
+        int64_t out = (s * B + r0 + r) * k;
+        TopKRow<true>(C[slot].p + r * mp, bs, m, k, cap, bufs[slot].data(), vals->typed_data() + out,
+                      idx->typed_data() + out);
+      }
+    });
+  }
   return ffi::Error::Success();
 }
 
@@ -596,6 +735,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeTopKF32, TopKImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bias [0] or [..., M]
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncodeTopKF32, EncodeTopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [1 or S, B, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W [S, D, M]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias [S, M]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // vals [S, B, k]
+                                  .Ret<ffi::Buffer<ffi::S32>>()); // idx [S, B, k]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeDecoderGradsF32, DecoderGradsImpl,
                               ffi::Ffi::Bind()

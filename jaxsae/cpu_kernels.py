@@ -1,8 +1,9 @@
-"""XLA:CPU kernels: `top_k` (`lax.top_k`'s exact results), the TopK backward's sparse parts, a mix over sources.
+"""XLA:CPU kernels: `top_k` (`lax.top_k`'s exact results), the TopK encoder, its backward's sparse parts, a mix.
 
 XLA:CPU's TopK partial-sorts an index vector per row on one thread: at [4096, 4608], k=32 it costs about
 0.7 of the encoder matmul that feeds it; its scatter-adds (the SAE backward) run one thread too.
-`cpu_kernels.cc` does them over XLA's intra-op threads: `top_k`, `decoder_grads`, `encoder_grads` and `htopk_walk`,
+`cpu_kernels.cc` does them over XLA's intra-op threads: `top_k`, `encode_top_k` (the matmul and top-k of TopK
+encoders fused, so the [B, M] pre-activation is never stored), `decoder_grads`, `encoder_grads` and `htopk_walk`,
 which callers route through `on_cpu(kernel, xla_version, *args)`, and `mix_sources` (differentiable; LIMe v2's
 head mix over depth in `lime_jax.model`, which XLA runs as one small dot per source). The library is compiled
 with the system C++ compiler on first use and cached; GPU and TPU (and CPU without a compiler, or with
@@ -25,8 +26,9 @@ import jax
 import jax.numpy as jnp
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-_TOPK, _DECODER_GRADS, _ENCODER_GRADS, _HTOPK_WALK, _MIX, _MIX_BWD = (
-    f"jaxsae_{n}_f32" for n in ("topk", "decoder_grads", "encoder_grads", "htopk_walk", "mix", "mix_bwd"))
+_TOPK, _ENCODE_TOPK, _DECODER_GRADS, _ENCODER_GRADS, _HTOPK_WALK, _MIX, _MIX_BWD = (
+    f"jaxsae_{n}_f32" for n in ("topk", "encode_topk", "decoder_grads", "encoder_grads", "htopk_walk", "mix",
+                                "mix_bwd"))
 
 
 def _cache_dir() -> Path:
@@ -72,7 +74,7 @@ def available() -> bool:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
-        for name, fn in ((_TOPK, lib.JaxsaeTopKF32), (_DECODER_GRADS, lib.JaxsaeDecoderGradsF32),
+        for name, fn in ((_TOPK, lib.JaxsaeTopKF32), (_ENCODE_TOPK, lib.JaxsaeEncodeTopKF32), (_DECODER_GRADS, lib.JaxsaeDecoderGradsF32),
                          (_ENCODER_GRADS, lib.JaxsaeEncoderGradsF32), (_HTOPK_WALK, lib.JaxsaeHTopKWalkF32),
                          (_MIX, lib.JaxsaeMixF32), (_MIX_BWD, lib.JaxsaeMixBwdF32)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
@@ -128,6 +130,23 @@ def _top_k_jvp(k, primals, tangents):
     if bias.size:
         dvals = dvals + jnp.take_along_axis(jnp.broadcast_to(_bias_like(dbias, x), x.shape), idx, axis=-1)
     return (vals, idx), (dvals, jnp.zeros(idx.shape, jax.dtypes.float0))
+
+
+def encode_top_k(x_XxBxD: jax.Array, W_SxDxM: jax.Array, b_SxM: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """(vals [S, B, k] descending, idx [S, B, k]) of the rows of x W_s + b_s, for x [1 or S, B, D] (the kernel):
+    S TopK encoders with the matmul and the selection fused, so no [B, M] pre-activation is stored.
+
+    Equal to `lax.top_k` of the product up to the product's float rounding (its sums run in another order than
+    XLA's dot).
+    """
+    (S, D, M), (X, B, D_x) = W_SxDxM.shape, x_XxBxD.shape
+    if X not in (1, S) or D_x != D or b_SxM.shape != (S, M) or not 1 <= k <= M:
+        raise ValueError(f"encode_top_k: x {x_XxBxD.shape}, W {W_SxDxM.shape}, bias {b_SxM.shape} and k={k} do "
+                         "not fit x [1 or S, B, D], W [S, D, M], bias [S, M], 1 <= k <= M")
+    if not available():
+        raise RuntimeError("jaxsae: the CPU kernels are not built (see the warning above, or JAXSAE_CPU_KERNELS)")
+    out = (jax.ShapeDtypeStruct((S, B, k), jnp.float32), jax.ShapeDtypeStruct((S, B, k), jnp.int32))
+    return tuple(jax.ffi.ffi_call(_ENCODE_TOPK, out, vmap_method="sequential")(x_XxBxD, W_SxDxM, b_SxM))
 
 
 def on_cpu(kernel, xla, *args):

@@ -23,9 +23,9 @@ of B·K rows (in column blocks that stay in cache), d(vals) a gather-dot, and d(
 these plain per-seed row operations. No gradient w.r.t. x is formed unless asked for. `loss` goes one step further
 (`_topk_mse`): the MSE's weights are fixed, so its forward forms the gradient at once from the residual r = x̂ − x,
 summed from b_dec − x, the one [B, D] tensor of the step. On XLA:CPU the top-k and this backward run as
-multi-threaded kernels (`cpu_kernels`, same results), and the encoder runs seed by seed in row blocks, so no whole
-[B, M] pre-activation is ever allocated. The kernels read the weights whose gradients they return (the top-k adds
-the encoder bias as it reads), so XLA copies no weight ahead of an in-place optimiser update.
+multi-threaded kernels (`cpu_kernels`, same results), and the encoder's matmul and top-k run fused in one kernel,
+so no [B, M] pre-activation is ever allocated. The kernels read the weights whose gradients they return (the
+encoder adds its bias as it selects), so XLA copies no weight ahead of an in-place optimiser update.
 """
 from __future__ import annotations
 
@@ -189,9 +189,8 @@ def _encode_seeds(k, W_enc_SxDxM, b_enc_SxM, b_dec_SxD, x_XxBxD):
     all seeds, or each seed's) and the weights as they are: no x − b_dec and no copy of W_enc with a bias row.
     """
     b_row_SxM = b_enc_SxM - jnp.einsum("SD,SDM->SM", b_dec_SxD, W_enc_SxDxM)
-    args = (x_XxBxD, W_enc_SxDxM, b_row_SxM)
-    return jax.lax.platform_dependent(*args, cpu=functools.partial(_encode_blocks, k),
-                                      default=functools.partial(_encode_batched, k))
+    return cpu_kernels.on_cpu(functools.partial(_encode_fused, k), functools.partial(_encode_batched, k),
+                              x_XxBxD, W_enc_SxDxM, b_row_SxM)
 
 
 def _decode_seeds(minus_x: bool, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, x_XxBxD):
@@ -222,40 +221,12 @@ def _encode_batched(k, x_XxBxD, W_enc_SxDxM, b_row_SxM):
     return tuple(_top_k(pre_SxBxM.reshape(S * B, M), k, (S, B, k)))
 
 
-# Pre-activation floats per block of `_encode_blocks` (8 MiB). XLA:CPU takes a step's temporaries in one allocation
-# per run. glibc maps one of 32 MiB or more (its largest mmap threshold) afresh each time, so every page of it faults
-# every step (~4 µs a page on a 2-core VM), and keeps a smaller one in its heap for the next run. A whole [B, M]
-# pre-activation (75 MB at B=4096, M=4608) would cost its size in faults each step; 8 MiB blocks keep the
-# temporaries of a one-seed TopK or HierarchicalTopK (K ≤ 128) step at 576 -> 4608 under 32 MiB.
-_BLOCK_FLOATS = 1 << 21
-
-
-def _encode_blocks(k, x_XxBxD, W_enc_SxDxM, b_row_SxM):
-    """`_encode_batched` on XLA:CPU: seed by seed, each in blocks of R rows (matmul then top-k).
-
-    In unguarded exploration runs on a 2-core AVX2 host (B=4096, 576→4608, k=32; void as timings) the matmul
-    and top-k took 0.16-0.17 s per seed this way against 0.20 s for one seed's whole [B, M] and 0.23-0.27 s per
-    seed for 8 seeds' [B, 8·M]: a whole pre-activation page-faults all its memory every step. The
-    [S·M]-wide matmul of `_encode_batched` also copies all seeds' weights transposed. The top-k kernel adds the
-    bias as it reads each block.
-    """
-    (S, D, M), B = W_enc_SxDxM.shape, x_XxBxD.shape[1]
-    R = max((r for r in range(1, B + 1) if B % r == 0 and r * M <= _BLOCK_FLOATS), default=1)
-    if R < min(B, 64):  # blocks this thin would starve the matmul
-        R = B
-    n = B // R
-    # Block j takes rows j, j + n, j + 2n, ...: a batch sharded in contiguous slices stays sharded within blocks.
-    x_XxNxRxD = x_XxBxD.reshape(-1, R, n, D).transpose(0, 2, 1, 3)
-
-    def one_seed(xs):
-        x_NxRxD, W_enc_DxM, b_row_M = xs
-        vals_NxRxK, idx_NxRxK = jax.lax.map(lambda x_RxD: tuple(_top_k(x_RxD @ W_enc_DxM, k, bias_M=b_row_M)),
-                                            x_NxRxD)
-        return tuple(a.transpose(1, 0, 2).reshape(B, k) for a in (vals_NxRxK, idx_NxRxK))
-
-    if x_XxBxD.shape[0] == 1:
-        return jax.lax.map(lambda a: one_seed((x_XxNxRxD[0], *a)), (W_enc_SxDxM, b_row_SxM))
-    return jax.lax.map(one_seed, (x_XxNxRxD, W_enc_SxDxM, b_row_SxM))
+def _encode_fused(k, x_XxBxD, W_enc_SxDxM, b_row_SxM):
+    """`_encode_batched` on XLA:CPU: `cpu_kernels.encode_top_k`, the matmul and the top-k fused, so no [B, M]
+    pre-activation is stored (whole, it was 75 MB at B=4096, M=4608, page-faulted afresh every step, and read
+    back by the top-k)."""
+    vals_SxBxK, idx_SxBxK = cpu_kernels.encode_top_k(x_XxBxD, W_enc_SxDxM, b_row_SxM, k)
+    return jax.nn.relu(vals_SxBxK), idx_SxBxK
 
 
 def _chunk_width(D: int) -> int:

@@ -1,5 +1,5 @@
-"""cpu_kernels: top_k against a numpy selection under XLA's float order and jax.lax.top_k; the sparse SAE kernels and
-LIMe's mix against numpy loops."""
+"""cpu_kernels: top_k and the fused encoder against a numpy selection under XLA's float order (and jax.lax.top_k);
+the sparse SAE kernels and LIMe's mix against numpy loops."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,6 +134,44 @@ def test_top_k_bias_equals_lax_on_the_sum():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=r"bias of shape \(3, 70\)"):
         cpu_kernels.top_k(x, 9, jnp.zeros((3, 70)))
+
+
+@pytest.mark.parametrize("S,X,B,D,M,k", [(1, 1, 50, 700, 45, 5), (3, 1, 13, 6, 40, 3), (2, 2, 37, 64, 300, 32),
+                                         (1, 1, 24, 1300, 17, 17)])
+def test_encode_top_k_equals_numpy_on_exact_products(S, X, B, D, M, k):
+    """Small integers make every product exact in float32 whatever the order of the sums (and full of ties), so
+    the fused kernel must select exactly what numpy's top-k of x W + b does: depths over one block (D > 640),
+    widths and row counts that are not multiples of the register tile, seeds with shared and own inputs."""
+    rng = np.random.default_rng(S * B + D + M)
+    x = rng.integers(-3, 4, (X, B, D)).astype(np.float32)
+    W = rng.integers(-3, 4, (S, D, M)).astype(np.float32)
+    b = rng.integers(-20, 21, (S, M)).astype(np.float32)
+    pre = np.einsum("SBD,SDM->SBM", np.broadcast_to(x, (S, B, D)).astype(np.float64), W) + b[:, None]
+    _same(jax.jit(cpu_kernels.encode_top_k, static_argnums=3)(x, W, b, k), _reference(pre.astype(np.float32), k))
+
+
+def test_encode_top_k_at_an_sae_shape_matches_float64():
+    """Normal data at an SAE's shape: values within float32 rounding of numpy's float64 product, and each row's
+    k-th value no lower than the float64 k-th best (less rounding): a valid top-k even where near-ties reorder."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 500, 576)).astype(np.float32)
+    W = (rng.standard_normal((1, 576, 4608)) / 24).astype(np.float32)
+    b = rng.standard_normal((1, 4608)).astype(np.float32)
+    vals, idx = (np.asarray(a) for a in cpu_kernels.encode_top_k(x, W, b, 32))
+    pre = x[0].astype(np.float64) @ W[0] + b[0]
+    np.testing.assert_allclose(vals[0], np.take_along_axis(pre, idx[0], -1), rtol=1e-5, atol=1e-5)
+    assert np.all(np.diff(vals[0], axis=-1) <= 0) and all(len(set(r)) == 32 for r in idx[0])
+    kth = -np.sort(-pre, axis=-1)[:, 31]
+    assert np.all(vals[0, :, -1] >= kth - 1e-5)
+    assert np.mean(np.sort(idx[0], -1) == np.sort(np.argsort(-pre, -1)[:, :32], -1)) > 0.999
+
+
+def test_encode_top_k_rejects_bad_shapes_in_one_line():
+    x, W, b = np.zeros((2, 4, 6), np.float32), np.zeros((3, 6, 10), np.float32), np.zeros((3, 10), np.float32)
+    with pytest.raises(ValueError, match=r"x \(2, 4, 6\), W \(3, 6, 10\)"):
+        cpu_kernels.encode_top_k(x, W, b, 2)
+    with pytest.raises(ValueError, match="k=11"):
+        cpu_kernels.encode_top_k(x[:1], W, b, 11)
 
 
 def test_htopk_walk_matches_loop():

@@ -381,18 +381,17 @@ def test_topk_decode_and_train_gradient_never_form_dense_BxM():
     eqns = list(_all_eqns(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(p, jnp.ones((B, K))).jaxpr))
     bad = [e for e in eqns if any(s[-2:] == (B, M) or s[-3:] == (B, K, D) for s in _shapes(e))]
     assert not bad, bad
-    # Train path: the only matmul touching [B, M] is the forward encoder, once in each branch of its platform
-    # switch (XLA:CPU's row blocks, the batched one elsewhere); a dense backward would add two.
+    # Train path: the only matmul touching [B, M] is the forward encoder of the platform switch's batched
+    # branch (XLA:CPU's fused kernel has none); a dense backward would add two.
     g = lambda p: sae.loss(p, jnp.ones((B, D)), cfg)[0]  # noqa: E731
     dots = [e for e in _all_eqns(jax.make_jaxpr(jax.grad(g))(p).jaxpr) if e.primitive.name == "dot_general"]
-    assert sum(any(s[-2:] == (B, M) for s in _shapes(e)) for e in dots) == 2
+    assert sum(any(s[-2:] == (B, M) for s in _shapes(e)) for e in dots) == 1
 
 
-# ---------------------------------------------------------------- the encoders: XLA:CPU's row blocks, the batched one
+# ---------------------------------------------------------------- the encoders: XLA:CPU's fused kernel, the batched one
 @pytest.mark.parametrize("shared", [True, False])
 def test_encoders_equal_numpy_topk(monkeypatch, shared):
     S, B_, M_ = 3, 256, 40
-    monkeypatch.setattr(sae, "_BLOCK_FLOATS", 64 * M_)  # blocks of 64 rows, 4 per seed
     rng = np.random.default_rng(0)
     W_enc, b_enc = rng.normal(size=(S, D, M_)).astype(np.float32), rng.normal(size=(S, M_)).astype(np.float32)
     W_dec, b_dec = rng.normal(size=(S, M_, D)).astype(np.float32), rng.normal(size=(S, D)).astype(np.float32)
