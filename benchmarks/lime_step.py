@@ -3,7 +3,9 @@
 Run from the repository root: `python -m benchmarks.lime_step [--shape L,D,B,T] [--d_models 64,128,256] [--vocab
 V] [--rounds N] [--depths 2,4,8]`. For each width (--d_models, default: the D of --shape) prints one JSON line
 per implementation (`llama`, `lime_static`, `lime_dynamic`, `lime_v2`): median `step_s` over rounds (each round
-times every implementation once, so all see the same machine load), `tokens_per_s`, `speed_vs_llama`, the FLOPs
+times every implementation once, back to back, starting one further along each round), `tokens_per_s`,
+`speed_vs_llama` (the median over rounds of Llama's step time over this one's in the same round, so that a drift
+of the host's speed between rounds cancels) and its per-round values, the FLOPs
 formula's ratio, `peak_bytes`, XLA's planned memory of the compiled step (arguments + outputs + temporaries -
 aliased; the CPU runtime reports no measured peak), and `load_avg_1m` before and after the timed rounds (a
 figure counts only on a quiet machine). Then, for each depth in --depths, one line per implementation with
@@ -88,20 +90,22 @@ def _time_width(L: int, D: int, B: int, T: int, args) -> dict:
         jax.block_until_ready(m)
     times = {name: [] for name in IMPLS}
     load_before = _load_avg_1m()
-    for _ in tqdm.trange(args.rounds, desc=f"rounds at D={D}"):
-        for name in IMPLS:
+    names = list(IMPLS)
+    for r in tqdm.trange(args.rounds, desc=f"rounds at D={D}"):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
             states[name], m = steps[name](states[name], tokens)
             jax.block_until_ready(m)
             times[name].append(time.perf_counter() - t0)
     load_after = _load_avg_1m()
-    base = np.median(times["llama"])
     base_flops = _model("none", L, D, T, args.vocab).flops_per_token
     for name, routing in IMPLS.items():
         t, mem = float(np.median(times[name])), mems[name]
+        ratios = [b / x for b, x in zip(times["llama"], times[name])]
         peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
         print(json.dumps({"impl": name, **meta, "step_s": round(t, 4), "tokens_per_s": round(B * T / t, 1),
-                          "speed_vs_llama": round(base / t, 4),
+                          "speed_vs_llama": round(float(np.median(ratios)), 4),
+                          "speed_vs_llama_rounds": [round(r, 4) for r in ratios],
                           "flops_vs_llama": round(_model(routing, L, D, T, args.vocab).flops_per_token / base_flops, 4),
                           "peak_bytes": int(peak), "temp_bytes": int(mem.temp_size_in_bytes),
                           "malloc": hostmem.setting(), "load_avg_1m": load_before, "load_avg_1m_after": load_after}),

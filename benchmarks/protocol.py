@@ -29,9 +29,9 @@ from jaxsae import configlib
 
 # The commands of the benchmarks/README.md tables: script and arguments.
 BENCHES = {
-    "htopk": ("htopk_step", "impls=topk,htopk rounds=2"),
+    "htopk": ("htopk_step", "impls=topk,htopk rounds=2 reps=6"),
     "harvest": ("harvest", ""),
-    "lime": ("lime_step", "--shape 16,128,8,128 --d_models 64,128,256 --rounds 5 --depths="),
+    "lime": ("lime_step", "--shape 16,128,8,128 --d_models 64,128,256 --rounds 8 --depths="),
     "sae": ("sae_step", "--impls jaxsae,jaxsae_vmap8,sparsify --rounds 5"),
     "streaming": ("streaming", "seeds=1,8 steps=2 rounds=2"),
 }
