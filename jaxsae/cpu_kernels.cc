@@ -230,7 +230,7 @@ ffi::Error CheckIndices(const int32_t* idx, int64_t n, int64_t m) {
 // panels of kMr rows ([depth][kMr]), and each kMr x kNr tile summed in registers over a depth block of at most
 // kKcMax, the W panel in L1 while the task's row panels pass by from L2. On a 2-core AVX2 host this ran the
 // SAE encoder's shape as fast as numpy's OpenBLAS and 10% faster than XLA's matmul plus the top-k (exploration
-// runs; blocks of 12 rows, whose [12, M] block stays in L2, were 15-20% slower). The sums run in another order
+// runs; tasks of 12 rows, whose [12, M] block stays in L2, were 25-30% slower). The sums run in another order
 // than XLA's dot, so a value may differ from its matmul's in the last bits.
 #if defined(__AVX512F__)
 inline Vec Splat(const float* p) { return (Vec)_mm512_set1_ps(*p); }
@@ -277,9 +277,10 @@ struct Floats {
   }
 };
 
-struct Depth {  // the depth blocks: n passes of at most kKcMax, as even as possible
+struct Depth {  // the depth blocks: n passes of at most kKcMax, as even as possible (one empty pass for d = 0)
   int64_t n, kc;
-  explicit Depth(int64_t d) : n((d + kKcMax - 1) / kKcMax), kc((d + n - 1) / n) {}
+  explicit Depth(int64_t d)
+      : n(std::max<int64_t>(1, (d + kKcMax - 1) / kKcMax)), kc(std::max<int64_t>(1, (d + n - 1) / n)) {}
   int64_t Len(int64_t t, int64_t d) const { return std::min(kc, d - t * kc); }
 };
 

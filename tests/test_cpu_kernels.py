@@ -137,7 +137,7 @@ def test_top_k_bias_equals_lax_on_the_sum():
 
 
 @pytest.mark.parametrize("S,X,B,D,M,k", [(1, 1, 50, 700, 45, 5), (3, 1, 13, 6, 40, 3), (2, 2, 37, 64, 300, 32),
-                                         (1, 1, 24, 1300, 17, 17)])
+                                         (1, 1, 24, 1300, 17, 17), (2, 1, 5, 0, 7, 3)])
 def test_encode_top_k_equals_numpy_on_exact_products(S, X, B, D, M, k):
     """Small integers make every product exact in float32 whatever the order of the sums (and full of ties), so
     the fused kernel must select exactly what numpy's top-k of x W + b does: depths over one block (D > 640),
