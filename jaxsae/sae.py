@@ -163,14 +163,14 @@ def _gather_sum(vals_BxK: jax.Array, idx_BxK: jax.Array, W_MxD: jax.Array, start
     return jax.lax.fori_loop(0, K, add_row, start_BxD, unroll=min(K, 8))
 
 
-def _top_k(pre_NxM: jax.Array, k: int, shape: tuple[int, ...] | None = None, bias_M: jax.Array | None = None) -> Code:
+def _top_k(pre_NxM: jax.Array, k: int, shape: tuple[int, ...] | None = None) -> Code:
     # On XLA:CPU `cpu_kernels` runs a multi-threaded kernel (XLA's TopK is one thread, ~0.7 encoder matmuls here);
     # elsewhere it is lax.top_k. The barrier keeps XLA:CPU on its TopK when the kernel is off: fusing the slice
     # into consumers turns it into a full sort.
     # The operand must be 2-D: on [S, B, M] XLA copies it to 2-D first, one more pass over [S, B, M]. The
     # results are reshaped to `shape` before the barrier: a barrier on the 2-D results of a batch-sharded
     # [S·B, M] crashes XLA's CPU compiler (a failed HLO downcast check, jax 0.10.2).
-    vals_NxK, idx_NxK = cpu_kernels.top_k(pre_NxM, k, bias_M)
+    vals_NxK, idx_NxK = cpu_kernels.top_k(pre_NxM, k)
     if shape is not None:
         vals_NxK, idx_NxK = vals_NxK.reshape(shape), idx_NxK.reshape(shape)
     vals_NxK, idx_NxK = jax.lax.optimization_barrier((vals_NxK, idx_NxK))
@@ -209,7 +209,8 @@ def _decode_seeds(minus_x: bool, W_dec_SxMxD, b_dec_SxD, vals_SxBxK, idx_SxBxK, 
 
 
 def _encode_batched(k, x_XxBxD, W_enc_SxDxM, b_row_SxM):
-    """Code [S, B, K] of every seed's x @ W_enc + b_row at once: the encoder on GPU and TPU."""
+    """Code [S, B, K] of every seed's x @ W_enc + b_row at once: the encoder on GPU and TPU (and on CPU without
+    the kernels)."""
     (S, D, M), B = W_enc_SxDxM.shape, x_XxBxD.shape[1]
     if S > 1 and x_XxBxD.shape[0] == 1:
         # Seeds sharing a batch: one [B, D] x [D, S·M] matmul whose rows of S·M are S rows of M for the top-k.
