@@ -336,7 +336,7 @@ ffi::Error EncodeTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   int64_t workers = std::min(tasks, Workers(pool, B * d * m));
   int64_t cap = std::max<int64_t>(4 * k, 64);
   Depth depth(d);
-  Floats Wp(std::max<int64_t>(d, 1) * mp);
+  Floats Wp(d * mp);
   std::vector<Floats> Ap, C;
   std::vector<std::vector<Entry>> bufs(workers, std::vector<Entry>(cap + 16));
   for (int64_t w = 0; w < workers; ++w) Ap.emplace_back(kMc * depth.kc), C.emplace_back(kMc * mp);

@@ -74,8 +74,9 @@ def available() -> bool:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
-        for name, fn in ((_TOPK, lib.JaxsaeTopKF32), (_ENCODE_TOPK, lib.JaxsaeEncodeTopKF32), (_DECODER_GRADS, lib.JaxsaeDecoderGradsF32),
-                         (_ENCODER_GRADS, lib.JaxsaeEncoderGradsF32), (_HTOPK_WALK, lib.JaxsaeHTopKWalkF32),
+        for name, fn in ((_TOPK, lib.JaxsaeTopKF32), (_ENCODE_TOPK, lib.JaxsaeEncodeTopKF32),
+                         (_DECODER_GRADS, lib.JaxsaeDecoderGradsF32), (_ENCODER_GRADS, lib.JaxsaeEncoderGradsF32),
+                         (_HTOPK_WALK, lib.JaxsaeHTopKWalkF32),
                          (_MIX, lib.JaxsaeMixF32), (_MIX_BWD, lib.JaxsaeMixBwdF32)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(fn), platform="cpu")
     except (OSError, subprocess.CalledProcessError, AttributeError) as e:
@@ -143,10 +144,8 @@ def encode_top_k(x_XxBxD: jax.Array, W_SxDxM: jax.Array, b_SxM: jax.Array, k: in
     if X not in (1, S) or D_x != D or b_SxM.shape != (S, M) or not 1 <= k <= M:
         raise ValueError(f"encode_top_k: x {x_XxBxD.shape}, W {W_SxDxM.shape}, bias {b_SxM.shape} and k={k} do "
                          "not fit x [1 or S, B, D], W [S, D, M], bias [S, M], 1 <= k <= M")
-    if not available():
-        raise RuntimeError("jaxsae: the CPU kernels are not built (see the warning above, or JAXSAE_CPU_KERNELS)")
     out = (jax.ShapeDtypeStruct((S, B, k), jnp.float32), jax.ShapeDtypeStruct((S, B, k), jnp.int32))
-    return tuple(jax.ffi.ffi_call(_ENCODE_TOPK, out, vmap_method="sequential")(x_XxBxD, W_SxDxM, b_SxM))
+    return tuple(_call(_ENCODE_TOPK, *out)(x_XxBxD, W_SxDxM, b_SxM))
 
 
 def on_cpu(kernel, xla, *args):
@@ -157,10 +156,11 @@ def on_cpu(kernel, xla, *args):
 
 
 def _call(target, *out):
+    """The kernel `target` as a jax function; `out`: its results' shapes (float32) or ShapeDtypeStructs."""
     if not available():  # registers the kernels; without them only `on_cpu`'s XLA path can run
         raise RuntimeError("jaxsae: the CPU kernels are not built (see the warning above, or JAXSAE_CPU_KERNELS)")
     # Under vmap (seed ensembles) one call per seed, in a loop: each call already uses every core.
-    shapes = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in out)
+    shapes = tuple(s if isinstance(s, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(s, jnp.float32) for s in out)
     return jax.ffi.ffi_call(target, shapes, vmap_method="sequential")
 
 

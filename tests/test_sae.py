@@ -390,7 +390,7 @@ def test_topk_decode_and_train_gradient_never_form_dense_BxM():
 
 # ---------------------------------------------------------------- the encoders: XLA:CPU's fused kernel, the batched one
 @pytest.mark.parametrize("shared", [True, False])
-def test_encoders_equal_numpy_topk(monkeypatch, shared):
+def test_encoders_equal_numpy_topk(shared):
     S, B_, M_ = 3, 256, 40
     rng = np.random.default_rng(0)
     W_enc, b_enc = rng.normal(size=(S, D, M_)).astype(np.float32), rng.normal(size=(S, M_)).astype(np.float32)
