@@ -5,9 +5,10 @@ prints JSON lines {impl, bench, layer, batch, seq, seconds_per_call, tokens_per_
 token ids, one untimed call per shape (compilation / warm-up), then the best of `repeats` timed calls, the
 implementations (and the bare matmuls below) taking turns call by call so that all see the same load. Per batch
 size, a line with `bench: matmul_bound` gives `matmul_bound_tokens_per_s`: the forward's FLOPs per token up to
-`layer` (`forward_flops_per_token`) over the rate XLA reaches on the bare matmuls of one block at this batch
-([B*T, D] x [D, N*H], [D, K*H] twice, [N*H, D], [D, F] twice, [F, D]; jitted together with the forward's dot
-library, timed in the same run), i.e. the speed if everything but those matmuls were free. lime_jax runs on
+`layer` (`forward_flops_per_token`) over the rate the forward's dot library reaches on the bare matmuls of one
+block at this batch ([B*T, D] x [D, N*H], [D, K*H] twice, [N*H, D], [D, F] twice, [F, D]; jitted together, timed
+in the same run), i.e. the speed if everything but those matmuls were free. `dots` names that library: jaxsae
+(its CPU matmul kernel, where `model._inference_cfg` picks it), onednn or xla. lime_jax runs on
 per-block weights (`model.unstack_layers`, as its adapter does) and also times the CE splice (`bench:
 splice_forward`, the full forward with the residual at `layer` passed through). With transformers, a first line
 {"check": ...} gives the largest difference between the two implementations' residuals on the same tokens.
@@ -63,15 +64,21 @@ def forward_flops_per_token(cfg, layer: int, T: int) -> float:
     return (layer + 1) * (2 * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + 4 * T * N * H)
 
 
+def _dots(cfg) -> str:
+    """The dot library of lime_jax's inference forward for cfg on this host: jaxsae, onednn or xla."""
+    return "jaxsae" if model._inference_cfg(cfg).cpu_matmul else "onednn" if model._uses_onednn(cfg) else "xla"
+
+
 def _block_matmuls(cfg, rows: int):
     """(jitted fn running one block's matmuls on [rows, .] inputs, their FLOPs)."""
     D, NH, KH, F = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
     shapes = [(D, NH), (D, KH), (D, KH), (NH, D), (D, F), (D, F), (F, D)]
     key = iter(jax.random.split(jax.random.key(0), 2 * len(shapes)))
-    xs = [jax.random.normal(next(key), (rows, k)) for k, _ in shapes]
+    xs = [jax.random.normal(next(key), (1, rows, k)) for k, _ in shapes]
     ws = [jax.random.normal(next(key), (k, n)) for k, n in shapes]
-    # The same dot library as the forward (oneDNN where lime_jax's plain forward uses it).
-    fn = jax.jit(lambda xs, ws: [x @ w for x, w in zip(xs, ws)],
+    # The same dot library as the forward: its projection function and cfg (oneDNN by compiler options).
+    icfg = model._inference_cfg(cfg)
+    fn = jax.jit(lambda xs, ws: [model._dense(x, w, icfg) for x, w in zip(xs, ws)],
                  compiler_options=model._ONEDNN_DOTS if model._uses_onednn(cfg) else None)
     return (lambda: fn(xs, ws)), sum(2 * rows * k * n for k, n in shapes)
 
@@ -146,13 +153,14 @@ def main(argv=None) -> int:
         for (impl, bench), s in ((key, s) for key, s in best.items() if key != "matmuls"):
             print(json.dumps({"impl": impl, "bench": bench, "layer": bc.layer, "batch": b, "seq": bc.ctx_len,
                               "seconds_per_call": round(s, 3), "tokens_per_s": round(b * bc.ctx_len / s, 1),
+                              **({"dots": _dots(cfg)} if impl == "lime_jax" else {}),
                               "malloc": hostmem.setting(), "load_avg_1m": load}), flush=True)
         per_token = forward_flops_per_token(cfg, bc.layer, bc.ctx_len)
         s = best["matmuls"]
         print(json.dumps({"impl": "xla_matmuls", "bench": "matmul_bound", "layer": bc.layer, "batch": b,
                           "seq": bc.ctx_len, "matmul_gflop_per_s": round(flops / s / 1e9, 1),
                           "forward_flops_per_token": per_token,
-                          "matmul_bound_tokens_per_s": round(flops / s / per_token, 1),
+                          "matmul_bound_tokens_per_s": round(flops / s / per_token, 1), "dots": _dots(cfg),
                           "malloc": hostmem.setting(), "load_avg_1m": load}),
               flush=True)
     return 0

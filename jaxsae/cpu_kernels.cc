@@ -277,6 +277,17 @@ struct Floats {
   }
 };
 
+// A thread's own 64-byte-aligned scratch of at least n floats (one per tag), kept between calls: a fresh
+// multi-MB buffer per call came from mmap, and faulting its pages in cost about as much as a small matmul.
+template <int kTag>
+float* Scratch(int64_t n) {
+  thread_local std::unique_ptr<float[]> raw;
+  thread_local int64_t size = 0;
+  if (size < n) raw.reset(new float[(size = n) + 16]);
+  float* p = raw.get();
+  return p + ((64 - reinterpret_cast<uintptr_t>(p) % 64) % 64) / sizeof(float);
+}
+
 struct Depth {  // the depth blocks: n passes of at most kKcMax, as even as possible (one empty pass for d = 0)
   int64_t n, kc;
   explicit Depth(int64_t d)
@@ -354,6 +365,77 @@ ffi::Error EncodeTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       }
     });
   }
+  return ffi::Error::Success();
+}
+
+// out [R, N] = x [R, D] W [D, N]: the same panels and tiles as the encoder above, as a plain matmul (lime_jax's
+// inference forward on XLA:CPU). Tasks are equal blocks of whole tiles' rows, at most kMc and at least 8 per
+// worker (with 2 per worker, SmolLM2's forward at 512 rows ran 7-13% slower than on XLA's dots; a worker that
+// starts late still finds a share), and groups of panels when the rows are too few. A task's tiles are written
+// to `out` in place, the ragged ones (rows past R, columns past N) through a small buffer.
+void EdgeTile(const float* a, const float* b, int64_t kc, bool add, float* c, int64_t ldc, int64_t rows,
+              int64_t cols) {
+  alignas(64) float tmp[kMr * kNr] = {0.0f};
+  if (add)
+    for (int64_t r = 0; r < rows; ++r) std::copy(c + r * ldc, c + r * ldc + cols, tmp + r * kNr);
+  if (add) Tile<true>(a, b, kc, tmp, kNr);
+  else Tile<false>(a, b, kc, tmp, kNr);
+  for (int64_t r = 0; r < rows; ++r) std::copy(tmp + r * kNr, tmp + r * kNr + cols, c + r * ldc);
+}
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W,
+                      ffi::ResultBuffer<ffi::F32> out) {
+  auto xd = x.dimensions(), wd = W.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || xd[1] != wd[0] || od[0] != xd[0] || od[1] != wd[1])
+    return ffi::Error::InvalidArgument("matmul: x [R, D], W [D, N] and out [R, N]");
+  int64_t R = xd[0], d = xd[1], n = wd[1];
+  float* po = out->typed_data();
+  if (R == 0 || n == 0) return ffi::Error::Success();
+  if (d == 0) {
+    std::fill(po, po + R * n, 0.0f);
+    return ffi::Error::Success();
+  }
+  int64_t panels = (n + kNr - 1) / kNr, mp = panels * kNr;
+  int64_t workers = Workers(pool, R * d * n);
+  // Row blocks: a multiple of the worker count, equal, whole tiles; panel groups only when the rows are few.
+  int64_t row_tasks = std::max((R + kMc - 1) / kMc, 8 * workers);
+  row_tasks = (row_tasks + workers - 1) / workers * workers;
+  int64_t rb = ((R + row_tasks - 1) / row_tasks + kMr - 1) / kMr * kMr;
+  row_tasks = (R + rb - 1) / rb;
+  int64_t groups = std::min(panels, std::max<int64_t>(1, 2 * workers / row_tasks));
+  int64_t per_group = (panels + groups - 1) / groups;
+  groups = (panels + per_group - 1) / per_group;
+  Depth depth(d);
+  float* Wp = Scratch<0>(d * mp);
+  PackPanels(pool, W.typed_data(), d, n, depth, Wp);
+  const float* px = x.typed_data();
+  ParallelFor(pool, row_tasks * groups, workers, [&](int64_t task, int64_t) {
+    int64_t r0 = (task / groups) * rb, rows = std::min(rb, R - r0);
+    int64_t j0 = (task % groups) * per_group, j1 = std::min(panels, j0 + per_group);
+    int64_t tiles = (rows + kMr - 1) / kMr;
+    float* ap = Scratch<1>(kMc * depth.kc);
+    for (int64_t t = 0; t < depth.n; ++t) {
+      int64_t len = depth.Len(t, d), k0 = t * depth.kc;
+      for (int64_t i = 0; i < tiles; ++i)  // the rows into panels [len][kMr], zeros past R
+        for (int64_t p = 0; p < len; ++p)
+          for (int r = 0; r < kMr; ++r) {
+            int64_t row = i * kMr + r;
+            ap[(i * len + p) * kMr + r] = row < rows ? px[(r0 + row) * d + k0 + p] : 0.0f;
+          }
+      const float* wp = Wp + k0 * mp;
+      for (int64_t j = j0; j < j1; ++j) {
+        int64_t cols = std::min<int64_t>(kNr, n - j * kNr);
+        for (int64_t i = 0; i < tiles; ++i) {
+          float* c = po + (r0 + i * kMr) * n + j * kNr;
+          const float *a = ap + i * len * kMr, *b = wp + j * kNr * len;
+          int64_t tile_rows = std::min<int64_t>(kMr, rows - i * kMr);
+          if (tile_rows < kMr || cols < kNr) EdgeTile(a, b, len, t > 0, c, n, tile_rows, cols);
+          else if (t == 0) Tile<false>(a, b, len, c, n);
+          else Tile<true>(a, b, len, c, n);
+        }
+      }
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -767,6 +849,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncoderGradsF32, EncoderGradsImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dW [(S,) D, M]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dc [(S,) M]
                                   .Ret<ffi::Buffer<ffi::F32>>()); // W dc [(S,) D]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeMatmulF32, MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [R, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W [D, N]
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // out [R, N]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeHTopKWalkF32, HTopKWalkImpl,
                               ffi::Ffi::Bind()

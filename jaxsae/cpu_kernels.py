@@ -1,13 +1,13 @@
-"""XLA:CPU kernels: `top_k` (`lax.top_k`'s exact results), the TopK encoder, its backward's sparse parts, a mix.
+"""XLA:CPU kernels: `top_k` (`lax.top_k`'s exact results), the TopK encoder, a matmul, sparse backwards, a mix.
 
 XLA:CPU's TopK partial-sorts an index vector per row on one thread: at [4096, 4608], k=32 it costs about
 0.7 of the encoder matmul that feeds it; its scatter-adds (the SAE backward) run one thread too.
 `cpu_kernels.cc` does them over XLA's intra-op threads: `top_k`, `encode_top_k` (the matmul and top-k of TopK
 encoders fused, so the [B, M] pre-activation is never stored), `decoder_grads`, `encoder_grads` and `htopk_walk`,
-which callers route through `on_cpu(kernel, xla_version, *args)`, and `mix_sources` (differentiable; LIMe v2's
-head mix over depth in `lime_jax.model`, which XLA runs as one small dot per source). The library is compiled
-with the system C++ compiler on first use and cached; GPU and TPU (and CPU without a compiler, or with
-JAXSAE_CPU_KERNELS=0) run the XLA versions.
+which callers route through `on_cpu(kernel, xla_version, *args)`, and two differentiable ones: `matmul` (the
+encoder's GEMM alone, for `lime_jax.model`'s inference projections) and `mix_sources` (LIMe v2's head mix over
+depth, which XLA runs as one small dot per source). The library is compiled with the system C++ compiler on
+first use and cached; GPU and TPU (and CPU without a compiler, or with JAXSAE_CPU_KERNELS=0) run the XLA versions.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-_TOPK, _ENCODE_TOPK, _DECODER_GRADS, _ENCODER_GRADS, _HTOPK_WALK, _MIX, _MIX_BWD = (
-    f"jaxsae_{n}_f32" for n in ("topk", "encode_topk", "decoder_grads", "encoder_grads", "htopk_walk", "mix",
-                                "mix_bwd"))
+_TOPK, _ENCODE_TOPK, _MATMUL, _DECODER_GRADS, _ENCODER_GRADS, _HTOPK_WALK, _MIX, _MIX_BWD = (
+    f"jaxsae_{n}_f32" for n in ("topk", "encode_topk", "matmul", "decoder_grads", "encoder_grads", "htopk_walk",
+                                "mix", "mix_bwd"))
 
 
 def _cache_dir() -> Path:
@@ -75,6 +75,7 @@ def available() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         for name, fn in ((_TOPK, lib.JaxsaeTopKF32), (_ENCODE_TOPK, lib.JaxsaeEncodeTopKF32),
+                         (_MATMUL, lib.JaxsaeMatmulF32),
                          (_DECODER_GRADS, lib.JaxsaeDecoderGradsF32), (_ENCODER_GRADS, lib.JaxsaeEncoderGradsF32),
                          (_HTOPK_WALK, lib.JaxsaeHTopKWalkF32),
                          (_MIX, lib.JaxsaeMixF32), (_MIX_BWD, lib.JaxsaeMixBwdF32)):
@@ -146,6 +147,31 @@ def encode_top_k(x_XxBxD: jax.Array, W_SxDxM: jax.Array, b_SxM: jax.Array, k: in
                          "not fit x [1 or S, B, D], W [S, D, M], bias [S, M], 1 <= k <= M")
     out = (jax.ShapeDtypeStruct((S, B, k), jnp.float32), jax.ShapeDtypeStruct((S, B, k), jnp.int32))
     return tuple(_call(_ENCODE_TOPK, *out)(x_XxBxD, W_SxDxM, b_SxM))
+
+
+def matmul(x_RxD: jax.Array, W_DxN: jax.Array) -> jax.Array:
+    """x @ W for float32 x [R, D], W [D, N] (the kernel; differentiable, its gradients by XLA's dots): the
+    encoder's panels and tiles as a plain matmul, for inference forwards on XLA:CPU."""
+    if x_RxD.ndim != 2 or W_DxN.ndim != 2 or x_RxD.shape[1] != W_DxN.shape[0]:
+        raise ValueError(f"matmul: x {x_RxD.shape} and W {W_DxN.shape} do not fit x [R, D], W [D, N]")
+    return _matmul(x_RxD, W_DxN)
+
+
+@jax.custom_vjp
+def _matmul(x_RxD, W_DxN):
+    return _call(_MATMUL, (x_RxD.shape[0], W_DxN.shape[1]))(x_RxD, W_DxN)[0]
+
+
+def _matmul_fwd(x_RxD, W_DxN):
+    return _matmul(x_RxD, W_DxN), (x_RxD, W_DxN)
+
+
+def _matmul_bwd(res, g_RxN):
+    x_RxD, W_DxN = res
+    return g_RxN @ W_DxN.T, x_RxD.T @ g_RxN
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def on_cpu(kernel, xla, *args):

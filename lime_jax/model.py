@@ -198,9 +198,19 @@ def _mix_bwd(spec, residuals, g):
 _mix.defvjp(_mix_fwd, _mix_bwd)
 
 
-def _own_kv(lp: Params, x_BxTxD: jax.Array):
+def _dense(x_BxTxD: jax.Array, w_Dx: jax.Array, cfg: LlamaConfig) -> jax.Array:
+    """x @ w over D for w [D, ...]: [B, T, ...]; a plain [B*T, D] x [D, N] matmul (jaxsae's kernel on XLA:CPU
+    where cfg.cpu_matmul and float32)."""
+    if not cfg.cpu_matmul or x_BxTxD.dtype != jnp.float32 or w_Dx.dtype != jnp.float32:
+        return jnp.einsum("BTD,D...->BT...", x_BxTxD, w_Dx)
+    B, T, D = x_BxTxD.shape
+    y_RxN = cpu_kernels.on_cpu(cpu_kernels.matmul, jnp.matmul, x_BxTxD.reshape(B * T, D), w_Dx.reshape(D, -1))
+    return y_RxN.reshape(B, T, *w_Dx.shape[1:])
+
+
+def _own_kv(lp: Params, x_BxTxD: jax.Array, cfg: LlamaConfig):
     """This layer's own K and V from its normed input, head-major [B, K, T, H] each (no routing)."""
-    return _split_kv(_head_major(jnp.einsum("BTD,DKE->BTKE", x_BxTxD, _wkv(lp))))
+    return _split_kv(_head_major(_dense(x_BxTxD, _wkv(lp), cfg)))
 
 
 def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig):
@@ -208,7 +218,7 @@ def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig)
     this layer's appended."""
     dt = x_BxTxD.dtype
     if cfg.routing == "none":
-        return (*_own_kv(lp, x_BxTxD), sources)
+        return (*_own_kv(lp, x_BxTxD, cfg), sources)
     n = len(sources) + 1  # this layer reads sources 0..l
     if cfg.routing == "v2":
         # Sources head-major [K, B, T, 2H]: mixing heads over depth is then [K, R] x [R, B*T*2H] per source.
@@ -222,7 +232,7 @@ def _keys_values(lp: Params, h_BxTxD, x_BxTxD, sources: tuple, cfg: LlamaConfig)
     # v1: mix gain-free normalised states over depth, then apply this layer's norm gain (mixing is linear).
     sources = sources + (_rms(h_BxTxD, cfg.norm_eps).astype(dt),)
     if n == 1:  # layer 0: a softmax over one source is 1, so no router and the plain projection
-        return (*_own_kv(lp, x_BxTxD), sources)
+        return (*_own_kv(lp, x_BxTxD, cfg), sources)
     if cfg.routing == "static":
         w = jax.nn.softmax(lp["router"][:, :n].astype(jnp.float32), axis=-1).astype(dt)  # [K, J]
         spec = "K,BTD->KBTD"
@@ -274,17 +284,17 @@ def _block(carry, lp: Params, cfg: LlamaConfig):
     dt = jnp.dtype(cfg.dtype)
     lp = jax.tree.map(lambda p: p.astype(dt), lp)
     x_BxTxD = (_rms(h_BxTxD, cfg.norm_eps) * lp["attn_norm"]).astype(dt)
-    q_BxNxTxH = _head_major(jnp.einsum("BTD,DNH->BTNH", x_BxTxD, lp["wq"]))
+    q_BxNxTxH = _head_major(_dense(x_BxTxD, lp["wq"], cfg))
     k_BxKxTxH, v_BxKxTxH, sources = _keys_values(lp, h_BxTxD, x_BxTxD, sources, cfg)
     o_BxNxTxH = _attention(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, cfg)
     # o as a plain [B, T, N*H] @ [N*H, D] matmul: contracting (N, H) in an einsum, XLA:CPU copied wo transposed.
     B, N, T, H = o_BxNxTxH.shape
     o_BxTxNH = jnp.swapaxes(o_BxNxTxH, 1, 2).reshape(B, T, N * H)
-    h_BxTxD = h_BxTxD + jnp.einsum("BTE,ED->BTD", o_BxTxNH, lp["wo"].reshape(N * H, -1))
+    h_BxTxD = h_BxTxD + _dense(o_BxTxNH, lp["wo"].reshape(N * H, -1), cfg)
     x_BxTxD = (_rms(h_BxTxD, cfg.norm_eps) * lp["mlp_norm"]).astype(dt)
-    gate_BxTxF = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x_BxTxD, lp["w_gate"]))
-    up_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, lp["w_up"])
-    h_BxTxD = h_BxTxD + jnp.einsum("BTF,FD->BTD", gate_BxTxF * up_BxTxF, lp["w_down"])
+    gate_BxTxF = jax.nn.silu(_dense(x_BxTxD, lp["w_gate"], cfg))
+    up_BxTxF = _dense(x_BxTxD, lp["w_up"], cfg)
+    h_BxTxD = h_BxTxD + _dense(gate_BxTxF * up_BxTxF, lp["w_down"], cfg)
     return (h_BxTxD, sources), v_BxKxTxH
 
 
@@ -377,13 +387,36 @@ def _cpu_has_avx512() -> bool:
     return b"avx512f" in cpu_kernels._cpu_id().split()
 
 
+def _cpu_dots_choice() -> str:
+    choice = os.environ.get("LIME_JAX_CPU_DOTS", "auto")
+    if choice not in ("auto", "xla", "onednn", "jaxsae"):
+        raise ValueError(f"LIME_JAX_CPU_DOTS must be auto, xla, onednn or jaxsae, got {choice!r}")
+    return choice
+
+
 def _uses_onednn(cfg: LlamaConfig) -> bool:
     """Whether the inference entry points compile cfg's forward with oneDNN dots (plain Llama on x86, AVX-512 by
     default)."""
-    choice = os.environ.get("LIME_JAX_CPU_DOTS", "auto")
-    if cfg.routing != "none" or choice == "xla" or jax.default_backend() != "cpu":
+    choice = _cpu_dots_choice()
+    if cfg.routing != "none" or choice in ("xla", "jaxsae") or jax.default_backend() != "cpu":
         return False
     return platform.machine().lower() in ("x86_64", "amd64") and (choice == "onednn" or _cpu_has_avx512())
+
+
+# On a 2-core AMD Zen 3 (AVX2) host, XLA:CPU's dots (YNNPACK) ran SmolLM2's [B*T, 576] x [576, 1536]-like
+# projections 10-20% slower than numpy's OpenBLAS at B*T = 2048; jaxsae's matmul kernel (the TopK encoder's
+# GEMM) closed most of that gap (+8-10% on the batch-16 harvest forward, -2-4% at batch 4; exploration runs).
+def _inference_cfg(cfg: LlamaConfig) -> LlamaConfig:
+    """cfg for the inference entry points (`residuals`, `splice`): `cpu_matmul` on where jaxsae's CPU kernels run
+    the projections, by default on x86 CPUs without AVX-512 (those take oneDNN) and one device (a custom call
+    has no sharding rule); LIME_JAX_CPU_DOTS=jaxsae asks for it anywhere on CPU, =xla or =onednn never."""
+    choice = _cpu_dots_choice()
+    if cfg.cpu_matmul or choice in ("xla", "onednn") or jax.default_backend() != "cpu":
+        return cfg
+    if choice == "auto" and (platform.machine().lower() not in ("x86_64", "amd64") or _cpu_has_avx512()
+                             or jax.device_count() > 1):
+        return cfg
+    return dataclasses.replace(cfg, cpu_matmul=True) if cpu_kernels.available() else cfg
 
 
 def _forward_jit(*static_argnums: int):
@@ -467,7 +500,7 @@ def residuals(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, layers: i
     if not layers:
         raise ValueError("residuals needs at least one layer")
     layers = tuple(sorted({_check_layer(layer, cfg) for layer in layers}))
-    return _residuals(params, tokens_BxT, cfg, layers)[0]
+    return _residuals(params, tokens_BxT, _inference_cfg(cfg), layers)[0]
 
 
 def splice(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, layer: int,
@@ -479,6 +512,7 @@ def splice(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, layer: int,
     """
     _check_tokens(tokens_BxT, cfg)
     layer = _check_layer(layer, cfg)
+    cfg = _inference_cfg(cfg)
     _, (h_BxTxD, sources) = _residuals(params, tokens_BxT, cfg, (layer,))
     new_BxTxD = fn(h_BxTxD)
     if jnp.shape(new_BxTxD) != h_BxTxD.shape:

@@ -1,5 +1,5 @@
 """cpu_kernels: top_k and the fused encoder against a numpy selection under XLA's float order (and jax.lax.top_k);
-the sparse SAE kernels and LIMe's mix against numpy loops."""
+the matmul against numpy; the sparse SAE kernels and LIMe's mix against numpy loops."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,6 +172,30 @@ def test_encode_top_k_rejects_bad_shapes_in_one_line():
         cpu_kernels.encode_top_k(x, W, b, 2)
     with pytest.raises(ValueError, match="k=11"):
         cpu_kernels.encode_top_k(x[:1], W, b, 11)
+
+
+@pytest.mark.parametrize("R,D,N", [(512, 576, 1536), (131, 1300, 40), (7, 5, 3), (1, 64, 200), (3, 2, 1),
+                                   (20, 0, 9), (0, 4, 4)])
+def test_matmul_equals_numpy_on_exact_products(R, D, N):
+    """Small integers make every product exact whatever the order of the sums, so the kernel must equal numpy
+    exactly: several depth blocks (D > 640), ragged row and column tiles, fewer rows than workers, D = 0."""
+    rng = np.random.default_rng(R + D + N)
+    x, W = (rng.integers(-3, 4, shape).astype(np.float32) for shape in ((R, D), (D, N)))
+    got = np.asarray(jax.jit(cpu_kernels.matmul)(x, W))
+    np.testing.assert_array_equal(got, x.astype(np.float64) @ W)
+
+
+def test_matmul_gradients_and_bad_shapes():
+    """Normal data: the product within float32 rounding of float64 numpy's, gradients equal to XLA's dot's; a
+    shape mismatch is one line naming both shapes."""
+    rng = np.random.default_rng(3)
+    x, W, g = (rng.standard_normal(shape).astype(np.float32) for shape in ((300, 576), (576, 384), (300, 384)))
+    np.testing.assert_allclose(cpu_kernels.matmul(x, W), x.astype(np.float64) @ W, rtol=1e-4, atol=1e-4)
+    ours = jax.grad(lambda x, W: jnp.sum(cpu_kernels.matmul(x, W) * g), argnums=(0, 1))(x, W)
+    np.testing.assert_allclose(ours[0], g.astype(np.float64) @ W.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours[1], x.T.astype(np.float64) @ g, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match=r"x \(3, 4\) and W \(5, 6\)"):
+        cpu_kernels.matmul(np.zeros((3, 4), np.float32), np.zeros((5, 6), np.float32))
 
 
 def test_htopk_walk_matches_loop():

@@ -91,6 +91,39 @@ def test_plain_forward_takes_onednn_dots_on_x86_cpu_and_both_paths_match_numpy(m
         np.testing.assert_allclose(doubled, 2 * expected, rtol=1e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("routing", ["none", "static", "v2"])
+def test_cpu_matmul_forward_matches_numpy_and_trains(routing):
+    """cpu_matmul=True (the projections by jaxsae's kernel): the logits of plain Llama and of identity-routed LIMe
+    are the numpy Llama's, and its gradient equals the XLA-dot model's."""
+    params = model.init(jax.random.key(5), SMALL)
+    cfg, tokens = SMALL, _tokens(SMALL, B=3, T=13)
+    routed, cfg = (params, cfg) if routing == "none" else model.to_lime(params, SMALL, routing)
+    kernel_cfg = dataclasses.replace(cfg, cpu_matmul=True)
+    expected = _np_forward(params, tokens, SMALL)
+    for p in (routed, model.unstack_layers(routed, cfg)):
+        np.testing.assert_allclose(model.apply(p, tokens, kernel_cfg), expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(model.splice(p, tokens, kernel_cfg, 1, lambda h: h), expected, rtol=1e-4,
+                                   atol=1e-4)
+    grads = [jax.grad(lambda p, c=c: model.token_nll(model.apply(p, tokens, c), tokens).mean())(routed)
+             for c in (cfg, kernel_cfg)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
+
+
+def test_inference_entry_points_pick_the_cpu_matmul_kernel(monkeypatch):
+    """`_inference_cfg`: the kernel by default on x86 without AVX-512 and one device (so not under this suite's 8
+    devices), anywhere on CPU with LIME_JAX_CPU_DOTS=jaxsae, never with =xla or =onednn; a bad value is one line."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64") and jax.default_backend() == "cpu"
+    avx512 = x86 and "avx512f" in pathlib.Path("/proc/cpuinfo").read_text().split()
+    expected = {"auto": x86 and not avx512 and jax.device_count() == 1, "jaxsae": jax.default_backend() == "cpu",
+                "xla": False, "onednn": False}
+    for setting, want in expected.items():
+        monkeypatch.setenv("LIME_JAX_CPU_DOTS", setting)
+        assert model._inference_cfg(SMALL).cpu_matmul == want, setting
+    monkeypatch.setenv("LIME_JAX_CPU_DOTS", "fast")
+    with pytest.raises(ValueError, match="LIME_JAX_CPU_DOTS must be .*got 'fast'"):
+        model.residuals(model.init(jax.random.key(0), SMALL), _tokens(SMALL), SMALL, 0)
+
+
 @pytest.mark.parametrize("routing", ["none", "dynamic"])
 def test_unstacked_layers_match_numpy_reference(routing):
     """The inference layout (per-block weight dicts): logits vs the numpy Llama (identity routing for LIMe),
