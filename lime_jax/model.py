@@ -198,12 +198,19 @@ def _mix_bwd(spec, residuals, g):
 _mix.defvjp(_mix_fwd, _mix_bwd)
 
 
+# The kernel packs W on every call, a cost of D*N against R*D*N multiply-adds: below ~1,000 rows XLA's dots were
+# as fast or faster on SmolLM2's projections (exploration runs on a 2-core Zen 3: 0.87-0.97x at 128-256 rows,
+# 0.99-1.07x at 512, 1.00-1.03x at 1,024, 1.06-1.14x at 2,048).
+_KERNEL_MIN_ROWS = 1024
+
+
 def _dense(x_BxTxD: jax.Array, w_Dx: jax.Array, cfg: LlamaConfig) -> jax.Array:
     """x @ w over D for w [D, ...]: [B, T, ...]; a plain [B*T, D] x [D, N] matmul (jaxsae's kernel on XLA:CPU
-    where cfg.cpu_matmul and float32)."""
-    if not cfg.cpu_matmul or x_BxTxD.dtype != jnp.float32 or w_Dx.dtype != jnp.float32:
-        return jnp.einsum("BTD,D...->BT...", x_BxTxD, w_Dx)
+    where cfg.cpu_matmul, float32 and at least _KERNEL_MIN_ROWS rows)."""
     B, T, D = x_BxTxD.shape
+    if (not cfg.cpu_matmul or B * T < _KERNEL_MIN_ROWS or x_BxTxD.dtype != jnp.float32
+            or w_Dx.dtype != jnp.float32):
+        return jnp.einsum("BTD,D...->BT...", x_BxTxD, w_Dx)
     y_RxN = cpu_kernels.on_cpu(cpu_kernels.matmul, jnp.matmul, x_BxTxD.reshape(B * T, D), w_Dx.reshape(D, -1))
     return y_RxN.reshape(B, T, *w_Dx.shape[1:])
 
@@ -405,7 +412,7 @@ def _uses_onednn(cfg: LlamaConfig) -> bool:
 
 # On a 2-core AMD Zen 3 (AVX2) host, XLA:CPU's dots (YNNPACK) ran SmolLM2's [B*T, 576] x [576, 1536]-like
 # projections 10-20% slower than numpy's OpenBLAS at B*T = 2048; jaxsae's matmul kernel (the TopK encoder's
-# GEMM) closed most of that gap (+8-10% on the batch-16 harvest forward, -2-4% at batch 4; exploration runs).
+# GEMM) closed most of that gap (the batch-16 harvest forward 6-14% faster in exploration runs; see `_dense`).
 def _inference_cfg(cfg: LlamaConfig) -> LlamaConfig:
     """cfg for the inference entry points (`residuals`, `splice`): `cpu_matmul` on where jaxsae's CPU kernels run
     the projections, by default on x86 CPUs without AVX-512 (those take oneDNN) and one device (a custom call

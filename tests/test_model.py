@@ -92,9 +92,13 @@ def test_plain_forward_takes_onednn_dots_on_x86_cpu_and_both_paths_match_numpy(m
 
 
 @pytest.mark.parametrize("routing", ["none", "static", "v2"])
-def test_cpu_matmul_forward_matches_numpy_and_trains(routing):
-    """cpu_matmul=True (the projections by jaxsae's kernel): the logits of plain Llama and of identity-routed LIMe
-    are the numpy Llama's, and its gradient equals the XLA-dot model's."""
+def test_cpu_matmul_forward_matches_numpy_and_trains(routing, monkeypatch):
+    """cpu_matmul=True (the projections by jaxsae's kernel, here from the first row on): the logits of plain Llama
+    and of identity-routed LIMe are the numpy Llama's, and its gradient equals the XLA-dot model's."""
+    calls = []
+    monkeypatch.setattr(model, "_KERNEL_MIN_ROWS", 1)
+    kernel = model.cpu_kernels.matmul
+    monkeypatch.setattr(model.cpu_kernels, "matmul", lambda x, w: calls.append(1) or kernel(x, w))
     params = model.init(jax.random.key(5), SMALL)
     cfg, tokens = SMALL, _tokens(SMALL, B=3, T=13)
     routed, cfg = (params, cfg) if routing == "none" else model.to_lime(params, SMALL, routing)
@@ -107,6 +111,7 @@ def test_cpu_matmul_forward_matches_numpy_and_trains(routing):
     grads = [jax.grad(lambda p, c=c: model.token_nll(model.apply(p, tokens, c), tokens).mean())(routed)
              for c in (cfg, kernel_cfg)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
+    assert calls or jax.default_backend() != "cpu"  # the kernel was traced in
 
 
 def test_inference_entry_points_pick_the_cpu_matmul_kernel(monkeypatch):
