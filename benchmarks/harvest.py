@@ -3,7 +3,9 @@
 `python -m benchmarks.harvest [batch_sizes=4,8,16] [ctx_len=128] [repeats=5] [impls=lime_jax,transformers]`
 prints JSON lines {impl, bench, layer, batch, seq, seconds_per_call, tokens_per_s, malloc, load_avg_1m}: random
 token ids, one untimed call per shape (compilation / warm-up), then the best of `repeats` timed calls, the
-implementations (and the bare matmuls below) taking turns call by call so that all see the same load. Per batch
+implementations (and the bare matmuls below) taking turns call by call, each round starting one further along,
+so that all see the same load. lime_jax's harvest line also gives `speed_vs_transformers`, the median over rounds
+of transformers' time over lime_jax's in the same round (`speed_vs_transformers_rounds`). Per batch
 size, a line with `bench: matmul_bound` gives `matmul_bound_tokens_per_s`: the forward's FLOPs per token up to
 `layer` (`forward_flops_per_token`) over the rate the forward's dot library reaches on the bare matmuls of one
 block at this batch ([B*T, D] x [D, N*H], [D, K*H] twice, [N*H, D], [D, F] twice, [F, D]; jitted together, timed
@@ -38,18 +40,18 @@ class BenchConfig:
     impls: tuple[str, ...] = ("lime_jax", "transformers")  # implementations to time (transformers if installed)
 
 
-def _best_times(fns: dict, repeats: int) -> dict:
-    """Seconds of the fastest of `repeats` calls of each fn, after one untimed call each. The fns take turns
-    call by call, so a drift in the host's speed reaches all of them alike."""
+def _timed_calls(fns: dict, repeats: int) -> dict:
+    """{name: seconds of each of `repeats` calls of fn}, after one untimed call each. The fns take turns call by
+    call, each round starting one fn further along, so a drift in the host's speed reaches all of them alike."""
     for fn in fns.values():
         jax.block_until_ready(fn())
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
-            jax.block_until_ready(fn())
+            jax.block_until_ready(fns[name]())
             times[name].append(time.perf_counter() - t0)
-    return {name: min(ts) for name, ts in times.items()}
+    return times
 
 
 def _load_avg_1m() -> float:
@@ -134,10 +136,12 @@ def main(argv=None) -> int:
     runs = {}
     if "lime_jax" in bc.impls:
         runs["lime_jax", "harvest_forward"] = lambda t: model.residuals(params, t, cfg, bc.layer)[bc.layer]
-        runs["lime_jax", "splice_forward"] = lambda t: model.splice(params, t, cfg, bc.layer, lambda h: h)
     hf_forward = _transformers_forward(cfg, stacked, bc.layer) if "transformers" in bc.impls else None
-    if hf_forward is not None:
+    if hf_forward is not None:  # next to lime_jax's harvest in the turns, so that most rounds time them back to back
         runs["transformers", "harvest_forward"] = hf_forward
+    if "lime_jax" in bc.impls:
+        runs["lime_jax", "splice_forward"] = lambda t: model.splice(params, t, cfg, bc.layer, lambda h: h)
+    if hf_forward is not None:
         tokens = np.random.default_rng(0).integers(0, cfg.vocab, (2, bc.ctx_len)).astype(np.int32)
         ref = np.asarray(model.residuals(params, tokens, cfg, bc.layer)[bc.layer])
         diff = np.abs(hf_forward(tokens) - ref)
@@ -148,13 +152,20 @@ def main(argv=None) -> int:
         tokens = np.random.default_rng(b).integers(0, cfg.vocab, (b, bc.ctx_len)).astype(np.int32)
         matmuls, flops = _block_matmuls(cfg, b * bc.ctx_len)
         load = _load_avg_1m()
-        best = _best_times({**{key: (lambda fn=fn: fn(tokens)) for key, fn in runs.items()}, "matmuls": matmuls},
-                           bc.repeats)
+        times = _timed_calls({**{key: (lambda fn=fn: fn(tokens)) for key, fn in runs.items()}, "matmuls": matmuls},
+                             bc.repeats)
+        best = {key: min(ts) for key, ts in times.items()}
+        pair = ("lime_jax", "harvest_forward"), ("transformers", "harvest_forward")
+        # transformers' time over lime_jax's in each round: the speed ratio without the drift between rounds.
+        paired = [t / ours for ours, t in zip(*(times[key] for key in pair))] if all(k in times for k in pair) else []
         for (impl, bench), s in ((key, s) for key, s in best.items() if key != "matmuls"):
+            extra = {"dots": _dots(cfg)} if impl == "lime_jax" else {}
+            if (impl, bench) == pair[0] and paired:
+                extra.update(speed_vs_transformers=round(float(np.median(paired)), 3),
+                             speed_vs_transformers_rounds=[round(r, 3) for r in paired])
             print(json.dumps({"impl": impl, "bench": bench, "layer": bc.layer, "batch": b, "seq": bc.ctx_len,
                               "seconds_per_call": round(s, 3), "tokens_per_s": round(b * bc.ctx_len / s, 1),
-                              **({"dots": _dots(cfg)} if impl == "lime_jax" else {}),
-                              "malloc": hostmem.setting(), "load_avg_1m": load}), flush=True)
+                              **extra, "malloc": hostmem.setting(), "load_avg_1m": load}), flush=True)
         per_token = forward_flops_per_token(cfg, bc.layer, bc.ctx_len)
         s = best["matmuls"]
         print(json.dumps({"impl": "xla_matmuls", "bench": "matmul_bound", "layer": bc.layer, "batch": b,

@@ -105,6 +105,8 @@ def _harvest(rows):
         if "lime_jax" in own and "transformers" in own:
             out[f"harvest batch {b}, lime_jax / transformers"] = (own["lime_jax"]["tokens_per_s"]
                                                                   / own["transformers"]["tokens_per_s"])
+            if "speed_vs_transformers" in own["lime_jax"]:  # the median of per-round paired ratios
+                out[f"harvest batch {b}, lime_jax / transformers, paired"] = own["lime_jax"]["speed_vs_transformers"]
         if "lime_jax" in own and bound:
             out[f"harvest batch {b}, lime_jax / matmul bound"] = (own["lime_jax"]["tokens_per_s"]
                                                                   / bound["matmul_bound_tokens_per_s"])
