@@ -5,9 +5,10 @@ Run: `python -m benchmarks.htopk_step [key=value ...]` from the repository root.
 impl's allocations cannot hide another's; then one more subprocess compiles every impl's step and times them
 step by step in turn (`reps` steps each, the order rotated every step), so that a drift in the host's speed or
 load from other processes hits them alike. `step_s` is the best step over all rounds (the median is printed
-too). On a machine shared with other jobs, wall time mostly measures the load, so `step_cpu_s` (median CPU
-seconds of the process, all threads, per step) is printed as well: it counts the step's work. Peak memory is
-measured two ways:
+too); `step_vs_topk` is the median over turns of an impl's step over TopK's in the same turn
+(`step_vs_topk_turns`), which one unusually fast or slow step does not move. On a machine shared with other
+jobs, wall time mostly measures the load, so `step_cpu_s` (median CPU seconds of the process, all threads, per
+step) is printed as well: it counts the step's work. Peak memory is measured two ways:
 - `peak_bytes`: the rise of the process's resident-set high-water mark (VmHWM) over its resident set after
   compiling the step and building its inputs (the mark is reset via /proc/self/clear_refs just before the
   first run), i.e. what running the step adds;
@@ -190,9 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         for impl, rs in mems.items():
             times = [t for r in timed for t in r[impl]["times"]]
             cpu_times = [t for r in timed for t in r[impl]["cpu_times"]]
+            extra = {}
+            if impl != "topk" and "topk" in mems:  # this impl's step over TopK's in the same turn
+                paired = [t / t0 for r in timed for t, t0 in zip(r[impl]["times"], r["topk"]["times"])]
+                extra = {"step_vs_topk": round(float(np.median(paired)), 3),
+                         "step_vs_topk_turns": [round(x, 3) for x in paired]}
             lines.append({**rs[0], "step_s": min(times), "step_s_median": float(np.median(times)),
                           "step_cpu_s": float(np.median(cpu_times)), "tokens_per_s": round(cfg.batch / min(times), 1),
-                          "matmul_s": matmul_s, "step_over_matmul": round(min(times) / matmul_s, 3),
+                          "matmul_s": matmul_s, "step_over_matmul": round(min(times) / matmul_s, 3), **extra,
                           "peak_bytes": max(r["peak_bytes"] for r in rs), "rounds": cfg.rounds, "date": date})
     load = [load_before, round(os.getloadavg()[0], 2)]
     for line in lines:  # printed at the end, so that every line carries the load after the whole run

@@ -125,6 +125,8 @@ def _htopk(rows):
         if "htopk" in d and "topk" in d:
             out[f"HTopK / TopK best step, K={K}"] = d["htopk"]["step_s"] / d["topk"]["step_s"]
             out[f"HTopK / TopK median step, K={K}"] = d["htopk"]["step_s_median"] / d["topk"]["step_s_median"]
+            if "step_vs_topk" in d["htopk"]:  # the median of per-turn paired ratios
+                out[f"HTopK / TopK paired step, K={K}"] = d["htopk"]["step_vs_topk"]
     return out
 
 

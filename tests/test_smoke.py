@@ -239,6 +239,8 @@ def test_benchmark_htopk_step(tmp_path):
     for r in rows:
         assert has_fields(r, "K", "step_s", "step_s_median", "step_cpu_s", "peak_bytes", "xla_temp_bytes", "date")
         assert r["K"] == 4 and r["step_s"] > 0 and r["xla_temp_bytes"] > 0
+    paired = {r["impl"]: r.get("step_vs_topk") for r in rows}
+    assert paired["topk"] is None and all(paired[i] > 0 for i in paired if i != "topk")
 
 
 def test_benchmark_sae_step_jax(tmp_path):
