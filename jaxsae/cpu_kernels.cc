@@ -312,16 +312,18 @@ void PackPanels(ffi::ThreadPool& pool, const float* W, int64_t d, int64_t m, con
 }
 
 // The [kMc, Mp] block C = x[rows] W of `rows` <= kMc rows of x (the rest of the block's rows are zeros times W).
+// One row tile for one depth block: columns k0..k0+len of x's first kMr rows into a [len][kMr] panel, zeros in
+// place of rows at or past `rows`.
+void PackTile(const float* x, int64_t rows, int64_t d, int64_t k0, int64_t len, float* dst) {
+  for (int64_t p = 0; p < len; ++p)
+    for (int r = 0; r < kMr; ++r) dst[p * kMr + r] = r < rows ? x[r * d + k0 + p] : 0.0f;
+}
+
 void BlockProduct(const float* x, int64_t rows, int64_t d, int64_t mp, const Depth& depth, const float* Wp,
                   float* Ap, float* C) {
   for (int64_t t = 0; t < depth.n; ++t) {
     int64_t len = depth.Len(t, d), k0 = t * depth.kc;
-    for (int64_t i = 0; i < kMc / kMr; ++i)  // rows into panels [len][kMr]
-      for (int64_t p = 0; p < len; ++p)
-        for (int r = 0; r < kMr; ++r) {
-          int64_t row = i * kMr + r;
-          Ap[(i * len + p) * kMr + r] = row < rows ? x[row * d + k0 + p] : 0.0f;
-        }
+    for (int64_t i = 0; i < kMc / kMr; ++i) PackTile(x + i * kMr * d, rows - i * kMr, d, k0, len, Ap + i * len * kMr);
     const float* panels = Wp + k0 * mp;
     for (int64_t j = 0; j < mp / kNr; ++j)
       for (int64_t i = 0; i < kMc / kMr; ++i) {
@@ -415,12 +417,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   ParallelFor(pool, tiles, Workers(pool, R * d), [&](int64_t i, int64_t) {
     for (int64_t t = 0; t < depth.n; ++t) {
       int64_t len = depth.Len(t, d), k0 = t * depth.kc;
-      float* dst = Ap + k0 * rp + i * len * kMr;
-      for (int64_t p = 0; p < len; ++p)
-        for (int r = 0; r < kMr; ++r) {
-          int64_t row = i * kMr + r;
-          dst[p * kMr + r] = row < R ? px[row * d + k0 + p] : 0.0f;
-        }
+      PackTile(px + i * kMr * d, R - i * kMr, d, k0, len, Ap + k0 * rp + i * len * kMr);
     }
   });
   ParallelFor(pool, row_tasks * groups, workers, [&](int64_t task, int64_t) {
