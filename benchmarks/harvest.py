@@ -139,15 +139,14 @@ def main(argv=None) -> int:
     hf_forward = _transformers_forward(cfg, stacked, bc.layer) if "transformers" in bc.impls else None
     if hf_forward is not None:  # next to lime_jax's harvest in the turns, so that most rounds time them back to back
         runs["transformers", "harvest_forward"] = hf_forward
-    if "lime_jax" in bc.impls:
-        runs["lime_jax", "splice_forward"] = lambda t: model.splice(params, t, cfg, bc.layer, lambda h: h)
-    if hf_forward is not None:
         tokens = np.random.default_rng(0).integers(0, cfg.vocab, (2, bc.ctx_len)).astype(np.int32)
         ref = np.asarray(model.residuals(params, tokens, cfg, bc.layer)[bc.layer])
         diff = np.abs(hf_forward(tokens) - ref)
         print(json.dumps({"check": "transformers_vs_lime_jax_residual", "layer": bc.layer,
                           "max_abs_diff": float(diff.max()), "max_abs_value": float(np.abs(ref).max()),
                           "median_abs_diff": float(np.median(diff))}), flush=True)
+    if "lime_jax" in bc.impls:
+        runs["lime_jax", "splice_forward"] = lambda t: model.splice(params, t, cfg, bc.layer, lambda h: h)
     for b in bc.batch_sizes:
         tokens = np.random.default_rng(b).integers(0, cfg.vocab, (b, bc.ctx_len)).astype(np.int32)
         matmuls, flops = _block_matmuls(cfg, b * bc.ctx_len)
