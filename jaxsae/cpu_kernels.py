@@ -4,9 +4,10 @@ XLA:CPU's TopK partial-sorts an index vector per row on one thread: at [4096, 46
 0.7 of the encoder matmul that feeds it; its scatter-adds (the SAE backward) run one thread too.
 `cpu_kernels.cc` does them over XLA's intra-op threads: `top_k`, `encode_top_k` (the matmul and top-k of TopK
 encoders fused, so the [B, M] pre-activation is never stored), `decoder_grads`, `encoder_grads` and `htopk_walk`,
-which callers route through `on_cpu(kernel, xla_version, *args)`, and two differentiable ones: `matmul` (the
-encoder's GEMM alone, for `lime_jax.model`'s inference projections) and `mix_sources` (LIMe v2's head mix over
-depth, which XLA runs as one small dot per source). The library is compiled with the system C++ compiler on
+which callers route through `on_cpu(kernel, xla_version, *args)`, and three differentiable ones: `matmul` (the
+encoder's GEMM alone) and `attention` (causal grouped-query attention with RoPE, token-major), for
+`lime_jax.model`'s inference forward, and `mix_sources` (LIMe v2's head mix over depth, which XLA runs as one small
+dot per source). The library is compiled with the system C++ compiler on
 first use and cached; GPU and TPU (and CPU without a compiler, or with JAXSAE_CPU_KERNELS=0) run the XLA versions.
 """
 
@@ -24,11 +25,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-_TOPK, _ENCODE_TOPK, _MATMUL, _DECODER_GRADS, _ENCODER_GRADS, _HTOPK_WALK, _MIX, _MIX_BWD = (
-    f"jaxsae_{n}_f32" for n in ("topk", "encode_topk", "matmul", "decoder_grads", "encoder_grads", "htopk_walk",
-                                "mix", "mix_bwd"))
+_TOPK, _ENCODE_TOPK, _MATMUL, _ATTENTION, _DECODER_GRADS, _ENCODER_GRADS, _HTOPK_WALK, _MIX, _MIX_BWD = (
+    f"jaxsae_{n}_f32" for n in ("topk", "encode_topk", "matmul", "attention", "decoder_grads", "encoder_grads",
+                                "htopk_walk", "mix", "mix_bwd"))
 
 
 def _cache_dir() -> Path:
@@ -75,7 +77,7 @@ def available() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         for name, fn in ((_TOPK, lib.JaxsaeTopKF32), (_ENCODE_TOPK, lib.JaxsaeEncodeTopKF32),
-                         (_MATMUL, lib.JaxsaeMatmulF32),
+                         (_MATMUL, lib.JaxsaeMatmulF32), (_ATTENTION, lib.JaxsaeAttentionF32),
                          (_DECODER_GRADS, lib.JaxsaeDecoderGradsF32), (_ENCODER_GRADS, lib.JaxsaeEncoderGradsF32),
                          (_HTOPK_WALK, lib.JaxsaeHTopKWalkF32),
                          (_MIX, lib.JaxsaeMixF32), (_MIX_BWD, lib.JaxsaeMixBwdF32)):
@@ -172,6 +174,57 @@ def _matmul_bwd(res, g_RxN):
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def rope_tables(T: int, H: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin) [T, H/2] float32 of rotate-half RoPE at positions 0..T-1: angle t * theta^(-2i/H)."""
+    angle_TxH2 = np.arange(T, dtype=np.float64)[:, None] * theta ** (-np.arange(0, H, 2, dtype=np.float64) / H)
+    return np.cos(angle_TxH2).astype(np.float32), np.sin(angle_TxH2).astype(np.float32)
+
+
+def attention_xla(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, cos_TxH2, sin_TxH2):
+    """`attention` written in jax.numpy (its gradient, and the path off XLA:CPU)."""
+    B, T, N, H = q_BxTxNxH.shape
+    K = k_BxTxKxH.shape[2]
+
+    def rope(x_BxTxXxH):
+        x1, x2 = x_BxTxXxH[..., : H // 2], x_BxTxXxH[..., H // 2 :]
+        c, s = cos_TxH2[:, None, :], sin_TxH2[:, None, :]
+        return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+    q_BxTxKxGxH = rope(q_BxTxNxH).reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, rope(k_BxTxKxH)) * H ** -0.5
+    probs = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores, -jnp.inf), axis=-1)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BxTxKxH).reshape(B, T, N, H)
+
+
+def attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, cos_TxH2, sin_TxH2) -> jax.Array:
+    """Causal grouped-query attention with rotate-half RoPE, token-major: o [B, T, N, H] for float32 q [B, T, N, H],
+    k and v [B, T, K, H] (query head n reads KV head n // (N / K)), cos and sin [T, H/2] (`rope_tables`), scores
+    scaled by H^-1/2 (the kernel; differentiable, its gradient by XLA through `attention_xla`)."""
+    (B, T, N, H), kshape = q_BxTxNxH.shape, k_BxTxKxH.shape
+    if (len(kshape) != 4 or kshape[:2] != (B, T) or kshape[3] != H or v_BxTxKxH.shape != kshape or H % 2
+            or N % kshape[2] or jnp.shape(cos_TxH2) != (T, H // 2) or jnp.shape(sin_TxH2) != (T, H // 2)):
+        raise ValueError(f"attention: q {q_BxTxNxH.shape}, k {kshape}, v {v_BxTxKxH.shape}, cos {jnp.shape(cos_TxH2)}"
+                         f" and sin {jnp.shape(sin_TxH2)} do not fit q [B, T, N, H], k and v [B, T, K, H] with N a "
+                         "multiple of K, cos and sin [T, H/2], H even")
+    return _attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, jnp.asarray(cos_TxH2), jnp.asarray(sin_TxH2))
+
+
+@jax.custom_vjp
+def _attention(q, k, v, cos, sin):
+    return _call(_ATTENTION, q.shape)(q, k, v, cos, sin)[0]
+
+
+def _attention_fwd(q, k, v, cos, sin):
+    return _attention(q, k, v, cos, sin), (q, k, v, cos, sin)
+
+
+def _attention_bwd(res, g):
+    return jax.vjp(attention_xla, *res)[1](g)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def on_cpu(kernel, xla, *args):

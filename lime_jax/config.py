@@ -24,7 +24,7 @@ class LlamaConfig:
     routing: str = "none"  # LIMe K/V routing: none (plain Llama) | static | dynamic (v1) | v2
     router_init: float = 0.1  # std of the v1 router init (static logits, dynamic weights; dynamic bias starts at 0)
     remat: bool = False  # recompute each block in the backward pass instead of storing its activations
-    cpu_matmul: bool = False  # float32 projections by jaxsae's CPU matmul kernel (residuals/splice may set it)
+    cpu_matmul: bool = False  # float32 projections, plain attention by jaxsae's CPU kernels (residuals/splice set it)
 
     def __post_init__(self):
         for name in ("vocab", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_len"):

@@ -132,8 +132,7 @@ def _rope(x_xTxH: jax.Array, theta: float) -> jax.Array:
     T, H = x_xTxH.shape[-2], x_xTxH.shape[-1]
     # The angles are static, so the cos/sin tables are numpy constants: computed in the program, XLA fuses them
     # into each consumer and evaluates two transcendentals per element of q and k (~2% of SmolLM2's forward).
-    angle_TxH2 = np.arange(T, dtype=np.float64)[:, None] * theta ** (-np.arange(0, H, 2, dtype=np.float64) / H)
-    cos, sin = np.cos(angle_TxH2).astype(np.float32), np.sin(angle_TxH2).astype(np.float32)
+    cos, sin = cpu_kernels.rope_tables(T, H, theta)
     x = x_xTxH.astype(jnp.float32)
     x1, x2 = x[..., : H // 2], x[..., H // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_xTxH.dtype)
@@ -291,12 +290,21 @@ def _block(carry, lp: Params, cfg: LlamaConfig):
     dt = jnp.dtype(cfg.dtype)
     lp = jax.tree.map(lambda p: p.astype(dt), lp)
     x_BxTxD = (_rms(h_BxTxD, cfg.norm_eps) * lp["attn_norm"]).astype(dt)
-    q_BxNxTxH = _head_major(_dense(x_BxTxD, lp["wq"], cfg))
-    k_BxKxTxH, v_BxKxTxH, sources = _keys_values(lp, h_BxTxD, x_BxTxD, sources, cfg)
-    o_BxNxTxH = _attention(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, cfg)
-    # o as a plain [B, T, N*H] @ [N*H, D] matmul: contracting (N, H) in an einsum, XLA:CPU copied wo transposed.
-    B, N, T, H = o_BxNxTxH.shape
-    o_BxTxNH = jnp.swapaxes(o_BxNxTxH, 1, 2).reshape(B, T, N * H)
+    B, T, N, H = *x_BxTxD.shape[:2], cfg.n_heads, cfg.head_dim
+    if cfg.cpu_matmul and cfg.routing == "none" and dt == jnp.float32:
+        # jaxsae's attention kernel, token-major with RoPE inside: ~3x XLA:CPU's batched dots and softmax on
+        # SmolLM2's shapes, and no head-major copies of q, k, v or o.
+        k_BxTxKxH, v_BxTxKxH = _split_kv(_dense(x_BxTxD, _wkv(lp), cfg))
+        cos_TxH2, sin_TxH2 = cpu_kernels.rope_tables(T, H, cfg.rope_theta)
+        o_BxTxNH = cpu_kernels.on_cpu(cpu_kernels.attention, cpu_kernels.attention_xla, _dense(x_BxTxD, lp["wq"], cfg),
+                                      k_BxTxKxH, v_BxTxKxH, cos_TxH2, sin_TxH2).reshape(B, T, N * H)
+        v_BxKxTxH = _head_major(v_BxTxKxH)
+    else:
+        q_BxNxTxH = _head_major(_dense(x_BxTxD, lp["wq"], cfg))
+        k_BxKxTxH, v_BxKxTxH, sources = _keys_values(lp, h_BxTxD, x_BxTxD, sources, cfg)
+        o_BxNxTxH = _attention(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, cfg)
+        # o as a plain [B, T, N*H] @ [N*H, D] matmul: contracting (N, H) in an einsum, XLA:CPU copied wo transposed.
+        o_BxTxNH = jnp.swapaxes(o_BxNxTxH, 1, 2).reshape(B, T, N * H)
     h_BxTxD = h_BxTxD + _dense(o_BxTxNH, lp["wo"].reshape(N * H, -1), cfg)
     x_BxTxD = (_rms(h_BxTxD, cfg.norm_eps) * lp["mlp_norm"]).astype(dt)
     gate_BxTxF = jax.nn.silu(_dense(x_BxTxD, lp["w_gate"], cfg))

@@ -198,6 +198,54 @@ def test_matmul_gradients_and_bad_shapes():
         cpu_kernels.matmul(np.zeros((3, 4), np.float32), np.zeros((5, 6), np.float32))
 
 
+def _np_attention(q, k, v, cos, sin):
+    """Causal GQA with rotate-half RoPE, one query at a time in float64."""
+    (B, T, N, H), K = q.shape, k.shape[2]
+
+    def rope(x):
+        x1, x2, c, s = x[..., : H // 2], x[..., H // 2:], cos[:, None], sin[:, None]
+        return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+    q, k, v = rope(q.astype(np.float64)), rope(k.astype(np.float64)), v.astype(np.float64)
+    o = np.zeros(q.shape)
+    for b, n, t in np.ndindex(B, N, T):
+        kv = n // (N // K)
+        scores = k[b, : t + 1, kv] @ q[b, t, n] / np.sqrt(H)
+        p = np.exp(scores - scores.max())
+        o[b, t, n] = p @ v[b, : t + 1, kv] / p.sum()
+    return o
+
+
+@pytest.mark.parametrize("B,T,N,K,H", [(2, 128, 9, 3, 64), (2, 13, 6, 2, 8), (1, 40, 3, 3, 64), (1, 17, 4, 1, 36),
+                                       (1, 1, 2, 1, 2), (0, 5, 2, 1, 4)])
+def test_attention_matches_numpy_loop(B, T, N, K, H):
+    """SmolLM2's attention shape, grouped and plain heads, ragged row tiles, key panels and value panels (H not a
+    multiple of the vector width), one position, an empty batch."""
+    rng = np.random.default_rng(T + H)
+    q, k = (2 * rng.standard_normal(shape).astype(np.float32) for shape in ((B, T, N, H), (B, T, K, H)))
+    v = rng.standard_normal((B, T, K, H)).astype(np.float32)
+    cos, sin = cpu_kernels.rope_tables(T, H, 10000.0)
+    expected = _np_attention(q, k, v, cos.astype(np.float64), sin.astype(np.float64))
+    for fn in (cpu_kernels.attention, cpu_kernels.attention_xla):
+        np.testing.assert_allclose(jax.jit(fn)(q, k, v, cos, sin), expected, rtol=1e-4, atol=2e-5)
+
+
+def test_attention_gradient_and_bad_shapes():
+    """The gradient against central differences of the numpy loop; a shape mismatch is one line naming them."""
+    rng = np.random.default_rng(7)
+    q, k, v, dq, dk, dv = (rng.standard_normal(s).astype(np.float32) for s in [(2, 11, 4, 8), (2, 11, 2, 8), (2, 11, 2, 8)] * 2)
+    cos, sin = cpu_kernels.rope_tables(11, 8, 100.0)
+    g = rng.standard_normal(q.shape)
+    _, vjp = jax.vjp(lambda q, k, v: cpu_kernels.attention(q, k, v, cos, sin), q, k, v)
+    ours = sum(np.sum(np.asarray(d, np.float64) * t) for d, t in zip(vjp(g.astype(np.float32)), (dq, dk, dv)))
+    eps, c64, s64 = 1e-4, cos.astype(np.float64), sin.astype(np.float64)
+    f = [_np_attention(q + e * dq.astype(np.float64), k + e * dk.astype(np.float64), v + e * dv.astype(np.float64),
+                       c64, s64) for e in (eps, -eps)]
+    np.testing.assert_allclose(ours, np.sum(g * (f[0] - f[1])) / (2 * eps), rtol=1e-4)
+    with pytest.raises(ValueError, match=r"q \(2, 11, 4, 8\), k \(2, 11, 3, 8\)"):
+        cpu_kernels.attention(q, np.zeros((2, 11, 3, 8), np.float32), v, cos, sin)
+
+
 def test_htopk_walk_matches_loop():
     vals, idx, W, r = _sparse_case(seed=1)
     (B, K), (M, D) = idx.shape, W.shape

@@ -93,12 +93,14 @@ def test_plain_forward_takes_onednn_dots_on_x86_cpu_and_both_paths_match_numpy(m
 
 @pytest.mark.parametrize("routing", ["none", "static", "v2"])
 def test_cpu_matmul_forward_matches_numpy_and_trains(routing, monkeypatch):
-    """cpu_matmul=True (the projections by jaxsae's kernel, here from the first row on): the logits of plain Llama
-    and of identity-routed LIMe are the numpy Llama's, and its gradient equals the XLA-dot model's."""
-    calls = []
+    """cpu_matmul=True (the projections by jaxsae's kernel, here from the first row on, and plain Llama's attention):
+    the logits of plain Llama and of identity-routed LIMe are the numpy Llama's, and its gradient equals the
+    XLA-dot model's."""
+    calls, attention_calls = [], []
     monkeypatch.setattr(model, "_KERNEL_MIN_ROWS", 1)
-    kernel = model.cpu_kernels.matmul
+    kernel, attention = model.cpu_kernels.matmul, model.cpu_kernels.attention
     monkeypatch.setattr(model.cpu_kernels, "matmul", lambda x, w: calls.append(1) or kernel(x, w))
+    monkeypatch.setattr(model.cpu_kernels, "attention", lambda *a: attention_calls.append(1) or attention(*a))
     params = model.init(jax.random.key(5), SMALL)
     cfg, tokens = SMALL, _tokens(SMALL, B=3, T=13)
     routed, cfg = (params, cfg) if routing == "none" else model.to_lime(params, SMALL, routing)
@@ -112,6 +114,7 @@ def test_cpu_matmul_forward_matches_numpy_and_trains(routing, monkeypatch):
              for c in (cfg, kernel_cfg)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
     assert calls or jax.default_backend() != "cpu"  # the kernel was traced in
+    assert bool(attention_calls) == (routing == "none" and jax.default_backend() == "cpu")
 
 
 def test_inference_entry_points_pick_the_cpu_matmul_kernel(monkeypatch):
