@@ -29,7 +29,7 @@ from jaxsae import configlib
 
 # The commands of the benchmarks/README.md tables: script and arguments.
 BENCHES = {
-    "htopk": ("htopk_step", "impls=topk,htopk rounds=2 reps=8"),
+    "htopk": ("htopk_step", "impls=topk,htopk rounds=2 reps=16"),
     "harvest": ("harvest", ""),
     "lime": ("lime_step", "--shape 16,128,8,128 --d_models 64,128,256 --rounds 8 --depths="),
     "sae": ("sae_step", "--impls jaxsae,jaxsae_vmap8,sparsify --rounds 5"),

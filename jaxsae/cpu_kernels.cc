@@ -468,7 +468,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // Here a task is one (batch, KV head) and its N / K query heads: the rotated keys are packed once into kNr-key
 // panels [H][kNr] and the values copied to rows padded to whole panels, and each tile of kMr query rows is one
 // TileRows per key panel up to the causal edge, a softmax over its rows, and one TileRows per value panel over
-// the keys the tile can see (~3x XLA's time on SmolLM2's shape in exploration runs; the strided q, k and v rows
+// the keys the tile can see (a third of XLA's time on SmolLM2's shape in exploration runs; the strided q, k and v rows
 // are prefetched, which took a fifth off).
 
 // e^x for x <= 88.7 (Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial in r, times 2^n).
