@@ -322,7 +322,12 @@ void PackPanels(ffi::ThreadPool& pool, const float* W, int64_t d, int64_t m, con
       float* dst = Wp + t * depth.kc * mp + j * kNr * len;
       for (int64_t p = 0; p < len; ++p, dst += kNr) {
         const float* src = W + (t * depth.kc + p) * m + j * kNr;
-        for (int64_t q = 0; q < kNr; ++q) dst[q] = q < cols ? src[q] : 0.0f;
+        if (cols == kNr) {
+          Store(dst, Load(src));
+          Store(dst + kLanes, Load(src + kLanes));
+        } else {
+          for (int64_t q = 0; q < kNr; ++q) dst[q] = q < cols ? src[q] : 0.0f;
+        }
       }
     }
   });
