@@ -197,10 +197,10 @@ def _mix_bwd(spec, residuals, g):
 _mix.defvjp(_mix_fwd, _mix_bwd)
 
 
-# The kernel packs W on every call, a cost of D*N against R*D*N multiply-adds: below ~1,000 rows XLA's dots were
-# as fast or faster on SmolLM2's projections (exploration runs on a 2-core Zen 3: 0.87-0.97x at 128-256 rows,
-# 0.99-1.07x at 512, 1.00-1.03x at 1,024, 1.06-1.14x at 2,048).
-_KERNEL_MIN_ROWS = 1024
+# The kernel packs W on every call, a cost of D*N against R*D*N multiply-adds: at 128 rows XLA's dots were faster
+# on SmolLM2's forward (exploration runs on a 2-core Zen 3, paired, the attention kernel on both sides: XLA's time
+# over the kernel's 0.94 at 128 rows, 1.04 at 256, 1.05-1.13 at 512).
+_KERNEL_MIN_ROWS = 256
 
 
 def _dense(x_BxTxD: jax.Array, w_Dx: jax.Array, cfg: LlamaConfig) -> jax.Array:
