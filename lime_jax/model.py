@@ -423,13 +423,15 @@ def _uses_onednn(cfg: LlamaConfig) -> bool:
 # GEMM) closed most of that gap (the batch-16 harvest forward 6-14% faster in exploration runs; see `_dense`).
 def _inference_cfg(cfg: LlamaConfig) -> LlamaConfig:
     """cfg for the inference entry points (`residuals`, `splice`): `cpu_matmul` on where jaxsae's CPU kernels run
-    the projections, by default on x86 CPUs without AVX-512 (those take oneDNN) and one device (a custom call
-    has no sharding rule); LIME_JAX_CPU_DOTS=jaxsae asks for it anywhere on CPU, =xla or =onednn never."""
+    the projections, by default on x86 CPUs without AVX-512 (those take oneDNN) in a process with one local device
+    (a custom call has no sharding rule). Local, not global: harvest, streaming and CE forward each process's own
+    contexts, so N one-device processes take the same path as one and write the same bytes.
+    LIME_JAX_CPU_DOTS=jaxsae asks for it anywhere on CPU, =xla or =onednn never."""
     choice = _cpu_dots_choice()
     if cfg.cpu_matmul or choice in ("xla", "onednn") or jax.default_backend() != "cpu":
         return cfg
     if choice == "auto" and (platform.machine().lower() not in ("x86_64", "amd64") or _cpu_has_avx512()
-                             or jax.device_count() > 1):
+                             or jax.local_device_count() > 1):
         return cfg
     return dataclasses.replace(cfg, cpu_matmul=True) if cpu_kernels.available() else cfg
 

@@ -118,11 +118,11 @@ def test_cpu_matmul_forward_matches_numpy_and_trains(routing, monkeypatch):
 
 
 def test_inference_entry_points_pick_the_cpu_matmul_kernel(monkeypatch):
-    """`_inference_cfg`: the kernel by default on x86 without AVX-512 and one device (so not under this suite's 8
-    devices), anywhere on CPU with LIME_JAX_CPU_DOTS=jaxsae, never with =xla or =onednn; a bad value is one line."""
+    """`_inference_cfg`: the kernel by default on x86 without AVX-512 and one local device (so not under this
+    suite's 8), anywhere on CPU with LIME_JAX_CPU_DOTS=jaxsae, never with =xla or =onednn; a bad value is one line."""
     x86 = platform.machine().lower() in ("x86_64", "amd64") and jax.default_backend() == "cpu"
     avx512 = x86 and "avx512f" in pathlib.Path("/proc/cpuinfo").read_text().split()
-    expected = {"auto": x86 and not avx512 and jax.device_count() == 1, "jaxsae": jax.default_backend() == "cpu",
+    expected = {"auto": x86 and not avx512 and jax.local_device_count() == 1, "jaxsae": jax.default_backend() == "cpu",
                 "xla": False, "onednn": False}
     for setting, want in expected.items():
         monkeypatch.setenv("LIME_JAX_CPU_DOTS", setting)
