@@ -202,12 +202,12 @@ def attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, 
     """Causal grouped-query attention with rotate-half RoPE, token-major: o [B, T, N, H] for float32 q [B, T, N, H],
     k and v [B, T, K, H] (query head n reads KV head n // (N / K)), cos and sin [T, H/2] (`rope_tables`), scores
     scaled by H^-1/2 (the kernel; differentiable, its gradient by XLA through `attention_xla`)."""
-    (B, T, N, H), kshape = q_BxTxNxH.shape, k_BxTxKxH.shape
-    if (len(kshape) != 4 or kshape[:2] != (B, T) or kshape[3] != H or v_BxTxKxH.shape != kshape or H % 2
-            or N % kshape[2] or jnp.shape(cos_TxH2) != (T, H // 2) or jnp.shape(sin_TxH2) != (T, H // 2)):
-        raise ValueError(f"attention: q {q_BxTxNxH.shape}, k {kshape}, v {v_BxTxKxH.shape}, cos {jnp.shape(cos_TxH2)}"
-                         f" and sin {jnp.shape(sin_TxH2)} do not fit q [B, T, N, H], k and v [B, T, K, H] with N a "
-                         "multiple of K, cos and sin [T, H/2], H even")
+    qs, ks = q_BxTxNxH.shape, k_BxTxKxH.shape
+    if (len(qs) != 4 or len(ks) != 4 or ks[:2] != qs[:2] or ks[3] != qs[3] or v_BxTxKxH.shape != ks or qs[3] % 2
+            or ks[2] == 0 or qs[2] % ks[2] or not jnp.shape(cos_TxH2) == jnp.shape(sin_TxH2) == (qs[1], qs[3] // 2)):
+        raise ValueError(f"attention: q {qs}, k {ks}, v {v_BxTxKxH.shape}, cos {jnp.shape(cos_TxH2)} and sin "
+                         f"{jnp.shape(sin_TxH2)} do not fit q [B, T, N, H], k and v [B, T, K, H] with N a multiple "
+                         "of K, cos and sin [T, H/2], H even")
     return _attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, jnp.asarray(cos_TxH2), jnp.asarray(sin_TxH2))
 
 

@@ -216,8 +216,8 @@ def _np_attention(q, k, v, cos, sin):
     return o
 
 
-@pytest.mark.parametrize("B,T,N,K,H", [(2, 128, 9, 3, 64), (2, 13, 6, 2, 8), (1, 40, 3, 3, 64), (1, 17, 4, 1, 36),
-                                       (1, 1, 2, 1, 2), (0, 5, 2, 1, 4)])
+@pytest.mark.parametrize("B,T,N,K,H", [(2, 128, 9, 3, 64), (2, 13, 6, 2, 8), (1, 40, 3, 3, 64),
+                                       (1, 17, 4, 1, 36), (1, 1, 2, 1, 2), (0, 5, 2, 1, 4)])
 def test_attention_matches_numpy_loop(B, T, N, K, H):
     """SmolLM2's attention shape, grouped and plain heads, ragged row tiles, key panels and value panels (H not a
     multiple of the vector width), one position, an empty batch."""
@@ -233,7 +233,8 @@ def test_attention_matches_numpy_loop(B, T, N, K, H):
 def test_attention_gradient_and_bad_shapes():
     """The gradient against central differences of the numpy loop; a shape mismatch is one line naming them."""
     rng = np.random.default_rng(7)
-    q, k, v, dq, dk, dv = (rng.standard_normal(s).astype(np.float32) for s in [(2, 11, 4, 8), (2, 11, 2, 8), (2, 11, 2, 8)] * 2)
+    shapes = [(2, 11, 4, 8), (2, 11, 2, 8), (2, 11, 2, 8)] * 2  # q, k, v, then directions for each
+    q, k, v, dq, dk, dv = (rng.standard_normal(s).astype(np.float32) for s in shapes)
     cos, sin = cpu_kernels.rope_tables(11, 8, 100.0)
     g = rng.standard_normal(q.shape)
     _, vjp = jax.vjp(lambda q, k, v: cpu_kernels.attention(q, k, v, cos, sin), q, k, v)
@@ -244,6 +245,8 @@ def test_attention_gradient_and_bad_shapes():
     np.testing.assert_allclose(ours, np.sum(g * (f[0] - f[1])) / (2 * eps), rtol=1e-4)
     with pytest.raises(ValueError, match=r"q \(2, 11, 4, 8\), k \(2, 11, 3, 8\)"):
         cpu_kernels.attention(q, np.zeros((2, 11, 3, 8), np.float32), v, cos, sin)
+    with pytest.raises(ValueError, match=r"q \(11, 4, 8\)"):
+        cpu_kernels.attention(q[0], k, v, cos, sin)
 
 
 def test_htopk_walk_matches_loop():
