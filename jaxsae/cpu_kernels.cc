@@ -253,15 +253,17 @@ constexpr int kMr = 6, kNr = 2 * kLanes;  // a 6 x 2-vector tile: 12 accumulator
 constexpr int64_t kMc = 28 * kMr;         // rows per task: their panels (194 KB at depth 288) stay in L2
 constexpr int64_t kKcMax = 320;           // depth per pass: a kNr panel of it (20 KB with AVX2) stays in L1
 
-// c[r * ldc + j] (+)= sum over p < kc of a[p * kMr + r] * b[p * kNr + j], for r < kMr, j < kNr. The
-// accumulators are named, not an array: GCC spilled an array of them to the stack on every step.
+// c[r * ldc + j] (+)= sum over p < kc of a[r * ra + p * pa] * b[p * ldb + j], for r < kMr, j < kNr. The
+// accumulators are named, not an array: GCC spilled an array of them to the stack on every step. Always inlined,
+// so each caller's constant strides are folded into its loop.
 template <bool kAdd>
-inline void Tile(const float* a, const float* b, int64_t kc, float* c, int64_t ldc) {
+__attribute__((always_inline)) inline void TileStrided(const float* a, int64_t ra, int64_t pa, const float* b,
+                                                       int64_t ldb, int64_t kc, float* c, int64_t ldc) {
   Vec c00{}, c01{}, c10{}, c11{}, c20{}, c21{}, c30{}, c31{}, c40{}, c41{}, c50{}, c51{};
 #pragma GCC unroll 4
-  for (int64_t p = 0; p < kc; ++p, a += kMr, b += kNr) {
+  for (int64_t p = 0; p < kc; ++p, a += pa, b += ldb) {
     Vec b0 = Load(b), b1 = Load(b + kLanes), ar;
-#define JAXSAE_ROW(r) ar = Splat(a + r); c##r##0 = Fma(ar, b0, c##r##0); c##r##1 = Fma(ar, b1, c##r##1);
+#define JAXSAE_ROW(r) ar = Splat(a + r * ra); c##r##0 = Fma(ar, b0, c##r##0); c##r##1 = Fma(ar, b1, c##r##1);
     JAXSAE_ROW(0) JAXSAE_ROW(1) JAXSAE_ROW(2) JAXSAE_ROW(3) JAXSAE_ROW(4) JAXSAE_ROW(5)
 #undef JAXSAE_ROW
   }
@@ -270,19 +272,15 @@ inline void Tile(const float* a, const float* b, int64_t kc, float* c, int64_t l
     for (int h = 0; h < 2; ++h) Store(c + h * kLanes, kAdd ? Load(c + h * kLanes) + rows[r][h] : rows[r][h]);
 }
 
-// The same tile with a row-major, a[r * lda + p], and b[p * ldb + j] (attention's operands, as they lie).
+// The GEMM's tile: a packed [kc][kMr], b packed [kc][kNr].
+template <bool kAdd>
+inline void Tile(const float* a, const float* b, int64_t kc, float* c, int64_t ldc) {
+  TileStrided<kAdd>(a, 1, kMr, b, kNr, kc, c, ldc);
+}
+
+// Attention's tile, on operands as they lie: a row-major (a[r * lda + p]), b rows ldb apart.
 inline void TileRows(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kc, float* c, int64_t ldc) {
-  Vec c00{}, c01{}, c10{}, c11{}, c20{}, c21{}, c30{}, c31{}, c40{}, c41{}, c50{}, c51{};
-#pragma GCC unroll 4
-  for (int64_t p = 0; p < kc; ++p, ++a, b += ldb) {
-    Vec b0 = Load(b), b1 = Load(b + kLanes), ar;
-#define JAXSAE_ROW(r) ar = Splat(a + r * lda); c##r##0 = Fma(ar, b0, c##r##0); c##r##1 = Fma(ar, b1, c##r##1);
-    JAXSAE_ROW(0) JAXSAE_ROW(1) JAXSAE_ROW(2) JAXSAE_ROW(3) JAXSAE_ROW(4) JAXSAE_ROW(5)
-#undef JAXSAE_ROW
-  }
-  Vec rows[kMr][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int r = 0; r < kMr; ++r, c += ldc)
-    for (int h = 0; h < 2; ++h) Store(c + h * kLanes, rows[r][h]);
+  TileStrided<false>(a, lda, 1, b, ldb, kc, c, ldc);
 }
 
 // Float buffers aligned to 64 bytes, so no vector load of a panel straddles two cache lines.
