@@ -182,16 +182,18 @@ def rope_tables(T: int, H: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angle_TxH2).astype(np.float32), np.sin(angle_TxH2).astype(np.float32)
 
 
+def rotate_half(x_xH, cos_xH2, sin_xH2):
+    """RoPE's rotation of pairs (i, i + H/2) of the last axis: cos and sin [..., H/2] broadcast against x."""
+    H2 = x_xH.shape[-1] // 2
+    x1, x2 = x_xH[..., :H2], x_xH[..., H2:]
+    return jnp.concatenate([x1 * cos_xH2 - x2 * sin_xH2, x2 * cos_xH2 + x1 * sin_xH2], axis=-1)
+
+
 def attention_xla(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, cos_TxH2, sin_TxH2):
     """`attention` written in jax.numpy (its gradient, and the path off XLA:CPU)."""
     B, T, N, H = q_BxTxNxH.shape
     K = k_BxTxKxH.shape[2]
-
-    def rope(x_BxTxXxH):
-        x1, x2 = x_BxTxXxH[..., : H // 2], x_BxTxXxH[..., H // 2 :]
-        c, s = cos_TxH2[:, None, :], sin_TxH2[:, None, :]
-        return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-
+    rope = functools.partial(rotate_half, cos_xH2=cos_TxH2[:, None, :], sin_xH2=sin_TxH2[:, None, :])
     q_BxTxKxGxH = rope(q_BxTxNxH).reshape(B, T, K, N // K, H)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, rope(k_BxTxKxH)) * H ** -0.5
     probs = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores, -jnp.inf), axis=-1)

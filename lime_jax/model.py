@@ -133,9 +133,7 @@ def _rope(x_xTxH: jax.Array, theta: float) -> jax.Array:
     # The angles are static, so the cos/sin tables are numpy constants: computed in the program, XLA fuses them
     # into each consumer and evaluates two transcendentals per element of q and k (~2% of SmolLM2's forward).
     cos, sin = cpu_kernels.rope_tables(T, H, theta)
-    x = x_xTxH.astype(jnp.float32)
-    x1, x2 = x[..., : H // 2], x[..., H // 2 :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_xTxH.dtype)
+    return cpu_kernels.rotate_half(x_xTxH.astype(jnp.float32), cos, sin).astype(x_xTxH.dtype)
 
 
 def _attention(q_BxNxTxH, k_BxKxSxH, v_BxKxSxH, cfg: LlamaConfig) -> jax.Array:
